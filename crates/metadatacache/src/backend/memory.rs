@@ -1,0 +1,245 @@
+//! In-process storage.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::{
+    DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest,
+    UploadResponse, check_delete_precondition, check_upload_preconditions, join, parent,
+    validate_path,
+};
+
+/// Storage kept in this process's memory.
+///
+/// Every precondition is checked under one mutex together with the write, so
+/// of many tasks racing on one etag exactly one wins. Clones share the same
+/// documents. Each write gets a new, never reused etag, even when the content
+/// is unchanged.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use metadatacache::{MemoryStorage, Storage};
+/// let storage = MemoryStorage::new();
+/// storage.simple_upload("a/b.json", "{}".into()).await?;
+/// assert_eq!(storage.read_dir("a").await?, vec!["a/b.json".to_string()]);
+/// # Ok::<_, metadatacache::Error>(()) }).unwrap();
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStorage {
+    inner: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    files: BTreeMap<String, Doc>,
+    dirs: BTreeSet<String>,
+    next_version: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Doc {
+    content: Bytes,
+    etag: String,
+    mtime: SystemTime,
+}
+
+const BACKEND: &str = "memory";
+
+impl MemoryStorage {
+    /// An empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave State half-updated
+        // (every mutation is a single insert/remove), so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn tag(e: Error) -> Error {
+    e.with_backend(BACKEND)
+}
+
+impl State {
+    fn has_dir(&self, dir: &str) -> bool {
+        if dir.is_empty() || self.dirs.contains(dir) {
+            return true;
+        }
+        let prefix = format!("{dir}/");
+        let under = |p: &String| p.starts_with(&prefix);
+        self.files.range(prefix.clone()..).next().is_some_and(|(p, _)| under(p))
+            || self.dirs.range(prefix.clone()..).next().is_some_and(under)
+    }
+
+    /// A document may not sit where a directory is, nor below a document.
+    fn check_placement(&self, path: &str) -> Result<()> {
+        if self.has_dir(path) {
+            return Err(Error::invalid_input("a directory exists at this path").with_path(path));
+        }
+        let mut p = parent(path);
+        while !p.is_empty() {
+            if self.files.contains_key(p) {
+                return Err(Error::invalid_input(format!("parent {p:?} is a document"))
+                    .with_path(path));
+            }
+            p = parent(p);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Storage for MemoryStorage {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn init(&self, _name: &str) -> Result<()> {
+        Ok(())
+    }
+
+    async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {
+        validate_path(&req.path, false).map_err(tag)?;
+        let mut state = self.state();
+        let current = state.files.get(&req.path).map(|d| (d.etag.as_str(), d.mtime));
+        check_upload_preconditions(&req, current).map_err(tag)?;
+        if current.is_none() {
+            state.check_placement(&req.path).map_err(tag)?;
+        }
+        state.next_version += 1;
+        let etag = format!("m{:x}", state.next_version);
+        let mtime = req.mtime.unwrap_or_else(SystemTime::now);
+        state.files.insert(
+            req.path,
+            Doc {
+                content: req.content,
+                etag: etag.clone(),
+                mtime,
+            },
+        );
+        Ok(UploadResponse { etag, mtime })
+    }
+
+    async fn download(&self, req: DownloadRequest) -> Result<DownloadResponse> {
+        validate_path(&req.path, false).map_err(tag)?;
+        let state = self.state();
+        let doc = state
+            .files
+            .get(&req.path)
+            .ok_or_else(|| tag(Error::not_found("no such document").with_path(&req.path)))?;
+        if req.if_none_match.iter().any(|e| *e == doc.etag || e == "*") {
+            return Err(tag(
+                Error::new(ErrorKind::NotModified, "etag unchanged").with_path(&req.path)
+            ));
+        }
+        Ok(DownloadResponse {
+            content: doc.content.clone(),
+            etag: doc.etag.clone(),
+            mtime: doc.mtime,
+        })
+    }
+
+    async fn delete_if_match(&self, path: &str, if_match: Option<&str>) -> Result<()> {
+        validate_path(path, false).map_err(tag)?;
+        let mut state = self.state();
+        let current = state.files.get(path).map(|d| d.etag.as_str());
+        check_delete_precondition(path, if_match, current).map_err(tag)?;
+        state.files.remove(path);
+        Ok(())
+    }
+
+    async fn stat(&self, path: &str) -> Result<FileInfo> {
+        validate_path(path, true).map_err(tag)?;
+        let state = self.state();
+        if let Some(doc) = state.files.get(path) {
+            return Ok(file_info(path, doc));
+        }
+        if state.has_dir(path) {
+            return Ok(dir_info(path.to_owned()));
+        }
+        Err(tag(Error::not_found("no such document or directory").with_path(path)))
+    }
+
+    async fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
+        validate_path(path, true).map_err(tag)?;
+        let state = self.state();
+        let prefix = if path.is_empty() {
+            String::new()
+        } else {
+            format!("{path}/")
+        };
+        let mut out = BTreeMap::new();
+        for (p, doc) in state.files.range(prefix.clone()..) {
+            let Some(rest) = p.strip_prefix(&prefix) else {
+                break;
+            };
+            match rest.split_once('/') {
+                None => {
+                    out.insert(p.clone(), file_info(p, doc));
+                }
+                Some((child, _)) => {
+                    let child = join(path, child);
+                    out.entry(child.clone()).or_insert_with(|| dir_info(child));
+                }
+            }
+        }
+        for d in state.dirs.range(prefix.clone()..) {
+            let Some(rest) = d.strip_prefix(&prefix) else {
+                break;
+            };
+            let child = join(path, rest.split('/').next().unwrap_or(rest));
+            out.entry(child.clone()).or_insert_with(|| dir_info(child));
+        }
+        Ok(out.into_values().collect())
+    }
+
+    async fn make_dir_if_not_exist(&self, path: &str) -> Result<()> {
+        validate_path(path, true).map_err(tag)?;
+        if path.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.state();
+        let mut p = path;
+        while !p.is_empty() {
+            if state.files.contains_key(p) {
+                return Err(tag(
+                    Error::new(ErrorKind::AlreadyExists, format!("{p:?} is a document"))
+                        .with_path(path),
+                ));
+            }
+            p = parent(p);
+        }
+        state.dirs.insert(path.to_owned());
+        Ok(())
+    }
+}
+
+fn file_info(path: &str, doc: &Doc) -> FileInfo {
+    FileInfo {
+        path: path.to_owned(),
+        kind: EntryKind::File,
+        size: doc.content.len() as u64,
+        mtime: Some(doc.mtime),
+        etag: Some(doc.etag.clone()),
+    }
+}
+
+fn dir_info(path: String) -> FileInfo {
+    FileInfo {
+        path,
+        kind: EntryKind::Dir,
+        size: 0,
+        mtime: None,
+        etag: None,
+    }
+}

@@ -1,0 +1,4 @@
+//! Storage backends and opening one from a URL.
+
+pub(crate) mod memory;
+pub(crate) mod url;

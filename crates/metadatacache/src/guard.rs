@@ -1,0 +1,278 @@
+//! [`KeyGuard`]: the operations that need a key's lock.
+
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::key_lock::KeyLockGuard;
+use crate::stats::bump;
+use crate::storage::{DownloadRequest, UploadRequest, parent};
+use crate::store::Store;
+
+/// A committed cache entry: exactly what storage held at `validated`.
+pub(crate) struct Cached<V> {
+    pub(crate) value: Arc<V>,
+    pub(crate) etag: Arc<str>,
+    /// When the round trip that last confirmed this entry began. Storage held
+    /// this version at some moment after it.
+    pub(crate) validated: Instant,
+}
+
+/// Exclusive access to one key of a [`Store`], obtained with
+/// [`Store::lock`]. Dropping the guard unlocks the key.
+///
+/// The guard sees the committed cached value plus, after [`set`](Self::set),
+/// a value of its own that only [`persist`](Self::persist) commits. A value
+/// set but not persisted is discarded when the guard is dropped, so nothing
+/// uncommitted ever reaches the shared cache.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use metadatacache::{MemoryStorage, Options, Store};
+///
+/// let store: Store<String, u32> =
+///     Store::new(Options::new(Arc::new(MemoryStorage::new()), |k: &String| format!("{k}.json")));
+/// let mut g = store.lock("hits".to_string()).await;
+/// assert_eq!(g.get().await?, None);
+/// g.set(1);
+/// g.persist().await?;
+/// assert_eq!(g.get().await?.as_deref(), Some(&1));
+/// drop(g);
+/// # Ok::<_, metadatacache::Error>(()) }).unwrap();
+/// ```
+pub struct KeyGuard<K: Eq + Hash + Clone, V> {
+    store: Store<K, V>,
+    lock: KeyLockGuard<K>,
+    path: String,
+    staged: Option<Arc<V>>,
+}
+
+impl<K: Eq + Hash + Clone + fmt::Display, V> fmt::Debug for KeyGuard<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyGuard")
+            .field("key", &format_args!("{}", self.lock.key()))
+            .field("path", &self.path)
+            .field("staged", &self.staged.is_some())
+            .finish()
+    }
+}
+
+impl<K, V> KeyGuard<K, V>
+where
+    K: Eq + Hash + Clone + fmt::Display + Send + Sync + 'static,
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    pub(crate) fn new(store: Store<K, V>, lock: KeyLockGuard<K>, path: String) -> Self {
+        KeyGuard {
+            store,
+            lock,
+            path,
+            staged: None,
+        }
+    }
+
+    /// The locked key.
+    pub fn key(&self) -> &K {
+        self.lock.key()
+    }
+
+    /// The key's storage path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Syncs with storage, then returns the value: the one [`set`](Self::set)
+    /// on this guard if any (and storage did not change meanwhile), else the
+    /// committed one; `None` when the key is absent.
+    ///
+    /// # Errors
+    /// Storage errors; [`ErrorKind::Codec`] for an undecodable document.
+    pub async fn get(&mut self) -> Result<Option<Arc<V>>> {
+        self.revalidate(Instant::now(), true).await?;
+        Ok(self.staged.clone().or_else(|| self.committed_value()))
+    }
+
+    /// Whether a value is cached for the key, without asking storage.
+    pub fn is_cached(&self) -> bool {
+        self.staged.is_some() || self.store.inner.cache().contains_key(self.key())
+    }
+
+    /// Sets the value this guard will [`persist`](Self::persist). Writes
+    /// nothing and keeps the cached etag; a [`sync`](Self::sync) that finds
+    /// a newer version in storage discards it.
+    pub fn set(&mut self, value: V) {
+        self.staged = Some(Arc::new(value));
+    }
+
+    /// Downloads the document if its etag differs from the cached one
+    /// (a conditional download: `NotModified` transfers nothing).
+    ///
+    /// When storage has a newer version it replaces the cached value and
+    /// discards a value [`set`](Self::set) on this guard; when the document is
+    /// gone the cached value is dropped.
+    ///
+    /// # Errors
+    /// Storage errors; [`ErrorKind::Codec`] when the stored document cannot
+    /// be decoded, in which case the cache keeps its last good value.
+    pub async fn sync(&mut self) -> Result<()> {
+        let inner = &self.store.inner;
+        let cached_etag = inner.cache().get(self.key()).map(|c| Arc::clone(&c.etag));
+        let req = DownloadRequest {
+            path: self.path.clone(),
+            if_none_match: cached_etag.iter().map(|e| e.to_string()).collect(),
+        };
+        let start = Instant::now();
+        match inner.opts.storage.download(req).await {
+            Ok(resp) => {
+                bump(&inner.counters.downloads);
+                let value = inner.opts.codec.decode(&resp.content).map_err(|e| {
+                    e.with_path(&self.path)
+                        .with_backend(inner.opts.storage.backend())
+                })?;
+                self.staged = None;
+                self.commit(Arc::new(value), resp.etag.into(), start);
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::NotModified => {
+                bump(&inner.counters.not_modified);
+                if let Some(c) = inner.cache().get_mut(self.key()) {
+                    c.validated = c.validated.max(start);
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                inner.cache().remove(self.key());
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes the guard's value (the one [`set`](Self::set), else the cached
+    /// one) with compare-and-swap: `if_match` the cached etag, or create-only
+    /// when there is none. On success the value and its new etag become the
+    /// committed cache entry.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] when there is nothing to persist; a conflict
+    /// kind (see [`Error::is_conflict`]) when another writer got there first;
+    /// other storage errors. The committed cache entry is unchanged on error.
+    pub async fn persist(&mut self) -> Result<()> {
+        let committed = self.committed();
+        let value = match (&self.staged, &committed) {
+            (Some(v), _) => Arc::clone(v),
+            (None, Some((v, _))) => Arc::clone(v),
+            (None, None) => {
+                return Err(Error::not_found(format!(
+                    "nothing to persist for key {}: no value set or cached",
+                    self.key()
+                ))
+                .with_path(&self.path));
+            }
+        };
+        self.write(value, committed.map(|(_, etag)| etag)).await?;
+        self.staged = None;
+        Ok(())
+    }
+
+    /// Revalidates unless a round trip that began after `call` already did
+    /// (coalescing queued callers), or `allow_stale` and the entry is within
+    /// `max_staleness`.
+    pub(crate) async fn revalidate(&mut self, call: Instant, allow_stale: bool) -> Result<()> {
+        let inner = &self.store.inner;
+        let fresh = inner.cache().get(self.key()).is_some_and(|c| {
+            c.validated > call
+                || (allow_stale
+                    && !inner.opts.max_staleness.is_zero()
+                    && c.validated.elapsed() <= inner.opts.max_staleness)
+        });
+        if fresh {
+            bump(&inner.counters.hits);
+            return Ok(());
+        }
+        self.sync().await
+    }
+
+    /// The committed value and etag, if the key is cached.
+    pub(crate) fn committed(&self) -> Option<(Arc<V>, Arc<str>)> {
+        self.store
+            .inner
+            .cache()
+            .get(self.key())
+            .map(|c| (Arc::clone(&c.value), Arc::clone(&c.etag)))
+    }
+
+    pub(crate) fn committed_value(&self) -> Option<Arc<V>> {
+        self.store
+            .inner
+            .cache()
+            .get(self.key())
+            .map(|c| Arc::clone(&c.value))
+    }
+
+    fn commit(&self, value: Arc<V>, etag: Arc<str>, validated: Instant) {
+        self.store.inner.cache().insert(
+            self.key().clone(),
+            Cached {
+                value,
+                etag,
+                validated,
+            },
+        );
+    }
+
+    /// Compare-and-swap write of `value` over `etag` (create-only if `None`);
+    /// commits to the cache on success only.
+    pub(crate) async fn write(&mut self, value: Arc<V>, etag: Option<Arc<str>>) -> Result<()> {
+        let inner = &self.store.inner;
+        let storage = &inner.opts.storage;
+        let content = inner
+            .opts
+            .codec
+            .encode(&value)
+            .map_err(|e| e.with_path(&self.path))?;
+        let mut req = UploadRequest::new(self.path.clone(), content);
+        match &etag {
+            Some(etag) => req.if_match = Some(etag.to_string()),
+            None => {
+                // An existing document's directory exists; only a create may
+                // need one.
+                let dir = parent(&self.path);
+                if !matches!(dir, "" | "." | "/") {
+                    storage.make_dir_if_not_exist(dir).await?;
+                }
+                req.if_none_match = vec!["*".to_owned()];
+            }
+        }
+        let start = Instant::now();
+        bump(&inner.counters.uploads);
+        let resp = storage.upload(req).await?;
+        self.commit(value, resp.etag.into(), start);
+        Ok(())
+    }
+
+    /// Compare-and-swap delete; drops the cache entry. `Ok(false)` when the
+    /// document was already gone.
+    pub(crate) async fn delete(&mut self, etag: &str) -> Result<bool> {
+        let inner = &self.store.inner;
+        let res = inner
+            .opts
+            .storage
+            .delete_if_match(&self.path, Some(etag))
+            .await;
+        let existed = match res {
+            Ok(()) => true,
+            Err(e) if e.kind() == ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        inner.cache().remove(self.key());
+        self.staged = None;
+        Ok(existed)
+    }
+}

@@ -1,0 +1,155 @@
+//! A table of per-key async locks that forgets a key as soon as nobody holds
+//! or waits for its lock.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+
+type Slot = Arc<AsyncMutex<()>>;
+
+/// A key's lock and the number of tasks holding or waiting for it. The count
+/// is kept explicitly (not read off the `Arc`) so that it is exact at every
+/// moment the table lock is held, also while a cancelled waiter is unwinding.
+#[derive(Debug, Default)]
+struct Entry {
+    slot: Slot,
+    users: usize,
+}
+
+/// Per-key mutual exclusion. Locks on different keys never wait for each
+/// other.
+#[derive(Debug)]
+pub(crate) struct KeyLocks<K> {
+    // A std mutex, never held across an await: it only guards the lookup.
+    table: Mutex<HashMap<K, Entry>>,
+}
+
+impl<K> KeyLocks<K> {
+    pub(crate) fn new() -> Self {
+        KeyLocks {
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, HashMap<K, Entry>> {
+        // Every critical section is a single map operation; a poisoned map is
+        // still consistent.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of keys currently locked or waited for.
+    pub(crate) fn len(&self) -> usize {
+        self.table().len()
+    }
+}
+
+impl<K: Eq + Hash + Clone> KeyLocks<K> {
+
+    /// Waits for the lock on `key`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a waiter dropped before it gets the lock leaves no trace
+    /// in the table.
+    pub(crate) async fn lock(self: &Arc<Self>, key: K) -> KeyLockGuard<K> {
+        let slot = {
+            let mut table = self.table();
+            let entry = table.entry(key.clone()).or_default();
+            entry.users += 1;
+            Arc::clone(&entry.slot)
+        };
+        // The ticket is created before the await so that a cancelled waiter
+        // still runs the clean-up in its Drop.
+        let mut ticket = KeyLockGuard {
+            locks: Arc::clone(self),
+            key: Some(key),
+            guard: None,
+        };
+        ticket.guard = Some(slot.lock_owned().await);
+        ticket
+    }
+}
+
+/// Holds the lock on one key; dropping it unlocks.
+#[derive(Debug)]
+pub(crate) struct KeyLockGuard<K: Eq + Hash + Clone> {
+    locks: Arc<KeyLocks<K>>,
+    key: Option<K>,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl<K: Eq + Hash + Clone> KeyLockGuard<K> {
+    pub(crate) fn key(&self) -> &K {
+        // Only taken in Drop.
+        self.key.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl<K: Eq + Hash + Clone> Drop for KeyLockGuard<K> {
+    fn drop(&mut self) {
+        let mut table = self.locks.table();
+        // Release under the table lock so that a new waiter either finds
+        // the entry (and counts itself in) or creates a fresh one.
+        self.guard.take();
+        if let Some(key) = self.key.take()
+            && let Some(entry) = table.get_mut(&key)
+        {
+            entry.users -= 1;
+            if entry.users == 0 {
+                table.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn forgets_keys_when_unlocked() {
+        let locks = Arc::new(KeyLocks::new());
+        for i in 0..1000 {
+            let _g = locks.lock(i).await;
+            assert_eq!(locks.len(), 1);
+        }
+        assert_eq!(locks.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn cancelled_waiter_leaves_no_entry() {
+        let locks = Arc::new(KeyLocks::new());
+        let g = locks.lock("k").await;
+        let waiter = tokio::time::timeout(Duration::from_millis(10), locks.lock("k")).await;
+        assert!(waiter.is_err());
+        assert_eq!(locks.len(), 1);
+        drop(g);
+        assert_eq!(locks.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn same_key_is_exclusive() {
+        let locks = Arc::new(KeyLocks::new());
+        let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let locks = Arc::clone(&locks);
+            let counter = Arc::clone(&counter);
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..50 {
+                    let _g = locks.lock(1).await;
+                    let seen = counter.load(std::sync::atomic::Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    counter.store(seen + 1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(counter.load(std::sync::atomic::Ordering::SeqCst), 400);
+        assert_eq!(locks.len(), 0);
+    }
+}

@@ -1,0 +1,53 @@
+//! Operation counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of a store's counters since it was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Reads answered from the cache without a storage round trip (coalesced
+    /// or within `max_staleness`).
+    pub hits: u64,
+    /// Downloads that transferred and decoded a document.
+    pub downloads: u64,
+    /// Conditional downloads answered `NotModified` (nothing transferred).
+    pub not_modified: u64,
+    /// Upload calls made.
+    pub uploads: u64,
+    /// Uploads or deletes rejected because another writer got there first.
+    pub conflicts: u64,
+    /// Attempts started again after a conflict.
+    pub retries: u64,
+    /// Operations that ran out of attempts or time.
+    pub give_ups: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) downloads: AtomicU64,
+    pub(crate) not_modified: AtomicU64,
+    pub(crate) uploads: AtomicU64,
+    pub(crate) conflicts: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) give_ups: AtomicU64,
+}
+
+pub(crate) fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            hits: get(&self.hits),
+            downloads: get(&self.downloads),
+            not_modified: get(&self.not_modified),
+            uploads: get(&self.uploads),
+            conflicts: get(&self.conflicts),
+            retries: get(&self.retries),
+            give_ups: get(&self.give_ups),
+        }
+    }
+}
