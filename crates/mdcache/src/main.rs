@@ -1,1 +1,169 @@
-fn main() {}
+//! `mdcache`: operate on any metadatacache storage, and watch the library
+//! keep replicas consistent.
+
+mod commands;
+mod json_edit;
+mod torture;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Read, write and stress-test metadatacache storages.
+#[derive(Debug, Parser)]
+#[command(name = "mdcache", version, about)]
+struct Cli {
+    /// Storage URL: memory:, disk:DIR (or a plain path), etcd://…, postgres://…,
+    /// s3://… [default: disk:./mdcache-data; for torture, a new temporary directory]
+    #[arg(long, short, global = true, env = "MDCACHE_STORAGE")]
+    storage: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a document exactly as stored.
+    Get {
+        /// Storage path of the document.
+        path: String,
+        /// Parse as JSON and pretty-print.
+        #[arg(long)]
+        pretty: bool,
+        /// Print the etag on standard error.
+        #[arg(long)]
+        etag: bool,
+    },
+    /// Write a document (JSON, checked) from a file or standard input.
+    Put {
+        /// Storage path of the document.
+        path: String,
+        /// File to read; `-` or absent for standard input.
+        file: Option<PathBuf>,
+        /// Create only: fail if the document exists.
+        #[arg(long, conflicts_with = "if_match")]
+        create: bool,
+        /// Write only if the current etag is this one.
+        #[arg(long, value_name = "ETAG")]
+        if_match: Option<String>,
+        /// Store the bytes without checking they are JSON.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Change fields of a JSON document (read-modify-write, retried on conflict).
+    Update {
+        /// Storage path of the document.
+        path: String,
+        /// Set a field: `a.b=value` (value parsed as JSON, else taken as a string).
+        #[arg(long = "set", value_name = "FIELD=VALUE")]
+        sets: Vec<String>,
+        /// Remove a field: `a.b`.
+        #[arg(long = "unset", value_name = "FIELD")]
+        unsets: Vec<String>,
+        /// Start from `{}` if the document does not exist.
+        #[arg(long)]
+        create: bool,
+    },
+    /// Edit a JSON document in $EDITOR; refuses to overwrite a concurrent change.
+    Edit {
+        /// Storage path of the document.
+        path: String,
+        /// Start from `{}` if the document does not exist.
+        #[arg(long)]
+        create: bool,
+    },
+    /// Delete a document.
+    Rm {
+        /// Storage path of the document.
+        path: String,
+        /// Delete only if the current etag is this one.
+        #[arg(long, value_name = "ETAG")]
+        if_match: Option<String>,
+    },
+    /// List a directory.
+    Ls {
+        /// Directory path (default: the root).
+        #[arg(default_value = "")]
+        path: String,
+    },
+    /// Show kind, size, modification time and etag.
+    Stat {
+        /// Storage path.
+        path: String,
+    },
+    /// Start replica processes hammering shared keys; verify nothing is lost.
+    Torture(torture::TortureArgs),
+    /// One replica of a torture run (started by `torture`).
+    #[command(hide = true)]
+    Replica(torture::ReplicaArgs),
+}
+
+/// Where commands other than `torture` work when no storage is given.
+const DEFAULT_STORAGE: &str = "disk:./mdcache-data";
+
+fn main() -> ExitCode {
+    // A bug must still end in one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("mdcache: internal error{at}: {msg}");
+    }));
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mdcache: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mdcache: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, metadatacache::Error> {
+    let url = match (&cli.storage, &cli.command) {
+        (Some(url), _) => url.clone(),
+        (None, Command::Torture(_)) => String::new(),
+        (None, _) => DEFAULT_STORAGE.to_owned(),
+    };
+    match cli.command {
+        Command::Get { path, pretty, etag } => commands::get(&url, &path, pretty, etag).await,
+        Command::Put {
+            path,
+            file,
+            create,
+            if_match,
+            raw,
+        } => commands::put(&url, &path, file, create, if_match, raw).await,
+        Command::Update {
+            path,
+            sets,
+            unsets,
+            create,
+        } => commands::update(&url, &path, &sets, &unsets, create).await,
+        Command::Edit { path, create } => commands::edit(&url, &path, create).await,
+        Command::Rm { path, if_match } => commands::rm(&url, &path, if_match).await,
+        Command::Ls { path } => commands::ls(&url, &path).await,
+        Command::Stat { path } => commands::stat(&url, &path).await,
+        Command::Torture(args) => torture::torture(&url, args).await,
+        Command::Replica(args) => torture::replica(&url, args).await,
+    }
+}

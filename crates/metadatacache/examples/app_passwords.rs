@@ -48,8 +48,10 @@ pub struct Manager {
 impl Manager {
     pub fn new(storage: Arc<dyn Storage>, touch_interval: Duration) -> Self {
         let store = Store::new(
-            Options::new(storage, |user: &String| format!("app-passwords/{user}.json"))
-                .init(Passwords::new),
+            Options::new(storage, |user: &String| {
+                format!("app-passwords/{user}.json")
+            })
+            .init(Passwords::new),
         );
         Manager {
             store,
@@ -121,7 +123,10 @@ impl Manager {
                 let found = passwords.values_mut().find(|p| p.hash == wanted);
                 valid = found.is_some();
                 let touch = match found {
-                    Some(p) if p.last_used.is_none_or(|t| now.saturating_sub(t) >= interval) => {
+                    Some(p)
+                        if p.last_used
+                            .is_none_or(|t| now.saturating_sub(t) >= interval) =>
+                    {
                         p.last_used = Some(now);
                         true
                     }
@@ -147,9 +152,8 @@ fn hash(token: &str) -> String {
 
 fn random_hex(bytes: usize) -> Result<String, Error> {
     let mut buf = vec![0u8; bytes];
-    getrandom::fill(&mut buf).map_err(|e| {
-        Error::new(ErrorKind::Other, format!("no system randomness: {e}"))
-    })?;
+    getrandom::fill(&mut buf)
+        .map_err(|e| Error::new(ErrorKind::Other, format!("no system randomness: {e}")))?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -175,10 +179,22 @@ async fn demo(url: &str) -> Result<(), Error> {
 
     let (id, token) = a.generate("alice", "laptop").await?;
     println!("replica A generated password {id} for alice");
-    println!("replica B verifies it: {}", b.verify("alice", &token).await?);
-    println!("replica B lists: {:?}", b.list("alice").await?.keys().collect::<Vec<_>>());
-    println!("replica A revokes it: {}", a.invalidate("alice", &id).await?);
-    println!("replica B verifies it again: {}", b.verify("alice", &token).await?);
+    println!(
+        "replica B verifies it: {}",
+        b.verify("alice", &token).await?
+    );
+    println!(
+        "replica B lists: {:?}",
+        b.list("alice").await?.keys().collect::<Vec<_>>()
+    );
+    println!(
+        "replica A revokes it: {}",
+        a.invalidate("alice", &id).await?
+    );
+    println!(
+        "replica B verifies it again: {}",
+        b.verify("alice", &token).await?
+    );
     Ok(())
 }
 
@@ -216,7 +232,11 @@ mod tests {
         for _ in 0..10 {
             assert!(a.verify("bob", &token).await.unwrap());
         }
-        assert_eq!(a.store().stats().uploads, uploads + 1, "one touch in the interval");
+        assert_eq!(
+            a.store().stats().uploads,
+            uploads + 1,
+            "one touch in the interval"
+        );
         assert!(a.list("bob").await.unwrap()[&id].last_used.is_some());
         // A zero interval writes on every verify.
         let (c, _) = replicas(Duration::ZERO);
@@ -236,7 +256,10 @@ mod tests {
         assert!(!a.verify("carol", "wrong").await.unwrap());
         let stored = a.list("carol").await.unwrap();
         assert_eq!(stored.len(), 1);
-        assert!(stored.values().all(|p| p.hash.len() == 64), "only hashes are stored");
+        assert!(
+            stored.values().all(|p| p.hash.len() == 64),
+            "only hashes are stored"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

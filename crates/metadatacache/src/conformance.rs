@@ -74,11 +74,25 @@ pub async fn create_only(s: &dyn Storage, dir: &str) {
         if_none_match: vec!["*".into()],
         ..UploadRequest::new(path.clone(), body)
     };
-    let first = s.upload(create("1")).await.expect("create-only on absent path");
+    let first = s
+        .upload(create("1"))
+        .await
+        .expect("create-only on absent path");
     assert!(!first.etag.is_empty(), "create returned an empty etag");
-    expect_kind(s.upload(create("2")).await, &[ErrorKind::AlreadyExists], "create twice");
-    let got = s.download(DownloadRequest::new(&path)).await.expect("download");
-    assert_eq!(got.content, Bytes::from_static(b"1"), "failed create changed content");
+    expect_kind(
+        s.upload(create("2")).await,
+        &[ErrorKind::AlreadyExists],
+        "create twice",
+    );
+    let got = s
+        .download(DownloadRequest::new(&path))
+        .await
+        .expect("download");
+    assert_eq!(
+        got.content,
+        Bytes::from_static(b"1"),
+        "failed create changed content"
+    );
     assert_eq!(got.etag, first.etag);
 }
 
@@ -100,7 +114,11 @@ pub async fn if_match(s: &dyn Storage, dir: &str) {
             ..UploadRequest::new(path.clone(), "3")
         })
         .await;
-    expect_kind(stale, &[ErrorKind::PreconditionFailed], "if_match with a stale etag");
+    expect_kind(
+        stale,
+        &[ErrorKind::PreconditionFailed],
+        "if_match with a stale etag",
+    );
     assert_eq!(s.simple_download(&path).await.expect("download"), "2");
     let missing = s
         .upload(UploadRequest {
@@ -131,7 +149,11 @@ pub async fn if_none_match_etag(s: &dyn Storage, dir: &str) {
             ..UploadRequest::new(path.clone(), "2")
         })
         .await;
-    expect_kind(res, &[ErrorKind::PreconditionFailed], "if_none_match current etag");
+    expect_kind(
+        res,
+        &[ErrorKind::PreconditionFailed],
+        "if_none_match current etag",
+    );
     s.upload(UploadRequest {
         if_none_match: vec!["no-such-etag".into()],
         ..UploadRequest::new(path.clone(), "3")
@@ -152,7 +174,11 @@ pub async fn if_unmodified_since(s: &dyn Storage, dir: &str) {
             ..UploadRequest::new(path.clone(), "2")
         })
         .await;
-    expect_kind(res, &[ErrorKind::PreconditionFailed], "if_unmodified_since in the past");
+    expect_kind(
+        res,
+        &[ErrorKind::PreconditionFailed],
+        "if_unmodified_since in the past",
+    );
     let later = SystemTime::now() + Duration::from_secs(3600);
     s.upload(UploadRequest {
         if_unmodified_since: Some(later),
@@ -190,7 +216,11 @@ pub async fn not_found(s: &dyn Storage, dir: &str) {
         &[ErrorKind::NotFound],
         "download missing",
     );
-    expect_kind(s.delete(&path).await, &[ErrorKind::NotFound], "delete missing");
+    expect_kind(
+        s.delete(&path).await,
+        &[ErrorKind::NotFound],
+        "delete missing",
+    );
     expect_kind(s.stat(&path).await, &[ErrorKind::NotFound], "stat missing");
 }
 
@@ -215,19 +245,30 @@ pub async fn delete_if_match(s: &dyn Storage, dir: &str) {
     );
     s.simple_upload(&path, "3".into()).await.expect("upload");
     s.delete(&path).await.expect("unconditional delete");
-    expect_kind(s.delete(&path).await, &[ErrorKind::NotFound], "delete twice");
+    expect_kind(
+        s.delete(&path).await,
+        &[ErrorKind::NotFound],
+        "delete twice",
+    );
 }
 
 /// Listing shows direct children only, sorted; a missing dir is empty.
 pub async fn list_dir(s: &dyn Storage, dir: &str) {
     let base = p(dir, "list");
     assert!(
-        s.list_dir(&p(&base, "missing")).await.expect("list missing").is_empty(),
+        s.list_dir(&p(&base, "missing"))
+            .await
+            .expect("list missing")
+            .is_empty(),
         "a missing directory lists empty"
     );
-    s.make_dir_if_not_exist(&p(&base, "sub")).await.expect("mkdir");
+    s.make_dir_if_not_exist(&p(&base, "sub"))
+        .await
+        .expect("mkdir");
     for name in ["b.json", "a.json", "sub/c.json"] {
-        s.simple_upload(&p(&base, name), "{}".into()).await.expect("upload");
+        s.simple_upload(&p(&base, name), "{}".into())
+            .await
+            .expect("upload");
     }
     let listed = s.list_dir(&base).await.expect("list");
     let names: Vec<&str> = listed.iter().map(|i| i.path.as_str()).collect();
@@ -247,7 +288,9 @@ pub async fn make_dir_idempotent(s: &dyn Storage, dir: &str) {
     let d = p(dir, "mk/a/b");
     s.make_dir_if_not_exist(&d).await.expect("mkdir");
     s.make_dir_if_not_exist(&d).await.expect("mkdir again");
-    s.simple_upload(&p(&d, "x.json"), "1".into()).await.expect("upload into it");
+    s.simple_upload(&p(&d, "x.json"), "1".into())
+        .await
+        .expect("upload into it");
 }
 
 /// `stat` tells documents from directories.
@@ -266,7 +309,13 @@ pub async fn stat(s: &dyn Storage, dir: &str) {
 
 /// Bad paths are rejected with `InvalidInput` and create nothing.
 pub async fn invalid_paths(s: &dyn Storage, dir: &str) {
-    for bad in ["../escape.json", "/abs.json", "a//b.json", "nul\0.json", "trailing/"] {
+    for bad in [
+        "../escape.json",
+        "/abs.json",
+        "a//b.json",
+        "nul\0.json",
+        "trailing/",
+    ] {
         let path = if bad.starts_with('/') || bad.starts_with("..") {
             bad.to_owned()
         } else {
@@ -291,7 +340,10 @@ pub async fn simple_forms(s: &dyn Storage, dir: &str) {
     s.simple_upload(&path, Bytes::from_static(b"{\"a\":1}"))
         .await
         .expect("simple_upload");
-    assert_eq!(s.simple_download(&path).await.expect("simple_download"), "{\"a\":1}");
+    assert_eq!(
+        s.simple_download(&path).await.expect("simple_download"),
+        "{\"a\":1}"
+    );
 }
 
 /// `tasks` tasks each add 1 to a counter `per_task` times with raw
@@ -299,7 +351,10 @@ pub async fn simple_forms(s: &dyn Storage, dir: &str) {
 /// at `tasks × per_task`: exactly one writer wins each etag.
 pub async fn race_raw_cas(storage: Arc<dyn Storage>, dir: &str, tasks: usize, per_task: usize) {
     let path = p(dir, "race-raw.json");
-    storage.simple_upload(&path, "0".into()).await.expect("seed counter");
+    storage
+        .simple_upload(&path, "0".into())
+        .await
+        .expect("seed counter");
     let mut handles = Vec::new();
     for _ in 0..tasks {
         let storage = Arc::clone(&storage);

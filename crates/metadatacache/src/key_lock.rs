@@ -46,6 +46,10 @@ impl<K> KeyLocks<K> {
 }
 
 impl<K: Eq + Hash + Clone> KeyLocks<K> {
+    /// Number of tasks holding or waiting for the lock on `key`.
+    pub(crate) fn users(&self, key: &K) -> usize {
+        self.table().get(key).map_or(0, |e| e.users)
+    }
 
     /// Waits for the lock on `key`.
     ///

@@ -101,6 +101,7 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use backend::disk::{DiskOptions, DiskStorage};
 pub use backend::memory::MemoryStorage;
 pub use backend::url::open;
 pub use codec::{Codec, JsonCodec};
@@ -109,8 +110,8 @@ pub use guard::KeyGuard;
 pub use retry::RetryPolicy;
 pub use stats::Stats;
 pub use storage::{
-    DownloadRequest, DownloadResponse, EntryKind, FileInfo, MAX_PATH_LEN, MAX_SEGMENT_LEN,
-    Storage, UploadRequest, UploadResponse, check_delete_precondition,
-    check_upload_preconditions, parent, validate_path,
+    DownloadRequest, DownloadResponse, EntryKind, FileInfo, MAX_PATH_LEN, MAX_SEGMENT_LEN, Storage,
+    UploadRequest, UploadResponse, check_delete_precondition, check_upload_preconditions, parent,
+    validate_path,
 };
 pub use store::{Options, Store};

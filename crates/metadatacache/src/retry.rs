@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::error::{ErrorKind, Error};
+use crate::error::{Error, ErrorKind};
 
 /// Backoff between attempts of a compare-and-swap loop.
 ///

@@ -334,8 +334,10 @@ pub fn check_upload_preconditions(
 ) -> Result<()> {
     if req.is_create_only() {
         if current.is_some() {
-            return Err(Error::new(ErrorKind::AlreadyExists, "document already exists")
-                .with_path(&req.path));
+            return Err(
+                Error::new(ErrorKind::AlreadyExists, "document already exists")
+                    .with_path(&req.path),
+            );
         }
         return Ok(());
     }

@@ -255,7 +255,9 @@ where
         );
         async {
             let mut g = self.lock(key).await;
-            let res = self.update_locked(&mut g, call, create_if_not_found, f).await;
+            let res = self
+                .update_locked(&mut g, call, create_if_not_found, f)
+                .await;
             record_outcome(&res);
             res
         }
@@ -361,6 +363,11 @@ where
     /// table as soon as nobody holds or waits for them.
     pub fn locked_keys(&self) -> usize {
         self.inner.locks.len()
+    }
+
+    /// How many tasks hold or wait for the lock on `key` right now.
+    pub fn lock_users(&self, key: &K) -> usize {
+        self.inner.locks.users(key)
     }
 
     /// How many keys have a cached value.

@@ -159,11 +159,19 @@ impl FaultyStorage {
         match fault {
             Fault::Unavailable => {
                 self.counts.unavailable.fetch_add(1, Ordering::Relaxed);
-                Err(injected(ErrorKind::Unavailable, "injected: storage unavailable", path))
+                Err(injected(
+                    ErrorKind::Unavailable,
+                    "injected: storage unavailable",
+                    path,
+                ))
             }
             Fault::Conflict => {
                 self.counts.conflicts.fetch_add(1, Ordering::Relaxed);
-                Err(injected(ErrorKind::Aborted, "injected: spurious conflict", path))
+                Err(injected(
+                    ErrorKind::Aborted,
+                    "injected: spurious conflict",
+                    path,
+                ))
             }
             f => Ok(f),
         }

@@ -49,8 +49,14 @@ fn insert(k: &str, v: u64) -> impl FnMut(Doc) -> Result<(Doc, bool), Error> + Se
 async fn update_creates_with_init() {
     let storage = memory();
     let store = store_on(Arc::clone(&storage));
-    store.update("alice".into(), true, insert("a", 1)).await.unwrap();
-    assert_eq!(stored(storage.as_ref(), "alice").await, Some(Doc::from([("a".into(), 1)])));
+    store
+        .update("alice".into(), true, insert("a", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        stored(storage.as_ref(), "alice").await,
+        Some(Doc::from([("a".into(), 1)]))
+    );
     assert_eq!(store.get("alice".into()).await.unwrap().unwrap()["a"], 1);
 }
 
@@ -58,7 +64,10 @@ async fn update_creates_with_init() {
 async fn update_without_create_is_not_found() {
     let storage = memory();
     let store = store_on(Arc::clone(&storage));
-    let err = store.update("bob".into(), false, insert("a", 1)).await.unwrap_err();
+    let err = store
+        .update("bob".into(), false, insert("a", 1))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
     assert!(err.to_string().contains("bob"), "{err}");
     assert_eq!(stored(storage.as_ref(), "bob").await, None);
@@ -67,7 +76,10 @@ async fn update_without_create_is_not_found() {
 #[tokio::test]
 async fn create_without_init_is_invalid_input() {
     let store: Store<String, Doc> = Store::new(Options::new(memory(), path));
-    let err = store.update("c".into(), true, insert("a", 1)).await.unwrap_err();
+    let err = store
+        .update("c".into(), true, insert("a", 1))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     assert!(err.to_string().contains("init"), "{err}");
 }
@@ -76,7 +88,10 @@ async fn create_without_init_is_invalid_input() {
 async fn skipped_persist_writes_nothing() {
     let storage = memory();
     let store = store_on(Arc::clone(&storage));
-    store.update("u".into(), true, insert("a", 1)).await.unwrap();
+    store
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap();
     let before = store.stats().uploads;
     let mut seen = None;
     store
@@ -89,9 +104,15 @@ async fn skipped_persist_writes_nothing() {
         .unwrap();
     assert_eq!(seen, Some(1), "f borrowed a local and saw the value");
     assert_eq!(store.stats().uploads, before);
-    assert_eq!(stored(storage.as_ref(), "u").await, Some(Doc::from([("a".into(), 1)])));
+    assert_eq!(
+        stored(storage.as_ref(), "u").await,
+        Some(Doc::from([("a".into(), 1)]))
+    );
     // And the change f made to its copy never reached the cache.
-    assert_eq!(*store.get("u".into()).await.unwrap().unwrap(), Doc::from([("a".into(), 1)]));
+    assert_eq!(
+        *store.get("u".into()).await.unwrap().unwrap(),
+        Doc::from([("a".into(), 1)])
+    );
 }
 
 #[tokio::test]
@@ -114,7 +135,9 @@ async fn twenty_concurrent_updates_keep_twenty_entries() {
         .map(|i| {
             let store = store.clone();
             tokio::spawn(async move {
-                store.update("hot".into(), true, insert(&format!("e{i}"), i)).await
+                store
+                    .update("hot".into(), true, insert(&format!("e{i}"), i))
+                    .await
             })
         })
         .collect();
@@ -154,7 +177,10 @@ async fn different_keys_do_not_wait_for_each_other() {
 async fn failing_f_leaves_cache_equal_to_storage() {
     let storage = memory();
     let store = store_on(Arc::clone(&storage));
-    store.update("u".into(), true, insert("a", 1)).await.unwrap();
+    store
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap();
     let err = store
         .update("u".into(), false, |mut d| {
             d.insert("poison".into(), 666);
@@ -166,7 +192,10 @@ async fn failing_f_leaves_cache_equal_to_storage() {
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     assert_eq!(err.to_string(), "quota exceeded");
     let mut g = store.lock("u".into()).await;
-    assert_eq!(g.get().await.unwrap().as_deref(), stored(storage.as_ref(), "u").await.as_ref());
+    assert_eq!(
+        g.get().await.unwrap().as_deref(),
+        stored(storage.as_ref(), "u").await.as_ref()
+    );
     assert_eq!(store.stats().uploads, 1);
 }
 
@@ -177,7 +206,10 @@ async fn failed_upload_leaves_cache_equal_to_storage() {
     let faulty: Arc<dyn Storage> =
         Arc::new(FaultyStorage::new(Arc::clone(&inner), 1).conflicts(1.0));
     let writer = store_on(Arc::clone(&inner));
-    writer.update("u".into(), true, insert("a", 1)).await.unwrap();
+    writer
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap();
     let store: Store<String, Doc> = Store::new(
         Options::new(faulty, path)
             .retries(3)
@@ -194,7 +226,10 @@ async fn failed_upload_leaves_cache_equal_to_storage() {
     assert_eq!(runs, 3, "f runs once per attempt");
     assert!(err.is_conflict());
     let text = err.to_string();
-    assert!(text.contains("key u") && text.contains("3 attempts"), "{text}");
+    assert!(
+        text.contains("key u") && text.contains("3 attempts"),
+        "{text}"
+    );
     let s = store.stats();
     assert_eq!((s.conflicts, s.retries, s.give_ups), (3, 2, 1));
     assert_eq!(
@@ -208,14 +243,19 @@ async fn ambiguous_upload_is_unavailable_and_cache_catches_up() {
     let inner = memory();
     let faulty: Arc<dyn Storage> =
         Arc::new(FaultyStorage::new(Arc::clone(&inner), 1).ambiguous(1.0));
-    let store: Store<String, Doc> =
-        Store::new(Options::new(faulty, path).init(Doc::new));
-    let err = store.update("u".into(), true, insert("a", 1)).await.unwrap_err();
+    let store: Store<String, Doc> = Store::new(Options::new(faulty, path).init(Doc::new));
+    let err = store
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable);
     // The write landed; the next read sees exactly what storage has.
     let stored_doc = stored(inner.as_ref(), "u").await;
     assert_eq!(stored_doc, Some(Doc::from([("a".into(), 1)])));
-    assert_eq!(store.get("u".into()).await.unwrap().as_deref(), stored_doc.as_ref());
+    assert_eq!(
+        store.get("u".into()).await.unwrap().as_deref(),
+        stored_doc.as_ref()
+    );
 }
 
 #[tokio::test]
@@ -235,7 +275,10 @@ async fn exhausted_retries_name_the_key() {
     let text = err.to_string();
     assert!(text.contains("carol"), "{text}");
     assert!(text.contains("5 attempts"), "{text}");
-    assert!(text.contains("spurious conflict"), "names the last conflict: {text}");
+    assert!(
+        text.contains("spurious conflict"),
+        "names the last conflict: {text}"
+    );
     assert_eq!(store.stats().give_ups, 1);
 }
 
@@ -253,18 +296,27 @@ async fn retry_deadline_gives_up_early() {
                     .deadline(Some(Duration::from_millis(50))),
             ),
     );
-    let err = store.update("d".into(), true, insert("a", 1)).await.unwrap_err();
+    let err = store
+        .update("d".into(), true, insert("a", 1))
+        .await
+        .unwrap_err();
     assert!(err.is_conflict());
     let s = store.stats();
     assert_eq!(s.give_ups, 1);
-    assert!(s.conflicts < 1000, "gave up at the deadline, not after 10^6 attempts");
+    assert!(
+        s.conflicts < 1000,
+        "gave up at the deadline, not after 10^6 attempts"
+    );
 }
 
 #[tokio::test]
 async fn lock_table_empties_after_many_keys() {
     let store = store_on(memory());
     for i in 0..10_000 {
-        store.update(format!("k{i}"), true, insert("a", i)).await.unwrap();
+        store
+            .update(format!("k{i}"), true, insert("a", i))
+            .await
+            .unwrap();
     }
     assert_eq!(store.locked_keys(), 0);
     assert_eq!(store.cached_keys(), 10_000);
@@ -285,7 +337,10 @@ async fn removal_on_one_replica_is_seen_by_the_other() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
     // And a write without create does not resurrect it.
-    let err = a.update("u".into(), false, insert("x", 1)).await.unwrap_err();
+    let err = a
+        .update("u".into(), false, insert("x", 1))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
     assert_eq!(stored(storage.as_ref(), "u").await, None);
     assert!(!a.remove("u".into()).await.unwrap(), "already gone");
@@ -308,10 +363,16 @@ async fn entry_removed_elsewhere_is_dropped_from_cache() {
 async fn remove_retries_past_a_concurrent_change() {
     let inner = memory();
     let store = store_on(Arc::clone(&inner));
-    store.update("u".into(), true, insert("a", 1)).await.unwrap();
+    store
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap();
     // A write from elsewhere changes the etag the store has cached.
     let other = store_on(Arc::clone(&inner));
-    other.update("u".into(), false, insert("a", 2)).await.unwrap();
+    other
+        .update("u".into(), false, insert("a", 2))
+        .await
+        .unwrap();
     let mut g = store.lock("u".into()).await;
     g.persist().await.expect_err("stale etag conflicts");
     drop(g);
@@ -324,11 +385,18 @@ async fn remove_retries_past_a_concurrent_change() {
 async fn guard_set_is_invisible_until_persisted() {
     let storage = memory();
     let store = store_on(Arc::clone(&storage));
-    store.update("u".into(), true, insert("a", 1)).await.unwrap();
+    store
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap();
     {
         let mut g = store.lock("u".into()).await;
         g.set(Doc::from([("a".into(), 99)]));
-        assert_eq!(g.get().await.unwrap().unwrap()["a"], 99, "the guard sees its own set");
+        assert_eq!(
+            g.get().await.unwrap().unwrap()["a"],
+            99,
+            "the guard sees its own set"
+        );
         // Dropped without persist.
     }
     assert_eq!(store.get("u".into()).await.unwrap().unwrap()["a"], 1);
@@ -362,7 +430,10 @@ async fn persist_creates_parent_directory() {
 async fn unchanged_reads_do_not_transfer_or_decode() {
     let storage = memory();
     let store = store_on(Arc::clone(&storage));
-    store.update("u".into(), true, insert("a", 1)).await.unwrap();
+    store
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap();
     for _ in 0..10 {
         store.get("u".into()).await.unwrap();
     }
@@ -379,7 +450,10 @@ async fn max_staleness_skips_round_trips() {
             .init(Doc::new)
             .max_staleness(Duration::from_secs(3600)),
     );
-    store.update("u".into(), true, insert("a", 1)).await.unwrap();
+    store
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap();
     for _ in 0..10 {
         store.get("u".into()).await.unwrap();
     }
@@ -390,11 +464,13 @@ async fn max_staleness_skips_round_trips() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_readers_share_one_revalidation() {
     let inner = memory();
-    let slow: Arc<dyn Storage> = Arc::new(
-        FaultyStorage::new(Arc::clone(&inner), 3).latency(Duration::from_millis(20)),
-    );
+    let slow: Arc<dyn Storage> =
+        Arc::new(FaultyStorage::new(Arc::clone(&inner), 3).latency(Duration::from_millis(20)));
     let store = store_on(slow);
-    store.update("u".into(), true, insert("a", 1)).await.unwrap();
+    store
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap();
     let held = store.lock("u".into()).await;
     let readers: Vec<_> = (0..10)
         .map(|_| {
@@ -402,16 +478,22 @@ async fn queued_readers_share_one_revalidation() {
             tokio::spawn(async move { store.get("u".into()).await })
         })
         .collect();
-    // Let every reader start and queue on the lock.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Wait until every reader has started and queued on the lock.
+    while store.lock_users(&"u".to_owned()) < 11 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let before = store.stats();
     drop(held);
     for r in readers {
         assert_eq!(r.await.unwrap().unwrap().unwrap()["a"], 1);
     }
     let after = store.stats();
-    let round_trips = (after.not_modified + after.downloads) - (before.not_modified + before.downloads);
-    assert_eq!(round_trips, 1, "10 queued readers, one conditional download");
+    let round_trips =
+        (after.not_modified + after.downloads) - (before.not_modified + before.downloads);
+    assert_eq!(
+        round_trips, 1,
+        "10 queued readers, one conditional download"
+    );
     assert_eq!(after.hits - before.hits, 9);
 }
 
@@ -431,7 +513,10 @@ async fn reader_never_gets_data_older_than_its_call() {
 async fn undecodable_document_is_a_codec_error_naming_the_path() {
     let storage = memory();
     let store = store_on(Arc::clone(&storage));
-    store.update("u".into(), true, insert("a", 1)).await.unwrap();
+    store
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap();
     storage
         .simple_upload("users/u.json", "{not json".into())
         .await
@@ -439,10 +524,16 @@ async fn undecodable_document_is_a_codec_error_naming_the_path() {
     let err = store.get("u".into()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Codec);
     assert!(err.to_string().contains("users/u.json"), "{err}");
-    let err = store.update("u".into(), false, insert("a", 2)).await.unwrap_err();
+    let err = store
+        .update("u".into(), false, insert("a", 2))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Codec);
     // Nothing was overwritten.
-    assert_eq!(storage.simple_download("users/u.json").await.unwrap(), "{not json");
+    assert_eq!(
+        storage.simple_download("users/u.json").await.unwrap(),
+        "{not json"
+    );
 }
 
 #[tokio::test]
@@ -469,8 +560,12 @@ async fn raw_cas_helpers_match_store_view() {
 async fn two_replicas_many_tasks_lose_nothing() {
     let storage = memory();
     let mut tasks = Vec::new();
+    let mut stores = Vec::new();
     for r in 0..2 {
-        let store = store_on(Arc::clone(&storage));
+        // The default policy: jittered exponential backoff between attempts.
+        let store: Store<String, Doc> =
+            Store::new(Options::new(Arc::clone(&storage), path).init(Doc::new));
+        stores.push(store.clone());
         for t in 0..4 {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
@@ -490,6 +585,9 @@ async fn two_replicas_many_tasks_lose_nothing() {
     assert_eq!(doc.len(), 400);
     let keys: HashSet<_> = doc.keys().collect();
     assert_eq!(keys.len(), 400);
+    for store in &stores {
+        assert_eq!(store.stats().give_ups, 0);
+    }
 }
 
 #[test]

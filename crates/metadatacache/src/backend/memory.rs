@@ -9,9 +9,8 @@ use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest,
-    UploadResponse, check_delete_precondition, check_upload_preconditions, join, parent,
-    validate_path,
+    DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest, UploadResponse,
+    check_delete_precondition, check_upload_preconditions, join, parent, validate_path,
 };
 
 /// Storage kept in this process's memory.
@@ -77,7 +76,10 @@ impl State {
         }
         let prefix = format!("{dir}/");
         let under = |p: &String| p.starts_with(&prefix);
-        self.files.range(prefix.clone()..).next().is_some_and(|(p, _)| under(p))
+        self.files
+            .range(prefix.clone()..)
+            .next()
+            .is_some_and(|(p, _)| under(p))
             || self.dirs.range(prefix.clone()..).next().is_some_and(under)
     }
 
@@ -89,8 +91,9 @@ impl State {
         let mut p = parent(path);
         while !p.is_empty() {
             if self.files.contains_key(p) {
-                return Err(Error::invalid_input(format!("parent {p:?} is a document"))
-                    .with_path(path));
+                return Err(
+                    Error::invalid_input(format!("parent {p:?} is a document")).with_path(path)
+                );
             }
             p = parent(p);
         }
@@ -111,7 +114,10 @@ impl Storage for MemoryStorage {
     async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {
         validate_path(&req.path, false).map_err(tag)?;
         let mut state = self.state();
-        let current = state.files.get(&req.path).map(|d| (d.etag.as_str(), d.mtime));
+        let current = state
+            .files
+            .get(&req.path)
+            .map(|d| (d.etag.as_str(), d.mtime));
         check_upload_preconditions(&req, current).map_err(tag)?;
         if current.is_none() {
             state.check_placement(&req.path).map_err(tag)?;
@@ -167,7 +173,9 @@ impl Storage for MemoryStorage {
         if state.has_dir(path) {
             return Ok(dir_info(path.to_owned()));
         }
-        Err(tag(Error::not_found("no such document or directory").with_path(path)))
+        Err(tag(
+            Error::not_found("no such document or directory").with_path(path)
+        ))
     }
 
     async fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
@@ -212,10 +220,11 @@ impl Storage for MemoryStorage {
         let mut p = path;
         while !p.is_empty() {
             if state.files.contains_key(p) {
-                return Err(tag(
-                    Error::new(ErrorKind::AlreadyExists, format!("{p:?} is a document"))
-                        .with_path(path),
-                ));
+                return Err(tag(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("{p:?} is a document"),
+                )
+                .with_path(path)));
             }
             p = parent(p);
         }

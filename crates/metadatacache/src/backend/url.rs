@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use crate::backend::disk::DiskStorage;
 use crate::backend::memory::MemoryStorage;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::storage::Storage;
 
 /// Opens the storage a URL names.
@@ -11,6 +12,10 @@ use crate::storage::Storage;
 /// | URL | storage |
 /// |---|---|
 /// | `memory:` | a new, empty [`MemoryStorage`] |
+/// | `disk:PATH`, or a bare `PATH` | [`DiskStorage::open`]`(PATH)`: `disk:./data`, `disk:/abs/dir`, `./data`, `/abs/dir` (`disk:///abs/dir` works too) |
+///
+/// A bare path is anything that does not start with a URL scheme
+/// (`letters:`); write a path that does as `disk:PATH`.
 ///
 /// # Errors
 /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming the URL
@@ -26,11 +31,42 @@ use crate::storage::Storage;
 /// # Ok::<_, metadatacache::Error>(()) }).unwrap();
 /// ```
 pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
-    let scheme = url.split_once(':').map(|(s, _)| s);
+    let scheme = url.split_once(':').map(|(s, _)| s).filter(|s| is_scheme(s));
     match scheme {
         Some("memory") => Ok(Arc::new(MemoryStorage::new())),
+        Some("disk") => {
+            let path = &url["disk:".len()..];
+            open_disk(path.strip_prefix("//").unwrap_or(path), url).await
+        }
+        None if !url.is_empty() => open_disk(url, url).await,
         _ => Err(Error::invalid_input(format!(
-            "unsupported storage URL {url:?}; expected memory:"
+            "unsupported storage URL {url:?}; expected memory:, disk:PATH or a path"
         ))),
+    }
+}
+
+/// True for a URL scheme: a letter, then letters, digits, `+`, `-` or `.`.
+fn is_scheme(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
+/// Opens a [`DiskStorage`] off the async threads (it creates the directory
+/// and sweeps stale temp files).
+async fn open_disk(path: &str, url: &str) -> Result<Arc<dyn Storage>> {
+    if path.is_empty() {
+        return Err(Error::invalid_input(format!(
+            "storage URL {url:?} names no directory; expected disk:PATH"
+        )));
+    }
+    let path = path.to_owned();
+    match tokio::task::spawn_blocking(move || DiskStorage::open(path)).await {
+        Ok(storage) => Ok(Arc::new(storage?)),
+        Err(e) => Err(
+            Error::new(ErrorKind::Unavailable, "opening the disk storage failed")
+                .with_backend("disk")
+                .with_source(e),
+        ),
     }
 }

@@ -1,0 +1,650 @@
+//! The blocking file system operations behind [`DiskStorage`](super::DiskStorage).
+//!
+//! Every path is resolved from the root descriptor one component at a time
+//! with `O_NOFOLLOW`, so a symbolic link planted inside the root can never
+//! lead outside it.
+
+use std::borrow::Cow;
+use std::fs::{DirBuilder, File, Metadata, Permissions};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use rustix::fs::{AtFlags, Dir, FileType, FlockOperation, Mode, OFlags, RawMode};
+use rustix::io::Errno;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
+
+use super::{BACKEND, DiskOptions, Inner, is_internal, is_temp};
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::{
+    DownloadRequest, DownloadResponse, EntryKind, FileInfo, UploadRequest, UploadResponse,
+    check_delete_precondition, check_upload_preconditions, join, parent, validate_path,
+};
+
+const INTERNAL_DIR: &str = ".mdcache";
+const LOCKS_DIR: &str = "locks";
+const LOCK_STRIPES: u64 = 64;
+/// Deepest directory the stale-temp sweep descends into (a path of at most
+/// 1024 bytes has at most 512 segments).
+const MAX_DEPTH: usize = 512;
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+/// `NONBLOCK` and `NOCTTY` so that a planted FIFO or device cannot hang or
+/// hijack the process; such entries are rejected after `fstat`.
+const READ_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC)
+    .union(OFlags::NONBLOCK)
+    .union(OFlags::NOCTTY);
+
+/// Maps an I/O error to the crate's error; the one place that does so.
+///
+/// `ELOOP`, `ENOTDIR`, `EXDEV` and `EMLINK` come from resolving a path
+/// through a symbolic link (or a document used as a directory) and are
+/// reported as [`ErrorKind::PermissionDenied`]; errors that a retry may cure
+/// (`EIO`, `ENOSPC`, …) as [`ErrorKind::Unavailable`].
+pub(super) fn io_error(
+    err: impl Into<std::io::Error>,
+    path: &str,
+    what: impl Into<Cow<'static, str>>,
+) -> Error {
+    let err = err.into();
+    let kind = match Errno::from_io_error(&err) {
+        Some(Errno::NOENT) => ErrorKind::NotFound,
+        Some(Errno::ACCESS | Errno::PERM | Errno::ROFS) => ErrorKind::PermissionDenied,
+        Some(Errno::LOOP | Errno::NOTDIR | Errno::XDEV | Errno::MLINK) => {
+            ErrorKind::PermissionDenied
+        }
+        Some(Errno::NAMETOOLONG | Errno::ISDIR | Errno::INVAL) => ErrorKind::InvalidInput,
+        Some(
+            Errno::IO
+            | Errno::NOSPC
+            | Errno::DQUOT
+            | Errno::AGAIN
+            | Errno::INTR
+            | Errno::BUSY
+            | Errno::TIMEDOUT
+            | Errno::STALE
+            | Errno::NOLCK
+            | Errno::MFILE
+            | Errno::NFILE
+            | Errno::NOMEM,
+        ) => ErrorKind::Unavailable,
+        _ => ErrorKind::Other,
+    };
+    Error::new(kind, what)
+        .with_path(path)
+        .with_backend(BACKEND)
+        .with_source(err)
+}
+
+/// The error for a path that runs into a symbolic link at `at`.
+fn symlink_error(path: &str, at: &str) -> Error {
+    io_error(
+        Errno::LOOP,
+        path,
+        format!("{at:?} is a symbolic link; paths may not leave the storage root"),
+    )
+}
+
+fn mode(bits: u32) -> Mode {
+    Mode::from_bits_truncate(bits as RawMode)
+}
+
+/// The strong etag of `content`: its xxh3-128 hash as 32 hex digits.
+pub(super) fn etag(content: &[u8]) -> String {
+    format!("{:032x}", xxh3_128(content))
+}
+
+/// The last status change time; unlike mtime, no caller can set it.
+fn ctime(meta: &Metadata) -> SystemTime {
+    let secs = u64::try_from(meta.ctime()).unwrap_or(0);
+    let nanos = u32::try_from(meta.ctime_nsec()).unwrap_or(0);
+    SystemTime::UNIX_EPOCH + Duration::new(secs, nanos)
+}
+
+/// Why a directory could not be opened without creating anything.
+enum Blocked {
+    /// A component does not exist.
+    Missing,
+    /// The component at this path is a document (or another non-directory).
+    NotDir(String),
+}
+
+/// What is at a path.
+enum Entry {
+    Missing,
+    File(Doc),
+    Dir(SystemTime),
+    Symlink,
+    /// A FIFO, socket or device.
+    Special,
+}
+
+struct Doc {
+    /// Empty unless the content was asked for.
+    content: Vec<u8>,
+    /// Empty unless the content was asked for.
+    etag: String,
+    mtime: SystemTime,
+    size: u64,
+}
+
+/// Creates the root (if missing) and the internal directories, and opens
+/// the root and the lock directory.
+pub(super) fn open_root(dir: &Path, shown: &str, opts: &DiskOptions) -> Result<(OwnedFd, OwnedFd)> {
+    if !dir.exists() {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(opts.dir_mode)
+            .create(dir)
+            .and_then(|()| std::fs::set_permissions(dir, Permissions::from_mode(opts.dir_mode)))
+            .map_err(|e| io_error(e, shown, "cannot create the storage directory"))?;
+    }
+    let root = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_error(e, shown, "cannot open the storage directory"))?;
+    let internal = make_dir_at(&root, INTERNAL_DIR, opts, shown)?;
+    let locks = make_dir_at(&internal, LOCKS_DIR, opts, shown)?;
+    Ok((root, locks))
+}
+
+/// Opens directory `name` in `dir`, creating it with the configured mode
+/// first if it is missing; `InvalidInput` when a non-directory is there.
+fn make_dir_at(dir: &OwnedFd, name: &str, opts: &DiskOptions, path: &str) -> Result<OwnedFd> {
+    match open_dir_at(dir, name, name, true, opts, path)? {
+        Ok(fd) => Ok(fd),
+        Err(_) => Err(
+            Error::invalid_input(format!("{name:?} exists and is not a directory"))
+                .with_path(path)
+                .with_backend(BACKEND),
+        ),
+    }
+}
+
+/// Opens the directory `name` in `dir` without following a symbolic link;
+/// `at` is its storage path, for messages. With `create`, a missing
+/// directory is created (mode set exactly, parent fsynced if configured).
+fn open_dir_at(
+    dir: &OwnedFd,
+    name: &str,
+    at: &str,
+    create: bool,
+    opts: &DiskOptions,
+    path: &str,
+) -> Result<std::result::Result<OwnedFd, Blocked>> {
+    let err = match rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty()) {
+        Ok(fd) => return Ok(Ok(fd)),
+        Err(e) => e,
+    };
+    if err != Errno::NOENT || !create {
+        return classify(dir, name, at, err, path).map(Err);
+    }
+    let created = match rustix::fs::mkdirat(dir, name, mode(opts.dir_mode)) {
+        Ok(()) => true,
+        Err(Errno::EXIST) => false,
+        Err(e) => return Err(io_error(e, path, format!("cannot create directory {at:?}"))),
+    };
+    let fd = match rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(e) => return classify(dir, name, at, e, path).map(Err),
+    };
+    if created {
+        rustix::fs::fchmod(&fd, mode(opts.dir_mode))
+            .map_err(|e| io_error(e, path, format!("cannot set the mode of {at:?}")))?;
+        if opts.fsync {
+            rustix::fs::fsync(dir)
+                .map_err(|e| io_error(e, path, format!("cannot sync the parent of {at:?}")))?;
+        }
+    }
+    Ok(Ok(fd))
+}
+
+/// Explains why opening `name` in `dir` as a directory failed with `err`.
+fn classify(dir: &OwnedFd, name: &str, at: &str, err: Errno, path: &str) -> Result<Blocked> {
+    if err == Errno::NOENT {
+        return Ok(Blocked::Missing);
+    }
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => match FileType::from_raw_mode(st.st_mode) {
+            FileType::Symlink => Err(symlink_error(path, at)),
+            FileType::Directory => {
+                Err(io_error(err, path, format!("cannot open directory {at:?}")))
+            }
+            _ => Ok(Blocked::NotDir(at.to_owned())),
+        },
+        Err(Errno::NOENT) => Ok(Blocked::Missing),
+        Err(_) => Err(io_error(err, path, format!("cannot open directory {at:?}"))),
+    }
+}
+
+/// The names in directory `dir` with their types (`Unknown` where the file
+/// system does not say), without `.`, `..` and names that are not UTF-8.
+fn read_names(dir: &OwnedFd) -> std::io::Result<Vec<(String, FileType)>> {
+    let mut out = Vec::new();
+    for entry in Dir::read_from(dir)? {
+        let entry = entry?;
+        let Ok(name) = entry.file_name().to_str() else {
+            continue;
+        };
+        if name != "." && name != ".." {
+            out.push((name.to_owned(), entry.file_type()));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the entry `name` of `dir` (storage path `path`) without following
+/// a symbolic link; with `hash`, a document's content and etag too.
+fn open_entry(dir: &OwnedFd, name: &str, path: &str, hash: bool) -> Result<Entry> {
+    let fd = match rustix::fs::openat(dir, name, READ_FLAGS, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(Entry::Missing),
+        Err(Errno::NXIO) => return Ok(Entry::Special),
+        Err(err) => {
+            return match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
+                    Ok(Entry::Symlink)
+                }
+                _ => Err(io_error(err, path, "cannot open")),
+            };
+        }
+    };
+    let mut file = File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| io_error(e, path, "cannot stat"))?;
+    let mtime = meta
+        .modified()
+        .map_err(|e| io_error(e, path, "no modification time"))?;
+    if meta.is_dir() {
+        return Ok(Entry::Dir(mtime));
+    }
+    if !meta.is_file() {
+        return Ok(Entry::Special);
+    }
+    let mut doc = Doc {
+        content: Vec::new(),
+        etag: String::new(),
+        mtime,
+        size: meta.len(),
+    };
+    if hash {
+        doc.content
+            .reserve(usize::try_from(meta.len()).unwrap_or(0));
+        file.read_to_end(&mut doc.content)
+            .map_err(|e| io_error(e, path, "cannot read"))?;
+        doc.etag = etag(&doc.content);
+        doc.size = doc.content.len() as u64;
+    }
+    Ok(Entry::File(doc))
+}
+
+/// A temp file that is removed when dropped, unless renamed into place.
+struct Temp<'a> {
+    dir: BorrowedFd<'a>,
+    name: String,
+    armed: bool,
+}
+
+impl Drop for Temp<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            // Best effort: a leftover is removed by the next open's sweep.
+            let _ = rustix::fs::unlinkat(self.dir, self.name.as_str(), AtFlags::empty());
+        }
+    }
+}
+
+/// The name of a new temp file for document `name`: `.{name}.tmp.{pid}.{random}`,
+/// with `name` shortened to keep within the 255-byte limit of a file name.
+fn temp_name(name: &str) -> String {
+    let mut end = name.len().min(200);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        ".{}.tmp.{}.{:016x}",
+        &name[..end],
+        std::process::id(),
+        fastrand::u64(..)
+    )
+}
+
+impl Inner {
+    /// Opens directory `dir` (a validated storage path, "" for the root)
+    /// beneath the root, one component at a time, never following a
+    /// symbolic link. With `create`, missing directories are created.
+    fn walk(
+        &self,
+        dir: &str,
+        create: bool,
+        path: &str,
+    ) -> Result<std::result::Result<OwnedFd, Blocked>> {
+        let mut cur = rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty())
+            .map_err(|e| io_error(e, path, "cannot open the storage directory"))?;
+        if dir.is_empty() {
+            return Ok(Ok(cur));
+        }
+        let mut end = 0;
+        for segment in dir.split('/') {
+            end += segment.len() + usize::from(end > 0);
+            match open_dir_at(&cur, segment, &dir[..end], create, &self.opts, path)? {
+                Ok(next) => cur = next,
+                Err(blocked) => return Ok(Err(blocked)),
+            }
+        }
+        Ok(Ok(cur))
+    }
+
+    /// Opens the lock file for `path` and takes its exclusive `flock`; the
+    /// lock is released when the returned descriptor is dropped (or the
+    /// process dies).
+    fn lock(&self, path: &str) -> Result<OwnedFd> {
+        let stripe = format!("{:02}", xxh3_64(path.as_bytes()) % LOCK_STRIPES);
+        let flags = OFlags::RDONLY | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        let fd = rustix::fs::openat(
+            &self.locks,
+            stripe.as_str(),
+            flags,
+            mode(self.opts.file_mode),
+        )
+        .map_err(|e| io_error(e, path, "cannot open the lock file"))?;
+        loop {
+            match rustix::fs::flock(&fd, FlockOperation::LockExclusive) {
+                Ok(()) => return Ok(fd),
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(io_error(e, path, "cannot lock")),
+            }
+        }
+    }
+
+    fn sync_dir(&self, dir: &OwnedFd, path: &str) -> Result<()> {
+        if self.opts.fsync {
+            rustix::fs::fsync(dir).map_err(|e| {
+                io_error(
+                    e,
+                    path,
+                    "done, but syncing its directory failed; it may be lost on power loss",
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Writes `req.content` to a new temp file in `dir`, mode and mtime set
+    /// and (if configured) fsynced. Returns the file and its mtime.
+    fn write_temp<'a>(
+        &self,
+        dir: &'a OwnedFd,
+        name: &str,
+        req: &UploadRequest,
+    ) -> Result<(Temp<'a>, SystemTime)> {
+        let path = req.path.as_str();
+        let flags =
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut attempt = 0;
+        let (fd, temp) = loop {
+            let temp = temp_name(name);
+            match rustix::fs::openat(dir, temp.as_str(), flags, mode(self.opts.file_mode)) {
+                Ok(fd) => break (fd, temp),
+                Err(Errno::EXIST) if attempt < 8 => attempt += 1,
+                Err(e) => return Err(io_error(e, path, "cannot create a temp file")),
+            }
+        };
+        let temp = Temp {
+            dir: dir.as_fd(),
+            name: temp,
+            armed: true,
+        };
+        let mut file = File::from(fd);
+        let write = |file: &mut File| -> std::io::Result<SystemTime> {
+            file.set_permissions(Permissions::from_mode(self.opts.file_mode))?;
+            file.write_all(&req.content)?;
+            if let Some(mtime) = req.mtime {
+                file.set_modified(mtime)?;
+            }
+            if self.opts.fsync {
+                file.sync_all()?;
+            }
+            file.metadata()?.modified()
+        };
+        let mtime =
+            write(&mut file).map_err(|e| io_error(e, path, "cannot write the temp file"))?;
+        Ok((temp, mtime))
+    }
+
+    pub(super) fn upload(&self, req: &UploadRequest) -> Result<UploadResponse> {
+        let path = req.path.as_str();
+        let (dir, name) = (parent(path), base(path));
+        // A write that needs the document to exist creates no directories.
+        let dirfd = match self.walk(dir, req.if_match.is_none(), path)? {
+            Ok(fd) => fd,
+            Err(blocked) => {
+                // The document is absent: answer its preconditions first.
+                check_upload_preconditions(req, None)?;
+                return Err(match blocked {
+                    Blocked::NotDir(at) => {
+                        Error::invalid_input(format!("parent {at:?} is a document"))
+                    }
+                    Blocked::Missing => Error::not_found("parent directory vanished"),
+                }
+                .with_path(path));
+            }
+        };
+        let etag = etag(&req.content);
+        // The slow part (write + fsync) happens before taking the lock.
+        let (mut temp, mtime) = self.write_temp(&dirfd, name, req)?;
+        let needs_etag = req.if_match.is_some() || req.if_none_match.iter().any(|e| e != "*");
+        let lock = self.lock(path)?;
+        let current = match open_entry(&dirfd, name, path, needs_etag)? {
+            Entry::Missing => None,
+            Entry::File(doc) => Some(doc),
+            Entry::Dir(_) => {
+                return Err(Error::invalid_input("a directory exists at this path").with_path(path));
+            }
+            Entry::Symlink => return Err(symlink_error(path, path)),
+            Entry::Special => {
+                return Err(Error::invalid_input("not a regular file").with_path(path));
+            }
+        };
+        check_upload_preconditions(req, current.as_ref().map(|d| (d.etag.as_str(), d.mtime)))?;
+        rustix::fs::renameat(&dirfd, temp.name.as_str(), &dirfd, name)
+            .map_err(|e| io_error(e, path, "cannot rename the temp file into place"))?;
+        temp.armed = false;
+        drop(lock);
+        self.sync_dir(&dirfd, path)?;
+        Ok(UploadResponse { etag, mtime })
+    }
+
+    pub(super) fn download(&self, req: &DownloadRequest) -> Result<DownloadResponse> {
+        let path = req.path.as_str();
+        let not_found = || Error::not_found("no such document").with_path(path);
+        let Ok(dirfd) = self.walk(parent(path), false, path)? else {
+            return Err(not_found());
+        };
+        let doc = match open_entry(&dirfd, base(path), path, true)? {
+            Entry::File(doc) => doc,
+            Entry::Missing | Entry::Dir(_) => return Err(not_found()),
+            Entry::Symlink => return Err(symlink_error(path, path)),
+            Entry::Special => {
+                return Err(Error::invalid_input("not a regular file").with_path(path));
+            }
+        };
+        if req.if_none_match.iter().any(|e| *e == doc.etag || e == "*") {
+            return Err(Error::new(ErrorKind::NotModified, "etag unchanged").with_path(path));
+        }
+        Ok(DownloadResponse {
+            content: Bytes::from(doc.content),
+            etag: doc.etag,
+            mtime: doc.mtime,
+        })
+    }
+
+    pub(super) fn delete(&self, path: &str, if_match: Option<&str>) -> Result<()> {
+        let Ok(dirfd) = self.walk(parent(path), false, path)? else {
+            return check_delete_precondition(path, if_match, None);
+        };
+        let name = base(path);
+        let lock = self.lock(path)?;
+        match open_entry(&dirfd, name, path, if_match.is_some())? {
+            Entry::File(doc) => check_delete_precondition(path, if_match, Some(&doc.etag))?,
+            Entry::Missing | Entry::Dir(_) => check_delete_precondition(path, if_match, None)?,
+            Entry::Symlink => return Err(symlink_error(path, path)),
+            Entry::Special => {
+                return Err(Error::invalid_input("not a regular file").with_path(path));
+            }
+        }
+        rustix::fs::unlinkat(&dirfd, name, AtFlags::empty())
+            .map_err(|e| io_error(e, path, "cannot remove"))?;
+        drop(lock);
+        self.sync_dir(&dirfd, path)
+    }
+
+    pub(super) fn stat(&self, path: &str) -> Result<FileInfo> {
+        let not_found = || Error::not_found("no such document or directory").with_path(path);
+        if path.is_empty() {
+            let root = self.walk("", false, path)?.map_err(|_| not_found())?;
+            let meta = File::from(root)
+                .metadata()
+                .map_err(|e| io_error(e, path, "cannot stat"))?;
+            return Ok(dir_info(String::new(), meta.modified().ok()));
+        }
+        let Ok(dirfd) = self.walk(parent(path), false, path)? else {
+            return Err(not_found());
+        };
+        match open_entry(&dirfd, base(path), path, true)? {
+            Entry::File(doc) => Ok(file_info(path.to_owned(), &doc)),
+            Entry::Dir(mtime) => Ok(dir_info(path.to_owned(), Some(mtime))),
+            Entry::Missing | Entry::Special => Err(not_found()),
+            Entry::Symlink => Err(symlink_error(path, path)),
+        }
+    }
+
+    pub(super) fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
+        let Ok(dirfd) = self.walk(path, false, path)? else {
+            return Ok(Vec::new());
+        };
+        let names = read_names(&dirfd).map_err(|e| io_error(e, path, "cannot list"))?;
+        let mut out = Vec::with_capacity(names.len());
+        for (name, _) in names {
+            let child = join(path, &name);
+            // Internal files, and names no storage path can address.
+            if is_internal(&name) || validate_path(&child, false).is_err() {
+                continue;
+            }
+            match open_entry(&dirfd, &name, &child, true)? {
+                Entry::File(doc) => out.push(file_info(child, &doc)),
+                Entry::Dir(mtime) => out.push(dir_info(child, Some(mtime))),
+                // Gone since listed, or not something this storage serves.
+                Entry::Missing | Entry::Symlink | Entry::Special => {}
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    pub(super) fn make_dir(&self, path: &str) -> Result<()> {
+        match self.walk(path, true, path)? {
+            Ok(_) => Ok(()),
+            Err(Blocked::NotDir(at)) => Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{at:?} is a document"),
+            )
+            .with_path(path)),
+            Err(Blocked::Missing) => {
+                Err(Error::not_found("parent directory vanished").with_path(path))
+            }
+        }
+    }
+
+    /// Removes temp files left by killed writers: those whose ctime is older
+    /// than the grace period (all of them for a zero grace). Problems are
+    /// logged, not returned: a leftover temp file is never listed anyway.
+    pub(super) fn sweep_temp_files(&self) {
+        let grace = self.opts.stale_temp_grace;
+        let cutoff = if grace.is_zero() {
+            None
+        } else {
+            match SystemTime::now().checked_sub(grace) {
+                Some(cutoff) => Some(cutoff),
+                None => return,
+            }
+        };
+        match rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()) {
+            Ok(root) => sweep(&root, "", cutoff, 0),
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "disk: cannot sweep temp files")
+            }
+        }
+    }
+}
+
+fn sweep(dir: &OwnedFd, at: &str, cutoff: Option<SystemTime>, depth: usize) {
+    let names = match read_names(dir) {
+        Ok(names) => names,
+        Err(e) => {
+            tracing::warn!(path = at, error = %e, "disk: cannot list directory while sweeping temp files");
+            return;
+        }
+    };
+    for (name, file_type) in names {
+        if is_temp(&name) {
+            let stale = match cutoff {
+                None => true,
+                Some(cutoff) => rustix::fs::openat(dir, name.as_str(), READ_FLAGS, Mode::empty())
+                    .ok()
+                    .and_then(|fd| File::from(fd).metadata().ok())
+                    .is_some_and(|meta| meta.is_file() && ctime(&meta) <= cutoff),
+            };
+            if stale {
+                match rustix::fs::unlinkat(dir, name.as_str(), AtFlags::empty()) {
+                    Ok(()) | Err(Errno::NOENT) => {}
+                    Err(e) => {
+                        tracing::warn!(path = %join(at, &name), error = %e, "disk: cannot remove stale temp file");
+                    }
+                }
+            }
+        } else if !is_internal(&name)
+            && depth < MAX_DEPTH
+            && matches!(file_type, FileType::Directory | FileType::Unknown)
+            && let Ok(sub) = rustix::fs::openat(dir, name.as_str(), DIR_FLAGS, Mode::empty())
+        {
+            sweep(&sub, &join(at, &name), cutoff, depth + 1);
+        }
+    }
+}
+
+/// The last segment of `path`.
+fn base(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+fn file_info(path: String, doc: &Doc) -> FileInfo {
+    FileInfo {
+        path,
+        kind: EntryKind::File,
+        size: doc.size,
+        mtime: Some(doc.mtime),
+        etag: Some(doc.etag.clone()),
+    }
+}
+
+fn dir_info(path: String, mtime: Option<SystemTime>) -> FileInfo {
+    FileInfo {
+        path,
+        kind: EntryKind::Dir,
+        size: 0,
+        mtime,
+        etag: None,
+    }
+}
