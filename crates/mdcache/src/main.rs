@@ -1,6 +1,7 @@
 //! `mdcache`: operate on any metadatacache storage, and watch the library
 //! keep replicas consistent.
 
+mod bench;
 mod commands;
 mod json_edit;
 mod torture;
@@ -95,6 +96,9 @@ enum Command {
     },
     /// Start replica processes hammering shared keys; verify nothing is lost.
     Torture(torture::TortureArgs),
+    /// Measure the library against the raw operations it wraps (memory and a
+    /// temporary directory, or the --storage given).
+    Bench(bench::BenchArgs),
     /// One replica of a torture run (started by `torture`).
     #[command(hide = true)]
     Replica(torture::ReplicaArgs),
@@ -141,7 +145,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode, metadatacache::Error> {
     let url = match (&cli.storage, &cli.command) {
         (Some(url), _) => url.clone(),
-        (None, Command::Torture(_)) => String::new(),
+        (None, Command::Torture(_) | Command::Bench(_)) => String::new(),
         (None, _) => DEFAULT_STORAGE.to_owned(),
     };
     match cli.command {
@@ -164,6 +168,9 @@ async fn run(cli: Cli) -> Result<ExitCode, metadatacache::Error> {
         Command::Ls { path } => commands::ls(&url, &path).await,
         Command::Stat { path } => commands::stat(&url, &path).await,
         Command::Torture(args) => torture::torture(&url, args).await,
+        Command::Bench(args) => {
+            bench::bench(Some(url.as_str()).filter(|u| !u.is_empty()), args).await
+        }
         Command::Replica(args) => torture::replica(&url, args).await,
     }
 }

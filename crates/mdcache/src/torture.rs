@@ -41,12 +41,17 @@ pub struct TortureArgs {
     /// Updates per replica.
     #[arg(long, default_value_t = 1000)]
     updates: usize,
-    /// SIGKILL replicas at random moments and restart them.
+    /// SIGKILL replicas at random moments and restart them; after the last
+    /// kill the remaining replicas are killed too and the run is checked.
     #[arg(long)]
     kill: bool,
     /// How many kills with --kill.
     #[arg(long, default_value_t = 20)]
     kills: usize,
+    /// Longest pause between two kills, in milliseconds (the pause is drawn
+    /// uniformly from a tenth of this up to it).
+    #[arg(long, default_value_t = 300, value_name = "MS")]
+    kill_every: u64,
     /// Seed for key choice and kill timing.
     #[arg(long)]
     seed: Option<u64>,
@@ -309,7 +314,11 @@ fn orchestrate(url: &str, args: &TortureArgs, seed: u64, initial: Vec<u64>) -> R
     // Last reported (conflicts, retries, give-ups) per replica incarnation.
     let mut stats: HashMap<(usize, usize), (u64, u64, u64)> = HashMap::new();
     let mut kills = 0;
-    let mut next_kill = Instant::now() + Duration::from_millis(rng.u64(20..200));
+    let pause = |rng: &mut fastrand::Rng| {
+        let max = args.kill_every.max(1);
+        Duration::from_millis(rng.u64(max / 10..=max))
+    };
+    let mut next_kill = Instant::now() + pause(&mut rng);
     let mut live = args.replicas;
     let mut last_poll = Instant::now();
     let mut result = Ok(());
@@ -355,7 +364,28 @@ fn orchestrate(url: &str, args: &TortureArgs, seed: u64, initial: Vec<u64>) -> R
                     }
                 }
             }
-            next_kill = Instant::now() + Duration::from_millis(rng.u64(20..300));
+            next_kill = Instant::now() + pause(&mut rng);
+            if kills == args.kills {
+                // The last kill: stop everyone at a random moment as well.
+                for (id, slot) in replicas.iter_mut().enumerate() {
+                    if let Some(mut r) = slot.take() {
+                        let _ = r.child.kill();
+                        let _ = r.child.wait();
+                        live -= 1;
+                        let incarnation = r.incarnation;
+                        let mut none: [Option<Replica>; 0] = [];
+                        drain_until_eof(
+                            &rx,
+                            id,
+                            incarnation,
+                            &mut tally,
+                            &mut stats,
+                            &mut none,
+                            &bar,
+                        );
+                    }
+                }
+            }
         }
         for slot in replicas.iter_mut() {
             let exited = match slot.as_mut() {
