@@ -1,0 +1,333 @@
+//! Real servers for the backend tests, started on 127.0.0.1 with free ports
+//! in a temporary directory and stopped by PID.
+//!
+//! A missing server binary skips the test (with a message) unless
+//! `MDCACHE_REQUIRE_SERVERS=1`, which `scripts/test` sets so that CI can never
+//! pass by skipping.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Etcd,
+    Postgres,
+    Moto,
+}
+
+/// A running (or stopped) test server.
+#[derive(Debug)]
+pub struct Server {
+    kind: Kind,
+    addr: String,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    pid: Option<u32>,
+}
+
+fn required() -> bool {
+    std::env::var("MDCACHE_REQUIRE_SERVERS").is_ok_and(|v| v == "1")
+}
+
+fn skip(what: &str) -> Option<Server> {
+    assert!(
+        !required(),
+        "{what} is required (MDCACHE_REQUIRE_SERVERS=1) but not available"
+    );
+    eprintln!("SKIPPED: {what} is not available; set up as scripts/test does to run this test");
+    None
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    if bin.contains('/') {
+        return Path::new(bin).is_file().then(|| PathBuf::from(bin));
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
+fn is_root() -> bool {
+    // SAFETY-free check: root owns /proc/self when we are root.
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))
+        .unwrap()
+}
+
+/// Starts etcd, or skips.
+pub fn etcd() -> Option<Server> {
+    if which("etcd").is_none() {
+        return skip("etcd (Debian package etcd-server)");
+    }
+    let mut s = Server::new(Kind::Etcd);
+    s.start();
+    Some(s)
+}
+
+/// Starts PostgreSQL 15 (user postgres, trust auth), or skips.
+pub fn postgres() -> Option<Server> {
+    if which(&format!("{PG_BIN}/initdb")).is_none() {
+        return skip("PostgreSQL 15 (Debian package postgresql)");
+    }
+    let s = Server::new(Kind::Postgres);
+    let data = s.dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    // The server runs as user postgres when we are root (initdb refuses root).
+    if is_root() {
+        chmod(s.dir.path(), 0o755);
+        chown_postgres(&data);
+    }
+    let status = pg_command("initdb")
+        .args(["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "-E", "UTF8"])
+        .stdout(Stdio::null())
+        .stderr(log_file(s.dir.path(), "initdb.log"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "initdb failed: see {}", s.dir.path().display());
+    let mut s = s;
+    s.start();
+    Some(s)
+}
+
+/// Starts the moto S3 server, or skips.
+pub fn moto() -> Option<Server> {
+    if which("moto_server").is_none() {
+        return skip("moto_server (PyPI moto[server])");
+    }
+    let mut s = Server::new(Kind::Moto);
+    s.start();
+    Some(s)
+}
+
+/// Creates a bucket on a moto server (moto accepts unsigned requests).
+pub fn create_bucket(addr: &str, bucket: &str) {
+    let (status, body) = http(addr, "PUT", &format!("/{bucket}"));
+    assert!(
+        status == 200 || body.contains("BucketAlreadyOwnedByYou"),
+        "create bucket {bucket}: HTTP {status}: {body}"
+    );
+}
+
+fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        conn,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    let _ = conn.read_to_string(&mut resp);
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, resp)
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn chown_postgres(p: &Path) {
+    let status = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(p)
+        .status()
+        .unwrap();
+    assert!(status.success(), "chown postgres {}", p.display());
+}
+
+fn pg_command(tool: &str) -> Command {
+    let bin = format!("{PG_BIN}/{tool}");
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", &bin]);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+impl Server {
+    fn new(kind: Kind) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("mdcache-server-")
+            .tempdir()
+            .unwrap();
+        Server {
+            kind,
+            addr: format!("127.0.0.1:{}", free_port()),
+            peer_port: free_port(),
+            dir,
+            child: None,
+            pid: None,
+        }
+    }
+
+    /// `127.0.0.1:PORT` of the client port.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The port alone.
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// Starts the server (again, on the same port and data) and waits until
+    /// it accepts connections.
+    pub fn start(&mut self) {
+        assert!(self.pid.is_none(), "already running");
+        let dir = self.dir.path().to_owned();
+        match self.kind {
+            Kind::Etcd => {
+                let client = format!("http://{}", self.addr);
+                let peer = format!("http://127.0.0.1:{}", self.peer_port);
+                let child = Command::new("etcd")
+                    .args(["--name", "test", "--data-dir"])
+                    .arg(dir.join("etcd"))
+                    .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+                    .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+                    .args(["--initial-cluster", &format!("test={peer}")])
+                    .stdin(Stdio::null())
+                    .stdout(log_file(&dir, "etcd.log"))
+                    .stderr(log_file(&dir, "etcd.log"))
+                    .spawn()
+                    .expect("start etcd");
+                self.pid = Some(child.id());
+                self.child = Some(child);
+            }
+            Kind::Moto => {
+                let child = Command::new("moto_server")
+                    .args(["-H", "127.0.0.1", "-p", &self.port().to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(log_file(&dir, "moto.log"))
+                    .stderr(log_file(&dir, "moto.log"))
+                    .spawn()
+                    .expect("start moto_server");
+                self.pid = Some(child.id());
+                self.child = Some(child);
+            }
+            Kind::Postgres => {
+                let data = dir.join("data");
+                let opts = format!(
+                    "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                    self.port(),
+                    data.display()
+                );
+                let status = pg_command("pg_ctl")
+                    .args(["-D", data.to_str().unwrap(), "-o", &opts, "-l"])
+                    .arg(data.join("server.log"))
+                    .args(["-w", "-t", "60", "start"])
+                    .stdout(Stdio::null())
+                    .stderr(log_file(&dir, "pg_ctl.log"))
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "pg_ctl start failed: see {}", dir.display());
+                let pidfile = std::fs::read_to_string(data.join("postmaster.pid")).unwrap();
+                self.pid = pidfile.lines().next().and_then(|l| l.trim().parse().ok());
+            }
+        }
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let up = TcpStream::connect_timeout(
+                &self.addr.parse().unwrap(),
+                Duration::from_millis(200),
+            )
+            .is_ok();
+            let healthy = up
+                && match self.kind {
+                    Kind::Etcd => http(&self.addr, "GET", "/health").1.contains("true"),
+                    Kind::Moto => http(&self.addr, "GET", "/").0 != 0,
+                    Kind::Postgres => true,
+                };
+            if healthy {
+                return;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "{:?} exited with {status} while starting; logs in {}",
+                    self.kind,
+                    self.dir.path().display()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{:?} not ready after 60 s; logs in {}",
+                self.kind,
+                self.dir.path().display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the server by PID (its data stays, except moto's, which lives
+    /// in memory) and waits until it is gone.
+    pub fn stop(&mut self) {
+        let Some(pid) = self.pid.take() else { return };
+        // SIGINT is PostgreSQL's "fast" shutdown; etcd and moto exit on it too.
+        let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if Path::new(&format!("/proc/{pid}")).exists() && self.child.is_none() {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // The port must be free before a restart.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(&self.addr).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
