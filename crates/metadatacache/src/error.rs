@@ -167,6 +167,18 @@ impl Error {
         self.backend
     }
 
+    /// A copy for a second recipient: same kind, message, path and backend;
+    /// the source is kept as text (sources cannot be cloned).
+    pub fn duplicate(&self) -> Error {
+        let mut e = Error::new(self.kind, self.message.clone());
+        e.path.clone_from(&self.path);
+        e.backend = self.backend;
+        if let Some(source) = &self.source {
+            e.source = Some(source.to_string().into());
+        }
+        e
+    }
+
     /// True for the kinds a compare-and-swap loop retries:
     /// [`Aborted`](ErrorKind::Aborted),
     /// [`PreconditionFailed`](ErrorKind::PreconditionFailed),

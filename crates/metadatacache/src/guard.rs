@@ -8,6 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::batch::Member;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key_lock::KeyLockGuard;
 use crate::stats::bump;
@@ -48,7 +49,7 @@ pub(crate) struct Cached<V> {
 /// ```
 pub struct KeyGuard<K: Eq + Hash + Clone, V> {
     store: Store<K, V>,
-    lock: KeyLockGuard<K>,
+    lock: KeyLockGuard<K, Member<V>>,
     path: String,
     staged: Option<Arc<V>>,
 }
@@ -68,7 +69,7 @@ where
     K: Eq + Hash + Clone + fmt::Display + Send + Sync + 'static,
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    pub(crate) fn new(store: Store<K, V>, lock: KeyLockGuard<K>, path: String) -> Self {
+    pub(crate) fn new(store: Store<K, V>, lock: KeyLockGuard<K, Member<V>>, path: String) -> Self {
         KeyGuard {
             store,
             lock,

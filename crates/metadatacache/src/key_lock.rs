@@ -12,28 +12,41 @@ type Slot = Arc<AsyncMutex<()>>;
 /// A key's lock and the number of tasks holding or waiting for it. The count
 /// is kept explicitly (not read off the `Arc`) so that it is exact at every
 /// moment the table lock is held, also while a cancelled waiter is unwinding.
-#[derive(Debug, Default)]
-struct Entry {
+#[derive(Debug)]
+struct Entry<Q> {
     slot: Slot,
     users: usize,
+    /// Values queued by waiters for whoever holds the lock next (see
+    /// [`KeyLocks::lock_queued`]); dropped with the entry.
+    queue: Vec<Q>,
+}
+
+impl<Q> Default for Entry<Q> {
+    fn default() -> Self {
+        Entry {
+            slot: Slot::default(),
+            users: 0,
+            queue: Vec::new(),
+        }
+    }
 }
 
 /// Per-key mutual exclusion. Locks on different keys never wait for each
 /// other.
 #[derive(Debug)]
-pub(crate) struct KeyLocks<K> {
+pub(crate) struct KeyLocks<K, Q = ()> {
     // A std mutex, never held across an await: it only guards the lookup.
-    table: Mutex<HashMap<K, Entry>>,
+    table: Mutex<HashMap<K, Entry<Q>>>,
 }
 
-impl<K> KeyLocks<K> {
+impl<K, Q> KeyLocks<K, Q> {
     pub(crate) fn new() -> Self {
         KeyLocks {
             table: Mutex::new(HashMap::new()),
         }
     }
 
-    fn table(&self) -> MutexGuard<'_, HashMap<K, Entry>> {
+    fn table(&self) -> MutexGuard<'_, HashMap<K, Entry<Q>>> {
         // Every critical section is a single map operation; a poisoned map is
         // still consistent.
         self.table.lock().unwrap_or_else(|p| p.into_inner())
@@ -45,7 +58,7 @@ impl<K> KeyLocks<K> {
     }
 }
 
-impl<K: Eq + Hash + Clone> KeyLocks<K> {
+impl<K: Eq + Hash + Clone, Q> KeyLocks<K, Q> {
     /// Number of tasks holding or waiting for the lock on `key`.
     pub(crate) fn users(&self, key: &K) -> usize {
         self.table().get(key).map_or(0, |e| e.users)
@@ -56,11 +69,31 @@ impl<K: Eq + Hash + Clone> KeyLocks<K> {
     /// # Cancel safety
     /// Cancel safe: a waiter dropped before it gets the lock leaves no trace
     /// in the table.
-    pub(crate) async fn lock(self: &Arc<Self>, key: K) -> KeyLockGuard<K> {
+    pub(crate) async fn lock(self: &Arc<Self>, key: K) -> KeyLockGuard<K, Q> {
+        self.lock_inner(key, None).await
+    }
+
+    /// Like [`lock`](Self::lock), and also queues `item` for the holder of
+    /// the lock, in the same step: a holder that takes the queue afterwards
+    /// sees `item`.
+    pub(crate) async fn lock_queued(self: &Arc<Self>, key: K, item: Q) -> KeyLockGuard<K, Q> {
+        self.lock_inner(key, Some(item)).await
+    }
+
+    /// Takes everything queued for `key`'s lock holder, oldest first.
+    pub(crate) fn take_queue(&self, key: &K) -> Vec<Q> {
+        self.table()
+            .get_mut(key)
+            .map(|e| std::mem::take(&mut e.queue))
+            .unwrap_or_default()
+    }
+
+    async fn lock_inner(self: &Arc<Self>, key: K, item: Option<Q>) -> KeyLockGuard<K, Q> {
         let slot = {
             let mut table = self.table();
             let entry = table.entry(key.clone()).or_default();
             entry.users += 1;
+            entry.queue.extend(item);
             Arc::clone(&entry.slot)
         };
         // The ticket is created before the await so that a cancelled waiter
@@ -77,20 +110,20 @@ impl<K: Eq + Hash + Clone> KeyLocks<K> {
 
 /// Holds the lock on one key; dropping it unlocks.
 #[derive(Debug)]
-pub(crate) struct KeyLockGuard<K: Eq + Hash + Clone> {
-    locks: Arc<KeyLocks<K>>,
+pub(crate) struct KeyLockGuard<K: Eq + Hash + Clone, Q = ()> {
+    locks: Arc<KeyLocks<K, Q>>,
     key: Option<K>,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
-impl<K: Eq + Hash + Clone> KeyLockGuard<K> {
+impl<K: Eq + Hash + Clone, Q> KeyLockGuard<K, Q> {
     pub(crate) fn key(&self) -> &K {
         // Only taken in Drop.
         self.key.as_ref().unwrap_or_else(|| unreachable!())
     }
 }
 
-impl<K: Eq + Hash + Clone> Drop for KeyLockGuard<K> {
+impl<K: Eq + Hash + Clone, Q> Drop for KeyLockGuard<K, Q> {
     fn drop(&mut self) {
         let mut table = self.locks.table();
         // Release under the table lock so that a new waiter either finds
@@ -114,7 +147,7 @@ mod tests {
 
     #[tokio::test]
     async fn forgets_keys_when_unlocked() {
-        let locks = Arc::new(KeyLocks::new());
+        let locks = Arc::new(KeyLocks::<_, ()>::new());
         for i in 0..1000 {
             let _g = locks.lock(i).await;
             assert_eq!(locks.len(), 1);
@@ -124,7 +157,7 @@ mod tests {
 
     #[tokio::test]
     async fn cancelled_waiter_leaves_no_entry() {
-        let locks = Arc::new(KeyLocks::new());
+        let locks = Arc::new(KeyLocks::<_, ()>::new());
         let g = locks.lock("k").await;
         let waiter = tokio::time::timeout(Duration::from_millis(10), locks.lock("k")).await;
         assert!(waiter.is_err());
@@ -135,7 +168,7 @@ mod tests {
 
     #[tokio::test]
     async fn same_key_is_exclusive() {
-        let locks = Arc::new(KeyLocks::new());
+        let locks = Arc::new(KeyLocks::<_, ()>::new());
         let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..8 {

@@ -88,6 +88,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod batch;
 mod codec;
 #[cfg(feature = "conformance")]
 pub mod conformance;

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
+use crate::batch::Member;
 use crate::codec::{Codec, JsonCodec};
 use crate::error::{Error, ErrorKind, Result};
 use crate::guard::{Cached, KeyGuard};
@@ -47,6 +48,7 @@ pub struct Options<K, V> {
     pub(crate) max_staleness: Duration,
     pub(crate) retry_policy: RetryPolicy,
     pub(crate) codec: Arc<dyn Codec<V>>,
+    pub(crate) batching: bool,
 }
 
 impl<K, V> Options<K, V>
@@ -69,6 +71,7 @@ where
             max_staleness: Duration::ZERO,
             retry_policy: RetryPolicy::default(),
             codec: Arc::new(JsonCodec),
+            batching: true,
         }
     }
 }
@@ -107,6 +110,18 @@ impl<K, V> Options<K, V> {
         self
     }
 
+    /// Group commit (default on): updates of one key that queue up while an
+    /// update holds its lock are applied one after another to the same value
+    /// and written with a single compare-and-swap. Each caller still gets its
+    /// own result; a failing `f` is left out without sinking the others; a
+    /// conflict re-runs the whole batch on the fresh value. Off, every update
+    /// writes on its own.
+    #[must_use]
+    pub fn batching(mut self, on: bool) -> Self {
+        self.batching = on;
+        self
+    }
+
     /// How values are encoded (default [`JsonCodec`]).
     #[must_use]
     pub fn codec(mut self, codec: impl Codec<V>) -> Self {
@@ -123,6 +138,7 @@ impl<K, V> fmt::Debug for Options<K, V> {
             .field("init", &self.init.is_some())
             .field("max_staleness", &self.max_staleness)
             .field("retry_policy", &self.retry_policy)
+            .field("batching", &self.batching)
             .finish_non_exhaustive()
     }
 }
@@ -139,7 +155,7 @@ pub struct Store<K, V> {
 
 pub(crate) struct Inner<K, V> {
     pub(crate) opts: Options<K, V>,
-    pub(crate) locks: Arc<KeyLocks<K>>,
+    pub(crate) locks: Arc<KeyLocks<K, Member<V>>>,
     pub(crate) cache: Mutex<HashMap<K, Cached<V>>>,
     pub(crate) counters: Counters,
 }
@@ -251,61 +267,22 @@ where
             "update",
             key = %key,
             attempts = tracing::field::Empty,
+            batch = tracing::field::Empty,
             outcome = tracing::field::Empty
         );
         async {
-            let mut g = self.lock(key).await;
-            let res = self
-                .update_locked(&mut g, call, create_if_not_found, f)
-                .await;
+            let res = if self.inner.opts.batching {
+                self.update_batched(key, create_if_not_found, call, f).await
+            } else {
+                let mut f = f;
+                let mut g = self.lock(key).await;
+                self.lead(&mut g, create_if_not_found, call, &mut f).await
+            };
             record_outcome(&res);
             res
         }
         .instrument(span)
         .await
-    }
-
-    async fn update_locked<F>(
-        &self,
-        g: &mut KeyGuard<K, V>,
-        call: Instant,
-        create: bool,
-        mut f: F,
-    ) -> Result<()>
-    where
-        F: FnMut(V) -> Result<(V, bool)> + Send,
-    {
-        let mut attempt: usize = 0;
-        loop {
-            attempt += 1;
-            tracing::Span::current().record("attempts", attempt);
-            // The first attempt may reuse a revalidation that began after the
-            // call; a retry must see what beat us.
-            if attempt == 1 {
-                g.revalidate(call, true).await?;
-            } else {
-                g.sync().await?;
-            }
-            let (value, etag) = match g.committed() {
-                Some((value, etag)) => ((*value).clone(), Some(etag)),
-                None if create => (self.init_value(g)?, None),
-                None => {
-                    return Err(Error::not_found(format!("key {} does not exist", g.key()))
-                        .with_path(g.path()));
-                }
-            };
-            let (new, persist) = f(value)?;
-            if !persist {
-                return Ok(());
-            }
-            match g.write(Arc::new(new), etag).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_conflict() => {
-                    self.after_conflict("update", g, call, attempt, e).await?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
     }
 
     /// Deletes `key` from storage (compare-and-swap on the etag it last saw,
@@ -380,7 +357,7 @@ where
         self.inner.cache().clear();
     }
 
-    fn init_value(&self, g: &KeyGuard<K, V>) -> Result<V> {
+    pub(crate) fn init_value(&self, g: &KeyGuard<K, V>) -> Result<V> {
         match &self.inner.opts.init {
             Some(init) => Ok(init()),
             None => Err(Error::invalid_input(format!(
@@ -392,7 +369,7 @@ where
     }
 
     /// Counts a conflict and waits before the next attempt, or gives up.
-    async fn after_conflict(
+    pub(crate) async fn after_conflict(
         &self,
         op: &str,
         g: &KeyGuard<K, V>,

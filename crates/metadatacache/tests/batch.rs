@@ -1,0 +1,278 @@
+//! Group commit: updates queued on one key share one compare-and-swap.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metadatacache::testing::FaultyStorage;
+use metadatacache::{Error, ErrorKind, MemoryStorage, Options, RetryPolicy, Storage, Store};
+
+type Doc = BTreeMap<String, u64>;
+
+fn slow_memory(inner: &Arc<dyn Storage>, seed: u64) -> Arc<dyn Storage> {
+    Arc::new(FaultyStorage::new(Arc::clone(inner), seed).latency(Duration::from_millis(1)))
+}
+
+fn store(storage: Arc<dyn Storage>, batching: bool) -> Store<String, Doc> {
+    Store::new(
+        Options::new(storage, |k: &String| format!("{k}.json"))
+            .init(Doc::new)
+            .batching(batching)
+            .retries(1000),
+    )
+}
+
+async fn stored(storage: &Arc<dyn Storage>, key: &str) -> Doc {
+    serde_json::from_slice(
+        &storage
+            .simple_download(&format!("{key}.json"))
+            .await
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+async fn hundred_updates(store: &Store<String, Doc>) {
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .update("hot".into(), true, |mut d| {
+                        d.insert(format!("e{i:03}"), i);
+                        Ok((d, true))
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_queued_updates_make_few_uploads_and_keep_every_effect() {
+    let inner: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let s = store(slow_memory(&inner, 1), true);
+    hundred_updates(&s).await;
+    assert_eq!(stored(&inner, "hot").await.len(), 100);
+    let uploads = s.stats().uploads;
+    assert!(uploads <= 10, "{uploads} uploads for 100 updates");
+    assert_eq!(s.locked_keys(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_batching_every_update_uploads() {
+    let inner: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let s = store(slow_memory(&inner, 1), false);
+    hundred_updates(&s).await;
+    assert_eq!(stored(&inner, "hot").await.len(), 100);
+    assert_eq!(s.stats().uploads, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_f_is_left_out_without_sinking_the_others() {
+    let inner: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let s = store(slow_memory(&inner, 2), true);
+    let tasks: Vec<_> = (0..40u64)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut seen = 0;
+                let res = s
+                    .update("k".into(), true, |mut d| {
+                        seen = d.len();
+                        if i % 4 == 0 {
+                            d.insert("poison".into(), i);
+                            return Err(Error::invalid_input(format!("rejected {i}")));
+                        }
+                        d.insert(format!("e{i:02}"), i);
+                        Ok((d, true))
+                    })
+                    .await;
+                (i, res, seen)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (i, res, _) = t.await.unwrap();
+        if i % 4 == 0 {
+            let e = res.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
+            assert_eq!(
+                e.to_string(),
+                format!("rejected {i}"),
+                "the error comes back unchanged"
+            );
+        } else {
+            res.unwrap();
+        }
+    }
+    let doc = stored(&inner, "k").await;
+    assert_eq!(doc.len(), 30);
+    assert!(!doc.contains_key("poison"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_rerun_the_whole_batch_on_the_fresh_value() {
+    let inner: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    // Two replicas, one of them also seeing spurious conflicts.
+    let faulty = Arc::new(
+        FaultyStorage::new(Arc::clone(&inner), 3)
+            .latency(Duration::from_millis(1))
+            .conflicts(0.3),
+    );
+    let a = store(Arc::clone(&faulty) as Arc<dyn Storage>, true);
+    let b = store(slow_memory(&inner, 4), true);
+    let mut tasks = Vec::new();
+    for (r, s) in [a.clone(), b.clone()].into_iter().enumerate() {
+        for i in 0..60 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for round in 0..3 {
+                    s.update("k".into(), true, |mut d| {
+                        *d.entry(format!("r{r}-{i}-{round}")).or_default() += 1;
+                        Ok((d, true))
+                    })
+                    .await?;
+                }
+                Ok::<_, Error>(())
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let doc = stored(&inner, "k").await;
+    assert_eq!(doc.len(), 360, "every effect is there");
+    assert!(doc.values().all(|&n| n == 1), "and only once");
+    assert!(faulty.faults().conflicts > 0);
+    assert!(a.stats().conflicts >= faulty.faults().conflicts);
+    assert!(a.stats().retries > 0, "conflicting batches were re-run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_members_see_committed_data() {
+    let inner: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let s = store(slow_memory(&inner, 5), true);
+    s.update("k".into(), true, |mut d| {
+        d.insert("base".into(), 1);
+        Ok((d, true))
+    })
+    .await
+    .unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut saw_base = false;
+                s.update("k".into(), false, |mut d| {
+                    saw_base = d.contains_key("base");
+                    let write = i % 2 == 0;
+                    if write {
+                        d.insert(format!("w{i}"), 1);
+                    }
+                    Ok((d, write))
+                })
+                .await
+                .unwrap();
+                saw_base
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap());
+    }
+    assert_eq!(stored(&inner, "k").await.len(), 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_waiters_neither_block_nor_leak() {
+    let inner: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let s = store(
+        Arc::new(FaultyStorage::new(Arc::clone(&inner), 6).latency(Duration::from_millis(3))),
+        true,
+    );
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.update("k".into(), true, |mut d| {
+                    d.insert(format!("e{i:02}"), 1);
+                    Ok((d, true))
+                })
+                .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    for t in tasks.iter().step_by(3) {
+        t.abort();
+    }
+    let mut ok = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await {
+            Ok(Ok(())) => ok.push(i),
+            Ok(Err(e)) => assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}"),
+            Err(join) => assert!(join.is_cancelled()),
+        }
+    }
+    let doc = stored(&inner, "k").await;
+    for i in &ok {
+        assert!(
+            doc.contains_key(&format!("e{i:02}")),
+            "acknowledged e{i:02} lost"
+        );
+    }
+    assert_eq!(s.locked_keys(), 0, "no lock-table entry left behind");
+    // And the key still works.
+    s.update("k".into(), false, |d| Ok((d, false)))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_uploads_never_double_apply() {
+    let inner: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let faulty: Arc<dyn Storage> = Arc::new(
+        FaultyStorage::new(Arc::clone(&inner), 9)
+            .ambiguous(0.2)
+            .latency(Duration::from_micros(200)),
+    );
+    let s: Store<String, u64> = Store::new(
+        Options::new(faulty, |k: &String| format!("{k}.json"))
+            .init(|| 0)
+            .retry_policy(RetryPolicy::immediate()),
+    );
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut maybe) = (0u64, 0u64);
+                for _ in 0..200 {
+                    match s.update("n".into(), true, |n| Ok((n + 1, true))).await {
+                        Ok(()) => ok += 1,
+                        Err(e) if e.kind() == ErrorKind::Unavailable => maybe += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                (ok, maybe)
+            })
+        })
+        .collect();
+    let (mut ok, mut maybe) = (0, 0);
+    for t in tasks {
+        let (o, m) = t.await.unwrap();
+        ok += o;
+        maybe += m;
+    }
+    let n: u64 = serde_json::from_slice(&inner.simple_download("n.json").await.unwrap()).unwrap();
+    assert!(maybe > 0);
+    assert!(
+        n >= ok && n <= ok + maybe,
+        "final {n}, ok {ok}, maybe {maybe}"
+    );
+}
