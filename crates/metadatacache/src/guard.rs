@@ -9,20 +9,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::batch::Member;
+use crate::cache::Cached;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key_lock::KeyLockGuard;
 use crate::stats::bump;
 use crate::storage::{DownloadRequest, UploadRequest, parent};
 use crate::store::Store;
-
-/// A committed cache entry: exactly what storage held at `validated`.
-pub(crate) struct Cached<V> {
-    pub(crate) value: Arc<V>,
-    pub(crate) etag: Arc<str>,
-    /// When the round trip that last confirmed this entry began. Storage held
-    /// this version at some moment after it.
-    pub(crate) validated: Instant,
-}
 
 /// Exclusive access to one key of a [`Store`], obtained with
 /// [`Store::lock`]. Dropping the guard unlocks the key.
@@ -137,7 +129,8 @@ where
                         .with_backend(inner.opts.storage.backend())
                 })?;
                 self.staged = None;
-                self.commit(Arc::new(value), resp.etag.into(), start);
+                let size = resp.content.len();
+                self.commit(Arc::new(value), resp.etag.into(), start, size);
                 Ok(())
             }
             Err(e) if e.kind() == ErrorKind::NotModified => {
@@ -217,15 +210,12 @@ where
             .map(|c| Arc::clone(&c.value))
     }
 
-    fn commit(&self, value: Arc<V>, etag: Arc<str>, validated: Instant) {
-        self.store.inner.cache().insert(
-            self.key().clone(),
-            Cached {
-                value,
-                etag,
-                validated,
-            },
-        );
+    fn commit(&self, value: Arc<V>, etag: Arc<str>, validated: Instant, size: usize) {
+        let inner = &self.store.inner;
+        let entry = Cached::new(value, etag, validated, size);
+        inner
+            .cache()
+            .insert(self.key().clone(), entry, |k| inner.locks.users(k) > 0);
     }
 
     /// Compare-and-swap write of `value` over `etag` (create-only if `None`);
@@ -251,10 +241,11 @@ where
                 req.if_none_match = vec!["*".to_owned()];
             }
         }
+        let size = req.content.len();
         let start = Instant::now();
         bump(&inner.counters.uploads);
         let resp = storage.upload(req).await?;
-        self.commit(value, resp.etag.into(), start);
+        self.commit(value, resp.etag.into(), start, size);
         Ok(())
     }
 

@@ -89,6 +89,7 @@
 
 mod backend;
 mod batch;
+mod cache;
 mod codec;
 #[cfg(feature = "conformance")]
 pub mod conformance;

@@ -1,7 +1,6 @@
 //! The typed cache over a [`Storage`]: [`Store`], [`Options`] and the
 //! read-modify-write loop.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,9 +11,10 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
 use crate::batch::Member;
+use crate::cache::{Cache, Capacity};
 use crate::codec::{Codec, JsonCodec};
 use crate::error::{Error, ErrorKind, Result};
-use crate::guard::{Cached, KeyGuard};
+use crate::guard::KeyGuard;
 use crate::key_lock::KeyLocks;
 use crate::retry::RetryPolicy;
 use crate::stats::{Counters, Stats, bump};
@@ -49,6 +49,7 @@ pub struct Options<K, V> {
     pub(crate) retry_policy: RetryPolicy,
     pub(crate) codec: Arc<dyn Codec<V>>,
     pub(crate) batching: bool,
+    pub(crate) capacity: Capacity,
 }
 
 impl<K, V> Options<K, V>
@@ -72,6 +73,7 @@ where
             retry_policy: RetryPolicy::default(),
             codec: Arc::new(JsonCodec),
             batching: true,
+            capacity: Capacity::default(),
         }
     }
 }
@@ -122,6 +124,24 @@ impl<K, V> Options<K, V> {
         self
     }
 
+    /// Keep at most `n` cached values (default unbounded). Only idle
+    /// entries are evicted — never one whose key is locked or awaited — so
+    /// the cache may exceed `n` by the number of keys in use at once. An
+    /// evicted key is downloaded again on its next read.
+    #[must_use]
+    pub fn capacity(mut self, n: usize) -> Self {
+        self.capacity.entries = n;
+        self
+    }
+
+    /// Keep cached documents up to about `bytes` of encoded size in total
+    /// (default unbounded); evicts like [`capacity`](Self::capacity).
+    #[must_use]
+    pub fn capacity_bytes(mut self, bytes: usize) -> Self {
+        self.capacity.bytes = bytes;
+        self
+    }
+
     /// How values are encoded (default [`JsonCodec`]).
     #[must_use]
     pub fn codec(mut self, codec: impl Codec<V>) -> Self {
@@ -139,6 +159,7 @@ impl<K, V> fmt::Debug for Options<K, V> {
             .field("max_staleness", &self.max_staleness)
             .field("retry_policy", &self.retry_policy)
             .field("batching", &self.batching)
+            .field("capacity", &self.capacity)
             .finish_non_exhaustive()
     }
 }
@@ -156,12 +177,12 @@ pub struct Store<K, V> {
 pub(crate) struct Inner<K, V> {
     pub(crate) opts: Options<K, V>,
     pub(crate) locks: Arc<KeyLocks<K, Member<V>>>,
-    pub(crate) cache: Mutex<HashMap<K, Cached<V>>>,
+    pub(crate) cache: Mutex<Cache<K, V>>,
     pub(crate) counters: Counters,
 }
 
 impl<K, V> Inner<K, V> {
-    pub(crate) fn cache(&self) -> MutexGuard<'_, HashMap<K, Cached<V>>> {
+    pub(crate) fn cache(&self) -> MutexGuard<'_, Cache<K, V>> {
         // Every critical section is one map operation; poisoning cannot leave
         // the map inconsistent.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
@@ -193,11 +214,12 @@ where
 {
     /// A store with an empty cache.
     pub fn new(opts: Options<K, V>) -> Self {
+        let capacity = opts.capacity;
         Store {
             inner: Arc::new(Inner {
                 opts,
                 locks: Arc::new(KeyLocks::new()),
-                cache: Mutex::new(HashMap::new()),
+                cache: Mutex::new(Cache::new(capacity)),
                 counters: Counters::default(),
             }),
         }
@@ -350,6 +372,11 @@ where
     /// How many keys have a cached value.
     pub fn cached_keys(&self) -> usize {
         self.inner.cache().len()
+    }
+
+    /// Approximate bytes of cached documents (their encoded size).
+    pub fn cached_bytes(&self) -> usize {
+        self.inner.cache().bytes()
     }
 
     /// Drops every cached value (the next read of each key downloads it).

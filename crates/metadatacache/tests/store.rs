@@ -610,3 +610,40 @@ fn public_types_are_send_and_sync() {
         Ok((d, false))
     }));
 }
+
+#[tokio::test]
+async fn a_million_keys_stay_within_capacity() {
+    let store: Store<u32, u32> = Store::new(
+        Options::new(memory(), |k: &u32| format!("k/{k}"))
+            .init(|| 0)
+            .capacity(1000),
+    );
+    for k in 0..1_000_000u32 {
+        store.update(k, true, |n| Ok((n + 1, true))).await.unwrap();
+    }
+    assert_eq!(store.locked_keys(), 0);
+    assert!(
+        store.cached_keys() <= 1000,
+        "{} cached",
+        store.cached_keys()
+    );
+    // Evicted keys are read back from storage.
+    assert_eq!(*store.get(7).await.unwrap().unwrap(), 1);
+}
+
+#[tokio::test]
+async fn byte_capacity_bounds_cached_documents() {
+    let store: Store<u32, String> = Store::new(
+        Options::new(memory(), |k: &u32| format!("k/{k}"))
+            .init(String::new)
+            .capacity_bytes(10_000),
+    );
+    for k in 0..1000u32 {
+        store
+            .update(k, true, |_| Ok(("x".repeat(98), true)))
+            .await
+            .unwrap();
+    }
+    assert!(store.cached_bytes() <= 10_000, "{}", store.cached_bytes());
+    assert_eq!(store.cached_keys(), 100);
+}
