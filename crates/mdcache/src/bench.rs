@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+
+use crate::torture::{self, TortureArgs};
 use metadatacache::{DownloadRequest, Error, ErrorKind, Options, Storage, Store, UploadRequest};
 use serde::{Deserialize, Serialize};
 
@@ -337,6 +339,169 @@ async fn bench_get(
     })
 }
 
+/// Section 3: one hot key, 1–8 replica processes × 8 tasks, with and without
+/// batching and backoff.
+async fn bench_hot_key(url: &str, quick: bool) -> Result<()> {
+    println!();
+    println!(
+        "{:<8} {:<10} {:<22} {:>10} {:>10} {:>9} {:>6}",
+        "replicas", "tasks", "mode", "goodput/s", "conflicts", "give-ups", "lost"
+    );
+    let per_replica = if quick { 40 } else { 300 };
+    let mut base = None;
+    for replicas in [1, 2, 4, 8] {
+        for (batching, backoff) in [(true, true), (false, true), (true, false), (false, false)] {
+            let args = TortureArgs::plain(replicas, 8, 1, per_replica)
+                .batching(batching)
+                .backoff(backoff);
+            let (run, finals) = torture::run(url, args, false).await?;
+            let s = run.summary(&finals);
+            let goodput = s.acked as f64 / s.secs;
+            let mode = format!(
+                "{} / {}",
+                if batching { "batching" } else { "no batching" },
+                if backoff { "backoff" } else { "no backoff" }
+            );
+            let mut note = String::new();
+            if batching && backoff {
+                let one = *base.get_or_insert(goodput);
+                if replicas == 4 {
+                    let r = goodput / one;
+                    note = format!(
+                        "  {r:.2}× of 1 replica (goal ≥ 0.80×: {})",
+                        if r >= 0.8 { "met" } else { "MISSED" }
+                    );
+                }
+            }
+            println!(
+                "{replicas:<8} {:<10} {mode:<22} {goodput:>10.0} {:>10} {:>9} {:>6}{note}",
+                8,
+                run.conflicts(),
+                s.gave_up,
+                s.lost
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Section 4: the same replicas and tasks on 1 key and on 64 keys, with and
+/// without group commit.
+async fn bench_keys(url: &str, quick: bool) -> Result<()> {
+    let per_replica = if quick { 40 } else { 400 };
+    println!();
+    for batching in [true, false] {
+        let mut rates = Vec::new();
+        for keys in [1, 64] {
+            let args = TortureArgs::plain(4, 8, keys, per_replica).batching(batching);
+            let (run, finals) = torture::run(url, args, false).await?;
+            let s = run.summary(&finals);
+            rates.push(s.acked as f64 / s.secs);
+        }
+        let r = rates[1] / rates[0].max(1e-9);
+        println!(
+            "4 replicas × 8 tasks, {:<11}: 1 key {:>6.0}/s, 64 keys {:>6.0}/s: {r:.2}× (goal ≥ 1.8×: {})",
+            if batching { "batching" } else { "no batching" },
+            rates[0],
+            rates[1],
+            if r >= 1.8 { "met" } else { "MISSED" }
+        );
+    }
+    Ok(())
+}
+
+/// Section 5: memory after touching 1,000,000 distinct keys, measured in
+/// fresh processes (`mdcache mem-probe`).
+fn bench_memory(quick: bool) -> Result<()> {
+    let keys = if quick { 100_000 } else { 1_000_000 };
+    println!();
+    println!(
+        "{:<22} {:>12} {:>12} {:>12} {:>14}",
+        "memory", "cache MiB", "lock table", "cached", "bytes/entry"
+    );
+    for capacity in [None, Some(10_000usize)] {
+        let exe = std::env::current_exe().map_err(|e| err(e, "cannot find mdcache"))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["mem-probe", "--keys", &keys.to_string()]);
+        if let Some(c) = capacity {
+            cmd.args(["--capacity", &c.to_string()]);
+        }
+        let out = cmd.output().map_err(|e| err(e, "cannot run mem-probe"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| -> u64 {
+            text.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+                .unwrap_or(0)
+        };
+        let delta = field("cache_bytes");
+        let cached = field("cached");
+        println!(
+            "{:<22} {:>12.1} {:>12} {:>12} {:>14}",
+            match capacity {
+                None => format!("{keys} keys, unbounded"),
+                Some(c) => format!("{keys} keys, cap {c}"),
+            },
+            delta as f64 / (1 << 20) as f64,
+            field("lock_table"),
+            cached,
+            if capacity.is_none() {
+                (delta / cached.max(1)).to_string()
+            } else {
+                "-".to_owned()
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Options of the hidden `mdcache mem-probe`.
+#[derive(Debug, Args)]
+pub struct MemProbeArgs {
+    #[arg(long)]
+    keys: u32,
+    #[arg(long)]
+    capacity: Option<usize>,
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Fills a memory storage with `keys` small documents, then reads every key
+/// through a store and reports how much the store's memory grew.
+pub async fn mem_probe(args: MemProbeArgs) -> Result<ExitCode> {
+    let storage: Arc<dyn Storage> = Arc::new(metadatacache::MemoryStorage::new());
+    for k in 0..args.keys {
+        storage
+            .simple_upload(&format!("k/{k}"), bytes::Bytes::from_static(b"1"))
+            .await?;
+    }
+    let mut opts = Options::new(Arc::clone(&storage), |k: &u32| format!("k/{k}"));
+    if let Some(c) = args.capacity {
+        opts = opts.capacity(c);
+    }
+    let store: Store<u32, u32> = Store::new(opts);
+    let before = rss_bytes();
+    for k in 0..args.keys {
+        store.get(k).await?;
+    }
+    let after = rss_bytes();
+    println!(
+        "cache_bytes={} lock_table={} cached={}",
+        after.saturating_sub(before),
+        store.locked_keys(),
+        store.cached_keys()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn bench(url: Option<&str>, args: BenchArgs) -> Result<ExitCode> {
     let tmp = tempfile::Builder::new()
         .prefix("mdcache-bench-")
@@ -367,5 +532,16 @@ pub async fn bench(url: Option<&str>, args: BenchArgs) -> Result<ExitCode> {
             bench_get(&storage, size, n, s.rounds).await?.print();
         }
     }
+    // Replica processes need a storage they can share.
+    let shared = match url {
+        Some(u) if !u.starts_with("memory:") => Some(u.to_owned()),
+        Some(_) => None,
+        None => Some(format!("disk:{}", tmp.path().join("replicas").display())),
+    };
+    if let Some(url) = shared {
+        bench_hot_key(&url, args.quick).await?;
+        bench_keys(&url, args.quick).await?;
+    }
+    bench_memory(args.quick)?;
     Ok(ExitCode::SUCCESS)
 }

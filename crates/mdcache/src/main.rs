@@ -99,6 +99,9 @@ enum Command {
     /// Measure the library against the raw operations it wraps (memory and a
     /// temporary directory, or the --storage given).
     Bench(bench::BenchArgs),
+    /// Memory use of a store after many keys (started by `bench`).
+    #[command(hide = true)]
+    MemProbe(bench::MemProbeArgs),
     /// One replica of a torture run (started by `torture`).
     #[command(hide = true)]
     Replica(torture::ReplicaArgs),
@@ -172,5 +175,6 @@ async fn run(cli: Cli) -> Result<ExitCode, metadatacache::Error> {
             bench::bench(Some(url.as_str()).filter(|u| !u.is_empty()), args).await
         }
         Command::Replica(args) => torture::replica(&url, args).await,
+        Command::MemProbe(args) => bench::mem_probe(args).await,
     }
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use metadatacache::{Error, ErrorKind, Options, Store};
+use metadatacache::{Error, ErrorKind, Options, RetryPolicy, Store};
 use serde::{Deserialize, Serialize};
 
 type Result<T> = std::result::Result<T, Error>;
@@ -55,6 +55,40 @@ pub struct TortureArgs {
     /// Seed for key choice and kill timing.
     #[arg(long)]
     seed: Option<u64>,
+    /// Turn group commit off in the replicas.
+    #[arg(long)]
+    no_batching: bool,
+    /// Retry conflicts at once instead of backing off.
+    #[arg(long)]
+    no_backoff: bool,
+}
+
+impl TortureArgs {
+    /// A run without kills, for `bench`.
+    pub(crate) fn plain(replicas: usize, tasks: usize, keys: usize, updates: usize) -> Self {
+        TortureArgs {
+            replicas,
+            tasks,
+            keys,
+            updates,
+            kill: false,
+            kills: 0,
+            kill_every: 300,
+            seed: None,
+            no_batching: false,
+            no_backoff: false,
+        }
+    }
+
+    pub(crate) fn batching(mut self, on: bool) -> Self {
+        self.no_batching = !on;
+        self
+    }
+
+    pub(crate) fn backoff(mut self, on: bool) -> Self {
+        self.no_backoff = !on;
+        self
+    }
 }
 
 /// Options of the hidden `mdcache replica`.
@@ -70,6 +104,10 @@ pub struct ReplicaArgs {
     ops: usize,
     #[arg(long)]
     seed: u64,
+    #[arg(long)]
+    no_batching: bool,
+    #[arg(long)]
+    no_backoff: bool,
 }
 
 /// A torture document.
@@ -82,14 +120,28 @@ fn key_path(k: &usize) -> String {
     format!("torture/key-{k}.json")
 }
 
-fn counter_store(storage: Arc<dyn metadatacache::Storage>) -> Store<usize, Counter> {
-    Store::new(Options::new(storage, key_path).init(Counter::default))
+fn counter_store(
+    storage: Arc<dyn metadatacache::Storage>,
+    batching: bool,
+    backoff: bool,
+) -> Store<usize, Counter> {
+    let policy = if backoff {
+        RetryPolicy::default()
+    } else {
+        RetryPolicy::immediate()
+    };
+    Store::new(
+        Options::new(storage, key_path)
+            .init(Counter::default)
+            .batching(batching)
+            .retry_policy(policy),
+    )
 }
 
 /// Runs in each replica process.
 pub async fn replica(url: &str, args: ReplicaArgs) -> Result<ExitCode> {
     let storage = metadatacache::open(url).await?;
-    let store = counter_store(storage);
+    let store = counter_store(storage, !args.no_batching, !args.no_backoff);
     let remaining = Arc::new(AtomicUsize::new(args.ops));
     let mut tasks = Vec::new();
     for t in 0..args.tasks.max(1) {
@@ -196,6 +248,8 @@ fn spawn_replica(
         .args(["--keys", &args.keys.to_string()])
         .args(["--ops", &ops.to_string()])
         .args(["--seed", &(seed ^ (incarnation as u64) << 16).to_string()])
+        .args(args.no_batching.then_some("--no-batching"))
+        .args(args.no_backoff.then_some("--no-backoff"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -234,6 +288,12 @@ async fn read_counts(store: &Store<usize, Counter>, keys: usize) -> Result<Vec<u
 
 /// The parent: starts replicas, shows progress, verifies, prints the table.
 pub async fn torture(url: &str, args: TortureArgs) -> Result<ExitCode> {
+    let (run, finals) = run(url, args, true).await?;
+    Ok(report(&run, &finals))
+}
+
+/// Runs a torture and returns its tallies and the final counts.
+pub(crate) async fn run(url: &str, args: TortureArgs, show: bool) -> Result<(RunResult, Vec<u64>)> {
     let (_tmp, url) = if url.is_empty() {
         let dir = tempfile::Builder::new()
             .prefix("mdcache-torture-")
@@ -257,16 +317,18 @@ pub async fn torture(url: &str, args: TortureArgs) -> Result<ExitCode> {
         ));
     }
     let storage = metadatacache::open(&url).await?;
-    let checker = counter_store(storage);
+    let checker = counter_store(storage, true, true);
     let initial = read_counts(&checker, args.keys).await?;
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
-    eprintln!(
-        "torture: {} replicas × {} tasks, {} updates each, on {} keys in {url} (seed {seed})",
-        args.replicas, args.tasks, args.updates, args.keys
-    );
+    if show {
+        eprintln!(
+            "torture: {} replicas × {} tasks, {} updates each, on {} keys in {url} (seed {seed})",
+            args.replicas, args.tasks, args.updates, args.keys
+        );
+    }
 
     let url2 = url.clone();
-    let run = tokio::task::spawn_blocking(move || orchestrate(&url2, &args, seed, initial))
+    let run = tokio::task::spawn_blocking(move || orchestrate(&url2, &args, seed, initial, show))
         .await
         .map_err(|e| {
             Error::new(ErrorKind::Other, "torture orchestration failed").with_source(e)
@@ -274,10 +336,10 @@ pub async fn torture(url: &str, args: TortureArgs) -> Result<ExitCode> {
 
     checker.clear_cache();
     let finals = read_counts(&checker, run.keys).await?;
-    Ok(report(&run, &finals))
+    Ok((run, finals))
 }
 
-struct RunResult {
+pub(crate) struct RunResult {
     keys: usize,
     replicas: usize,
     tasks: usize,
@@ -290,11 +352,21 @@ struct RunResult {
     give_ups: u64,
 }
 
-fn orchestrate(url: &str, args: &TortureArgs, seed: u64, initial: Vec<u64>) -> Result<RunResult> {
+fn orchestrate(
+    url: &str,
+    args: &TortureArgs,
+    seed: u64,
+    initial: Vec<u64>,
+    show: bool,
+) -> Result<RunResult> {
     let (tx, rx) = mpsc::channel::<Line>();
     let mut rng = fastrand::Rng::with_seed(seed);
     let total = (args.replicas * args.updates) as u64;
-    let bar = ProgressBar::new(total);
+    let bar = if show {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} updates {per_sec} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -491,24 +563,59 @@ fn handle_line(
     }
 }
 
-fn report(run: &RunResult, finals: &[u64]) -> ExitCode {
-    let mut lost = 0u64;
-    let mut extra = 0u64;
-    let (mut acked, mut unavailable, mut failed, mut gave_up, mut cut, mut applied) =
-        (0, 0, 0, 0, 0, 0);
-    for ((t, final_count), initial) in run.tally.iter().zip(finals).zip(&run.initial) {
-        let delta = final_count.saturating_sub(*initial);
-        let maybe = t.unavailable + t.started.saturating_sub(t.finished());
-        lost += t.acked.saturating_sub(delta);
-        extra += delta.saturating_sub(t.acked + maybe);
-        acked += t.acked;
-        unavailable += t.unavailable;
-        failed += t.failed;
-        gave_up += t.gave_up;
-        cut += t.started.saturating_sub(t.finished());
-        applied += delta;
+/// Totals of a run, checked against the final counts.
+#[derive(Debug, Default)]
+pub(crate) struct Summary {
+    pub(crate) acked: u64,
+    pub(crate) unavailable: u64,
+    pub(crate) failed: u64,
+    pub(crate) gave_up: u64,
+    pub(crate) cut: u64,
+    pub(crate) applied: u64,
+    pub(crate) lost: u64,
+    pub(crate) extra: u64,
+    pub(crate) secs: f64,
+}
+
+impl RunResult {
+    pub(crate) fn summary(&self, finals: &[u64]) -> Summary {
+        let mut s = Summary {
+            secs: self.elapsed.as_secs_f64().max(1e-9),
+            ..Summary::default()
+        };
+        for ((t, final_count), initial) in self.tally.iter().zip(finals).zip(&self.initial) {
+            let delta = final_count.saturating_sub(*initial);
+            let cut = t.started.saturating_sub(t.finished());
+            s.lost += t.acked.saturating_sub(delta);
+            s.extra += delta.saturating_sub(t.acked + t.unavailable + cut);
+            s.acked += t.acked;
+            s.unavailable += t.unavailable;
+            s.failed += t.failed;
+            s.gave_up += t.gave_up;
+            s.cut += cut;
+            s.applied += delta;
+        }
+        s.gave_up = s.gave_up.max(self.give_ups);
+        s
     }
-    let secs = run.elapsed.as_secs_f64().max(1e-9);
+
+    pub(crate) fn conflicts(&self) -> u64 {
+        self.conflicts
+    }
+}
+
+fn report(run: &RunResult, finals: &[u64]) -> ExitCode {
+    let Summary {
+        acked,
+        unavailable,
+        failed,
+        gave_up,
+        cut,
+        applied,
+        lost,
+        extra,
+        secs,
+    } = run.summary(finals);
     let ok = lost == 0 && extra == 0;
     let rows: [(&str, String); 15] = [
         (
@@ -525,7 +632,7 @@ fn report(run: &RunResult, finals: &[u64]) -> ExitCode {
         ("unavailable (maybe applied)", unavailable.to_string()),
         ("cut short by kill (maybe)", cut.to_string()),
         ("failed (not applied)", failed.to_string()),
-        ("give-ups", gave_up.max(run.give_ups).to_string()),
+        ("give-ups", gave_up.to_string()),
         ("conflicts", run.conflicts.to_string()),
         ("retries", run.retries.to_string()),
         ("kills", run.kills.to_string()),
