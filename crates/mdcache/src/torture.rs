@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use metadatacache::{Error, ErrorKind, Options, RetryPolicy, Store};
+use metadatacache::testing::FaultyStorage;
+use metadatacache::testing::history::{self, Initial, RecordingStorage};
+use metadatacache::{DownloadRequest, Error, ErrorKind, Options, RetryPolicy, Store};
 use serde::{Deserialize, Serialize};
 
 type Result<T> = std::result::Result<T, Error>;
@@ -61,6 +63,17 @@ pub struct TortureArgs {
     /// Retry conflicts at once instead of backing off.
     #[arg(long)]
     no_backoff: bool,
+    /// Record every storage call of every replica and check the history:
+    /// one etag chain per key, no stale reads.
+    #[arg(long, conflicts_with = "kill")]
+    check: bool,
+    /// Test aid: break compare-and-swap in the replicas (check, pause, write)
+    /// to see the checks fail.
+    #[arg(long, hide = true)]
+    racy_cas: bool,
+    /// Where replicas record their history (set by `run` for --check).
+    #[arg(skip)]
+    history_dir: Option<std::path::PathBuf>,
 }
 
 impl TortureArgs {
@@ -77,6 +90,9 @@ impl TortureArgs {
             seed: None,
             no_batching: false,
             no_backoff: false,
+            check: false,
+            racy_cas: false,
+            history_dir: None,
         }
     }
 
@@ -108,6 +124,11 @@ pub struct ReplicaArgs {
     no_batching: bool,
     #[arg(long)]
     no_backoff: bool,
+    /// Record storage calls into this file.
+    #[arg(long)]
+    history: Option<std::path::PathBuf>,
+    #[arg(long)]
+    racy_cas: bool,
 }
 
 /// A torture document.
@@ -140,7 +161,13 @@ fn counter_store(
 
 /// Runs in each replica process.
 pub async fn replica(url: &str, args: ReplicaArgs) -> Result<ExitCode> {
-    let storage = metadatacache::open(url).await?;
+    let mut storage = metadatacache::open(url).await?;
+    if args.racy_cas {
+        storage = Arc::new(FaultyStorage::new(storage, args.seed).racy_cas(true));
+    }
+    if let Some(file) = &args.history {
+        storage = Arc::new(RecordingStorage::to_file(storage, file)?);
+    }
     let store = counter_store(storage, !args.no_batching, !args.no_backoff);
     let remaining = Arc::new(AtomicUsize::new(args.ops));
     let mut tasks = Vec::new();
@@ -250,6 +277,11 @@ fn spawn_replica(
         .args(["--seed", &(seed ^ (incarnation as u64) << 16).to_string()])
         .args(args.no_batching.then_some("--no-batching"))
         .args(args.no_backoff.then_some("--no-backoff"))
+        .args(args.racy_cas.then_some("--racy-cas"))
+        .args(args.history_dir.iter().flat_map(|dir| {
+            let file = dir.join(format!("history-{id}-{incarnation}.jsonl"));
+            [std::ffi::OsString::from("--history"), file.into_os_string()]
+        }))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -286,6 +318,42 @@ async fn read_counts(store: &Store<usize, Counter>, keys: usize) -> Result<Vec<u
     Ok(out)
 }
 
+/// The version of every torture key before a run, for the history check.
+async fn initial_versions(
+    storage: &Arc<dyn metadatacache::Storage>,
+    keys: usize,
+) -> Result<Initial> {
+    let mut out = Initial::new();
+    for k in 0..keys {
+        let path = key_path(&k);
+        let version = match storage.download(DownloadRequest::new(&path)).await {
+            Ok(d) => Some((d.etag, String::from_utf8_lossy(&d.content).into_owned())),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        out.insert(path, version);
+    }
+    Ok(out)
+}
+
+/// Checks the replicas' recorded histories: one etag chain per key, fresh
+/// reads, and counts that only grow.
+fn check_history(dir: &std::path::Path, initial: &Initial) -> Result<history::CheckReport> {
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error::new(ErrorKind::Other, "cannot list history files").with_source(e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    let events = history::read_events(&files)?;
+    let count = |s: &str| serde_json::from_str::<Counter>(s).ok().map(|c| c.count);
+    Ok(history::check(&events, initial, |prev, new| {
+        match (prev.map(count), count(new)) {
+            (None, Some(n)) => n >= 1,
+            (Some(Some(p)), Some(n)) => n > p,
+            _ => false,
+        }
+    }))
+}
+
 /// The parent: starts replicas, shows progress, verifies, prints the table.
 pub async fn torture(url: &str, args: TortureArgs) -> Result<ExitCode> {
     let (run, finals) = run(url, args, true).await?;
@@ -293,7 +361,11 @@ pub async fn torture(url: &str, args: TortureArgs) -> Result<ExitCode> {
 }
 
 /// Runs a torture and returns its tallies and the final counts.
-pub(crate) async fn run(url: &str, args: TortureArgs, show: bool) -> Result<(RunResult, Vec<u64>)> {
+pub(crate) async fn run(
+    url: &str,
+    mut args: TortureArgs,
+    show: bool,
+) -> Result<(RunResult, Vec<u64>)> {
     let (_tmp, url) = if url.is_empty() {
         let dir = tempfile::Builder::new()
             .prefix("mdcache-torture-")
@@ -317,8 +389,20 @@ pub(crate) async fn run(url: &str, args: TortureArgs, show: bool) -> Result<(Run
         ));
     }
     let storage = metadatacache::open(&url).await?;
-    let checker = counter_store(storage, true, true);
+    let checker = counter_store(Arc::clone(&storage), true, true);
     let initial = read_counts(&checker, args.keys).await?;
+    let history_dir = if args.check {
+        let dir = tempfile::Builder::new()
+            .prefix("mdcache-history-")
+            .tempdir()
+            .map_err(|e| {
+                Error::new(ErrorKind::Other, "cannot create a temporary directory").with_source(e)
+            })?;
+        args.history_dir = Some(dir.path().to_owned());
+        Some((dir, initial_versions(&storage, args.keys).await?))
+    } else {
+        None
+    };
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     if show {
         eprintln!(
@@ -334,6 +418,10 @@ pub(crate) async fn run(url: &str, args: TortureArgs, show: bool) -> Result<(Run
             Error::new(ErrorKind::Other, "torture orchestration failed").with_source(e)
         })??;
 
+    let mut run = run;
+    if let Some((dir, initial)) = history_dir {
+        run.history = Some(check_history(dir.path(), &initial)?);
+    }
     checker.clear_cache();
     let finals = read_counts(&checker, run.keys).await?;
     Ok((run, finals))
@@ -350,6 +438,7 @@ pub(crate) struct RunResult {
     conflicts: u64,
     retries: u64,
     give_ups: u64,
+    history: Option<history::CheckReport>,
 }
 
 fn orchestrate(
@@ -503,6 +592,7 @@ fn orchestrate(
         conflicts,
         retries,
         give_ups,
+        history: None,
     })
 }
 
@@ -616,7 +706,8 @@ fn report(run: &RunResult, finals: &[u64]) -> ExitCode {
         extra,
         secs,
     } = run.summary(finals);
-    let ok = lost == 0 && extra == 0;
+    let violations = run.history.as_ref().map_or(0, |h| h.violations.len());
+    let ok = lost == 0 && extra == 0 && violations == 0;
     let rows: [(&str, String); 15] = [
         (
             "replicas × tasks",
@@ -643,11 +734,22 @@ fn report(run: &RunResult, finals: &[u64]) -> ExitCode {
     for (name, value) in rows {
         println!("{name:<30} {value:>12}");
     }
-    println!(
-        "{:<30} {:>12}",
-        "result",
-        if ok { "OK" } else { "LOST UPDATES" }
-    );
+    if let Some(h) = &run.history {
+        println!("{:<30} {:>12}", "history: writes checked", h.writes);
+        println!("{:<30} {:>12}", "history: reads checked", h.reads);
+        println!("{:<30} {:>12}", "history: violations", h.violations.len());
+        for v in h.violations.iter().take(10) {
+            eprintln!("violation: {v}");
+        }
+    }
+    let verdict = if ok {
+        "OK"
+    } else if lost > 0 || extra > 0 {
+        "LOST UPDATES"
+    } else {
+        "HISTORY VIOLATIONS"
+    };
+    println!("{:<30} {:>12}", "result", verdict);
     if ok {
         ExitCode::SUCCESS
     } else {

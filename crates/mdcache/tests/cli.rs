@@ -382,6 +382,48 @@ fn two_hundred_kills_tear_and_lose_nothing() {
 }
 
 #[test]
+fn torture_history_check_is_clean_and_catches_a_broken_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["torture", "--check", "--replicas", "3", "--updates", "150"];
+    let out = mdcache(dir.path(), &args, None);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("history: violations") && l.ends_with(" 0")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("history: writes checked") && !l.ends_with(" 0")),
+        "{text}"
+    );
+
+    // Compare-and-swap broken on purpose: the history check must say so.
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "torture",
+        "--check",
+        "--racy-cas",
+        "--replicas",
+        "3",
+        "--keys",
+        "1",
+        "--updates",
+        "100",
+    ];
+    let out = mdcache(dir.path(), &args, None);
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    let violations: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("history: violations"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(violations > 0, "{text}");
+}
+
+#[test]
 fn torture_refuses_memory_storage() {
     let dir = tempfile::tempdir().unwrap();
     let err = one_line_error(&mdcache(

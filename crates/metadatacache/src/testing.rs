@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub mod history;
+
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
     DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest, UploadResponse,
@@ -45,6 +47,7 @@ pub struct FaultyStorage {
     ambiguous: f64,
     conflicts: f64,
     latency: Duration,
+    racy_cas: bool,
     counts: FaultCounts,
 }
 
@@ -74,6 +77,7 @@ impl fmt::Debug for FaultyStorage {
             .field("ambiguous", &self.ambiguous)
             .field("conflicts", &self.conflicts)
             .field("latency", &self.latency)
+            .field("racy_cas", &self.racy_cas)
             .finish_non_exhaustive()
     }
 }
@@ -96,6 +100,7 @@ impl FaultyStorage {
             ambiguous: 0.0,
             conflicts: 0.0,
             latency: Duration::ZERO,
+            racy_cas: false,
             counts: FaultCounts::default(),
         }
     }
@@ -120,6 +125,15 @@ impl FaultyStorage {
     #[must_use]
     pub fn conflicts(mut self, p: f64) -> Self {
         self.conflicts = p.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Breaks compare-and-swap on purpose, to show that the checks catch it:
+    /// preconditions are checked by a separate download, then (after a
+    /// pause that invites a race) the write goes through unconditionally.
+    #[must_use]
+    pub fn racy_cas(mut self, on: bool) -> Self {
+        self.racy_cas = on;
         self
     }
 
@@ -178,6 +192,24 @@ impl FaultyStorage {
     }
 }
 
+impl FaultyStorage {
+    /// The non-atomic check of [`racy_cas`](Self::racy_cas): returns the
+    /// request stripped of its preconditions if they held a moment ago.
+    async fn check_then_act(&self, req: UploadRequest) -> Result<UploadRequest> {
+        let current = match self.inner.download(DownloadRequest::new(&req.path)).await {
+            Ok(d) => Some((d.etag, d.mtime)),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        crate::storage::check_upload_preconditions(
+            &req,
+            current.as_ref().map(|(e, m)| (e.as_str(), *m)),
+        )?;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Ok(UploadRequest::new(req.path, req.content))
+    }
+}
+
 fn injected(kind: ErrorKind, msg: &'static str, path: &str) -> Error {
     Error::new(kind, msg).with_path(path).with_backend("faulty")
 }
@@ -196,6 +228,11 @@ impl Storage for FaultyStorage {
     async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {
         let fault = self.begin(true, &req.path).await?;
         let path = req.path.clone();
+        let req = if self.racy_cas {
+            self.check_then_act(req).await?
+        } else {
+            req
+        };
         let resp = self.inner.upload(req).await?;
         if fault == Fault::Ambiguous {
             self.counts.ambiguous.fetch_add(1, Ordering::Relaxed);

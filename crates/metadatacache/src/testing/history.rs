@@ -1,0 +1,430 @@
+//! Recording what a storage was asked and answered, and checking the record
+//! the way Jepsen-style checkers do.
+//!
+//! [`RecordingStorage`] wraps a storage and records every upload and download
+//! with its precondition, the etag it saw or made, the content and the wall
+//! clock time of call and return. [`check`] then verifies, per path:
+//!
+//! - **one chain**: the successful writes, each conditional on the etag the
+//!   previous one produced, form a single chain from the initial version: no
+//!   two successful writes from the same etag (a lost update), no write from
+//!   an etag nobody produced (a gap), and no later link that finished before
+//!   an earlier one started;
+//! - **fresh reads**: every read returns a version of that chain, and no
+//!   older than the last write that completed before the read began;
+//! - optionally, **values**: each write's content follows from its
+//!   predecessor's (e.g. a counter plus one).
+//!
+//! Records from several processes are merged by wall clock (all on one host).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::{
+    DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest, UploadResponse,
+};
+
+/// One recorded storage call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// `"w"` for an upload, `"r"` for a download.
+    pub op: String,
+    /// Storage path.
+    pub path: String,
+    /// Writes: the `if_match` etag. Reads: the `if_none_match` etag.
+    pub pre: Option<String>,
+    /// Writes: create-only (`if_none_match: ["*"]`).
+    pub create: bool,
+    /// Writes: the new etag. Reads: the etag returned (for `NotModified`,
+    /// the one asked about).
+    pub etag: Option<String>,
+    /// Content written or read, as text (lossy).
+    pub value: Option<String>,
+    /// `ok`, `not_modified`, `not_found`, `conflict`, `unavailable`, `error`.
+    pub outcome: String,
+    /// Call time, nanoseconds since the Unix epoch.
+    pub t0: u128,
+    /// Return time, nanoseconds since the Unix epoch.
+    pub t1: u128,
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn outcome<T>(res: &Result<T>) -> &'static str {
+    match res {
+        Ok(_) => "ok",
+        Err(e) => match e.kind() {
+            ErrorKind::NotModified => "not_modified",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Unavailable => "unavailable",
+            _ if e.is_conflict() => "conflict",
+            _ => "error",
+        },
+    }
+}
+
+enum Sink {
+    Memory(Mutex<Vec<Event>>),
+    File(Mutex<File>),
+}
+
+/// A storage that records every upload and download of the storage it wraps.
+pub struct RecordingStorage {
+    inner: Arc<dyn Storage>,
+    sink: Sink,
+}
+
+impl fmt::Debug for RecordingStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordingStorage")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RecordingStorage {
+    /// Records into memory; read them with [`events`](Self::events).
+    pub fn new(inner: Arc<dyn Storage>) -> Self {
+        RecordingStorage {
+            inner,
+            sink: Sink::Memory(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// Records as JSON lines appended to `path`, one write per event, so
+    /// that several processes can record side by side (one file each).
+    ///
+    /// # Errors
+    /// The file cannot be created.
+    pub fn to_file(inner: Arc<dyn Storage>, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Other,
+                    format!("cannot open history file {}", path.display()),
+                )
+                .with_source(e)
+            })?;
+        Ok(RecordingStorage {
+            inner,
+            sink: Sink::File(Mutex::new(file)),
+        })
+    }
+
+    /// The events recorded in memory so far (empty for a file sink).
+    pub fn events(&self) -> Vec<Event> {
+        match &self.sink {
+            Sink::Memory(v) => v.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            Sink::File(_) => Vec::new(),
+        }
+    }
+
+    fn record(&self, e: Event) {
+        match &self.sink {
+            Sink::Memory(v) => v.lock().unwrap_or_else(|p| p.into_inner()).push(e),
+            Sink::File(f) => {
+                if let Ok(mut line) = serde_json::to_vec(&e) {
+                    line.push(b'\n');
+                    // One write(2) per line on an O_APPEND file: lines from
+                    // concurrent tasks never interleave.
+                    let _ = f.lock().unwrap_or_else(|p| p.into_inner()).write_all(&line);
+                }
+            }
+        }
+    }
+}
+
+/// Reads the events of history files written by [`RecordingStorage::to_file`]
+/// (a torn last line is skipped).
+///
+/// # Errors
+/// A file cannot be read.
+pub fn read_events(files: &[impl AsRef<Path>]) -> Result<Vec<Event>> {
+    let mut out = Vec::new();
+    for f in files {
+        let f = f.as_ref();
+        let file = File::open(f).map_err(|e| {
+            Error::new(ErrorKind::Other, format!("cannot read {}", f.display())).with_source(e)
+        })?;
+        for line in BufReader::new(file).lines().map_while(std::io::Result::ok) {
+            if let Ok(e) = serde_json::from_str(&line) {
+                out.push(e);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[async_trait]
+impl Storage for RecordingStorage {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    async fn init(&self, name: &str) -> Result<()> {
+        self.inner.init(name).await
+    }
+
+    async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {
+        let mut e = Event {
+            op: "w".into(),
+            path: req.path.clone(),
+            pre: req.if_match.clone(),
+            create: req.is_create_only(),
+            etag: None,
+            value: Some(text(&req.content)),
+            outcome: String::new(),
+            t0: now_ns(),
+            t1: 0,
+        };
+        let res = self.inner.upload(req).await;
+        e.t1 = now_ns();
+        e.outcome = outcome(&res).into();
+        e.etag = res.as_ref().ok().map(|r| r.etag.clone());
+        self.record(e);
+        res
+    }
+
+    async fn download(&self, req: DownloadRequest) -> Result<DownloadResponse> {
+        let mut e = Event {
+            op: "r".into(),
+            path: req.path.clone(),
+            pre: req.if_none_match.first().cloned(),
+            create: false,
+            etag: None,
+            value: None,
+            outcome: String::new(),
+            t0: now_ns(),
+            t1: 0,
+        };
+        let res = self.inner.download(req).await;
+        e.t1 = now_ns();
+        e.outcome = outcome(&res).into();
+        match &res {
+            Ok(r) => {
+                e.etag = Some(r.etag.clone());
+                e.value = Some(text(&r.content));
+            }
+            Err(err) if err.kind() == ErrorKind::NotModified => e.etag.clone_from(&e.pre),
+            Err(_) => {}
+        }
+        self.record(e);
+        res
+    }
+
+    async fn delete_if_match(&self, path: &str, if_match: Option<&str>) -> Result<()> {
+        self.inner.delete_if_match(path, if_match).await
+    }
+
+    async fn stat(&self, path: &str) -> Result<FileInfo> {
+        self.inner.stat(path).await
+    }
+
+    async fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
+        self.inner.list_dir(path).await
+    }
+
+    async fn make_dir_if_not_exist(&self, path: &str) -> Result<()> {
+        self.inner.make_dir_if_not_exist(path).await
+    }
+}
+
+/// The state of a path before the recorded run: its etag and content, or
+/// `None` when absent.
+pub type Initial = HashMap<String, Option<(String, String)>>;
+
+/// What [`check`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Successful writes checked.
+    pub writes: usize,
+    /// Successful reads (including `NotModified` and `NotFound`) checked.
+    pub reads: usize,
+    /// Writes whose outcome is unknown (`unavailable`); each may explain one
+    /// gap in its path's chain.
+    pub unknown_writes: usize,
+    /// One line per violation.
+    pub violations: Vec<String>,
+}
+
+/// Checks a recorded history; see the [module docs](self). `next_ok(prev,
+/// new)` says whether content `new` may follow content `prev` (`None` when
+/// the path was absent); pass `|_, _| true` to skip the value check.
+pub fn check(
+    events: &[Event],
+    initial: &Initial,
+    next_ok: impl Fn(Option<&str>, &str) -> bool,
+) -> CheckReport {
+    let mut report = CheckReport::default();
+    let mut by_path: HashMap<&str, Vec<&Event>> = HashMap::new();
+    for e in events {
+        by_path.entry(e.path.as_str()).or_default().push(e);
+    }
+    for (path, evs) in by_path {
+        let start = initial.get(path).cloned().flatten();
+        check_path(path, &evs, start, &next_ok, &mut report);
+    }
+    report
+}
+
+fn check_path(
+    path: &str,
+    evs: &[&Event],
+    start: Option<(String, String)>,
+    next_ok: &impl Fn(Option<&str>, &str) -> bool,
+    report: &mut CheckReport,
+) {
+    let v = &mut report.violations;
+    // Successful writes by the version they replaced ("" = absent).
+    let mut from: HashMap<&str, Vec<&Event>> = HashMap::new();
+    let mut unknown = 0;
+    for e in evs.iter().filter(|e| e.op == "w") {
+        match e.outcome.as_str() {
+            "ok" => {
+                let pre = if e.create {
+                    ""
+                } else {
+                    e.pre.as_deref().unwrap_or("?")
+                };
+                from.entry(pre).or_default().push(e);
+                report.writes += 1;
+            }
+            "unavailable" => unknown += 1,
+            _ => {}
+        }
+    }
+    report.unknown_writes += unknown;
+    for (pre, ws) in &from {
+        if ws.len() > 1 {
+            v.push(format!(
+                "{path}: {} successful writes from version {pre:?} (lost update)",
+                ws.len()
+            ));
+        }
+        if *pre == "?" {
+            v.push(format!("{path}: {} unconditional writes", ws.len()));
+        }
+    }
+    // Walk the chain from the initial version.
+    let (mut cur, mut cur_value) = match &start {
+        Some((etag, value)) => (etag.clone(), Some(value.clone())),
+        None => (String::new(), None),
+    };
+    // chain[0] is the initial version, chain[i] the i-th write.
+    let mut chain: Vec<Option<&Event>> = vec![None];
+    let mut pos: HashMap<String, usize> = HashMap::from([(cur.clone(), 0)]);
+    let mut max_t0 = 0u128;
+    let mut gaps_allowed = unknown;
+    let mut walked = 0;
+    loop {
+        let next = from.get(cur.as_str()).and_then(|ws| ws.first().copied());
+        let next = match next {
+            Some(w) => w,
+            None => {
+                // Maybe an unknown-outcome write landed: resume from a
+                // successful write whose version nobody produced.
+                let orphan = from
+                    .iter()
+                    .filter(|(pre, _)| !pos.contains_key(**pre) && **pre != "?")
+                    .flat_map(|(_, ws)| ws.first().copied())
+                    .min_by_key(|w| w.t0);
+                match orphan {
+                    Some(w) if gaps_allowed > 0 => {
+                        gaps_allowed -= 1;
+                        cur_value = None;
+                        w
+                    }
+                    _ => break,
+                }
+            }
+        };
+        if next.t1 < max_t0 {
+            v.push(format!(
+                "{path}: write to {:?} finished before an earlier link of the chain started",
+                next.etag
+            ));
+        }
+        max_t0 = max_t0.max(next.t0);
+        if let Some(new) = &next.value
+            && (cur_value.is_some() || start.is_none())
+            && !next_ok(cur_value.as_deref(), new)
+        {
+            v.push(format!(
+                "{path}: value {new:?} does not follow {:?}",
+                cur_value.as_deref().unwrap_or("(absent)")
+            ));
+        }
+        cur = next.etag.clone().unwrap_or_default();
+        cur_value.clone_from(&next.value);
+        if pos.insert(cur.clone(), chain.len()).is_some() {
+            v.push(format!("{path}: version {cur:?} produced twice (cycle)"));
+            break;
+        }
+        chain.push(Some(next));
+        walked += 1;
+    }
+    let written: usize = from.values().map(Vec::len).sum();
+    let dups: usize = from.values().map(|ws| ws.len().saturating_sub(1)).sum();
+    if walked + dups < written {
+        v.push(format!(
+            "{path}: {} successful writes are not on the chain (gap)",
+            written - walked - dups
+        ));
+    }
+    // Reads.
+    for r in evs.iter().filter(|e| e.op == "r") {
+        let seen = match r.outcome.as_str() {
+            "ok" | "not_modified" => r.etag.clone().unwrap_or_default(),
+            "not_found" => String::new(),
+            _ => continue,
+        };
+        report.reads += 1;
+        let Some(&p) = pos.get(&seen) else {
+            if !(seen.is_empty() && start.is_none()) {
+                v.push(format!(
+                    "{path}: read returned version {seen:?}, never written"
+                ));
+            }
+            continue;
+        };
+        let newest_done = chain
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| w.filter(|w| w.t1 < r.t0).map(|_| i))
+            .max()
+            .unwrap_or(0);
+        if p < newest_done {
+            v.push(format!(
+                "{path}: stale read: version #{p} returned, #{newest_done} completed before the read began"
+            ));
+        }
+        if let Some(w) = chain[p]
+            && w.t0 > r.t1
+        {
+            v.push(format!(
+                "{path}: read returned a version written after it finished"
+            ));
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The history checker: clean on correct storages, loud on a lying one.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metadatacache::testing::FaultyStorage;
+use metadatacache::testing::history::{Initial, RecordingStorage, check};
+use metadatacache::{DiskStorage, MemoryStorage, Options, RetryPolicy, Storage, Store};
+
+/// Counter documents: each write adds at least one to its predecessor (one
+/// write may carry a batch of increments).
+fn counter_follows(prev: Option<&str>, new: &str) -> bool {
+    let n = |s: &str| s.trim().parse::<u64>().ok();
+    match (prev, n(new)) {
+        (None, Some(v)) => v >= 1,
+        (Some(p), Some(v)) => n(p).is_some_and(|p| v > p),
+        _ => false,
+    }
+}
+
+/// `replicas` stores, each with its own recorder over `storage`, `tasks`
+/// tasks each, incrementing `keys` counters; returns the merged history.
+async fn run(
+    storage: Arc<dyn Storage>,
+    replicas: usize,
+    tasks: usize,
+    keys: usize,
+    per_task: usize,
+) -> Vec<metadatacache::testing::history::Event> {
+    let mut recorders = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..replicas {
+        let rec = Arc::new(RecordingStorage::new(Arc::clone(&storage)));
+        recorders.push(Arc::clone(&rec));
+        let store: Store<usize, u64> = Store::new(
+            Options::new(rec as Arc<dyn Storage>, |k: &usize| format!("c/{k}"))
+                .init(|| 0)
+                .retries(10_000)
+                .retry_policy(RetryPolicy::default().max_delay(Duration::from_millis(5))),
+        );
+        for t in 0..tasks {
+            let store = store.clone();
+            handles.push(tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(t as u64);
+                for _ in 0..per_task {
+                    let k = rng.usize(..keys);
+                    store.update(k, true, |n| Ok((n + 1, true))).await.unwrap();
+                    if rng.bool() {
+                        store.get(k).await.unwrap();
+                    }
+                }
+            }));
+        }
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    recorders.iter().flat_map(|r| r.events()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_history_has_no_violations() {
+    let events = run(Arc::new(MemoryStorage::new()), 3, 3, 3, 100).await;
+    let report = check(&events, &Initial::new(), counter_follows);
+    assert_eq!(report.violations, Vec::<String>::new());
+    assert!(report.writes > 0 && report.reads > report.writes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_history_has_no_violations() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk: Arc<dyn Storage> = Arc::new(DiskStorage::open(dir.path()).unwrap());
+    let events = run(disk, 3, 3, 2, 60).await;
+    let report = check(&events, &Initial::new(), counter_follows);
+    assert_eq!(report.violations, Vec::<String>::new());
+    assert!(report.writes > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_with_non_atomic_if_match_is_caught() {
+    let racy: Arc<dyn Storage> =
+        Arc::new(FaultyStorage::new(Arc::new(MemoryStorage::new()), 1).racy_cas(true));
+    let events = run(racy, 3, 3, 1, 60).await;
+    let report = check(&events, &Initial::new(), counter_follows);
+    assert!(
+        report.violations.iter().any(|v| v.contains("lost update")),
+        "{:?}",
+        report.violations
+    );
+}
+
+#[test]
+fn a_stale_read_is_caught() {
+    use metadatacache::testing::history::Event;
+    let ev = |op: &str, pre: Option<&str>, etag: &str, outcome: &str, t0, t1| Event {
+        op: op.into(),
+        path: "p".into(),
+        pre: pre.map(Into::into),
+        create: pre.is_none() && op == "w",
+        etag: Some(etag.into()),
+        value: None,
+        outcome: outcome.into(),
+        t0,
+        t1,
+    };
+    let events = vec![
+        ev("w", None, "e1", "ok", 0, 10),
+        ev("w", Some("e1"), "e2", "ok", 20, 30),
+        // Began after e2 was acknowledged, yet saw e1.
+        ev("r", None, "e1", "ok", 40, 50),
+    ];
+    let report = check(&events, &Initial::new(), |_, _| true);
+    assert_eq!(report.violations.len(), 1, "{:?}", report.violations);
+    assert!(report.violations[0].contains("stale read"));
+}
