@@ -104,7 +104,13 @@ mod store;
 pub mod testing;
 
 pub use backend::disk::{DiskOptions, DiskStorage};
+#[cfg(feature = "etcd")]
+pub use backend::etcd::EtcdStorage;
 pub use backend::memory::MemoryStorage;
+#[cfg(feature = "s3")]
+pub use backend::object_store::ObjectStoreStorage;
+#[cfg(feature = "postgres")]
+pub use backend::postgres::PostgresStorage;
 pub use backend::url::open;
 pub use codec::{Codec, JsonCodec};
 pub use error::{Error, ErrorKind, Result};

@@ -24,7 +24,9 @@ fn etcd_starts_stops_and_restarts() {
 
 #[test]
 fn postgres_starts_stops_and_restarts() {
-    let Some(mut s) = servers::postgres() else { return };
+    let Some(mut s) = servers::postgres() else {
+        return;
+    };
     assert!(reachable(s.addr()));
     s.stop();
     assert!(!reachable(s.addr()));

@@ -1,5 +1,11 @@
 //! Storage backends and opening one from a URL.
 
 pub(crate) mod disk;
+#[cfg(feature = "etcd")]
+pub(crate) mod etcd;
 pub(crate) mod memory;
+#[cfg(feature = "s3")]
+pub(crate) mod object_store;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 pub(crate) mod url;

@@ -39,10 +39,44 @@ pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
             open_disk(path.strip_prefix("//").unwrap_or(path), url).await
         }
         None if !url.is_empty() => open_disk(url, url).await,
+        Some("etcd" | "etcds") => {
+            #[cfg(feature = "etcd")]
+            return Ok(Arc::new(
+                crate::backend::etcd::EtcdStorage::connect(url).await?,
+            ));
+            #[cfg(not(feature = "etcd"))]
+            return Err(feature_missing(url, "etcd"));
+        }
+        Some("postgres" | "postgresql") => {
+            #[cfg(feature = "postgres")]
+            return Ok(Arc::new(
+                crate::backend::postgres::PostgresStorage::connect(url).await?,
+            ));
+            #[cfg(not(feature = "postgres"))]
+            return Err(feature_missing(url, "postgres"));
+        }
+        Some("s3") => {
+            #[cfg(feature = "s3")]
+            return Ok(Arc::new(
+                crate::backend::object_store::ObjectStoreStorage::from_url(url).await?,
+            ));
+            #[cfg(not(feature = "s3"))]
+            return Err(feature_missing(url, "s3"));
+        }
         _ => Err(Error::invalid_input(format!(
-            "unsupported storage URL {url:?}; expected memory:, disk:PATH or a path"
+            "unsupported storage URL {url:?}; expected memory:, disk:PATH, a path, \
+             etcd://, postgres:// or s3://"
         ))),
     }
+}
+
+/// The error for a URL whose backend was left out of this build.
+#[allow(dead_code)]
+fn feature_missing(url: &str, feature: &str) -> Error {
+    Error::invalid_input(format!(
+        "storage URL {url:?} needs the {feature} backend, which this build leaves out \
+         (cargo feature \"{feature}\")"
+    ))
 }
 
 /// True for a URL scheme: a letter, then letters, digits, `+`, `-` or `.`.

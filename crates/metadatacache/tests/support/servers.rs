@@ -15,6 +15,12 @@ use std::time::{Duration, Instant};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
+/// moto's S3 server on 127.0.0.1:PORT (argv[1]), without threads.
+const MOTO_SINGLE_THREADED: &str = "import sys
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+run_simple('127.0.0.1', int(sys.argv[1]), DomainDispatcherApplication(create_backend_app), threaded=False)";
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
     Etcd,
@@ -104,12 +110,25 @@ pub fn postgres() -> Option<Server> {
         chown_postgres(&data);
     }
     let status = pg_command("initdb")
-        .args(["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "-E", "UTF8"])
+        .args([
+            "-D",
+            data.to_str().unwrap(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+        ])
         .stdout(Stdio::null())
         .stderr(log_file(s.dir.path(), "initdb.log"))
         .status()
         .unwrap();
-    assert!(status.success(), "initdb failed: see {}", s.dir.path().display());
+    assert!(
+        status.success(),
+        "initdb failed: see {}",
+        s.dir.path().display()
+    );
     let mut s = s;
     s.start();
     Some(s)
@@ -136,7 +155,8 @@ pub fn create_bucket(addr: &str, bucket: &str) {
 
 fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
     let mut conn = TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     write!(
         conn,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -215,8 +235,18 @@ impl Server {
                 let child = Command::new("etcd")
                     .args(["--name", "test", "--data-dir"])
                     .arg(dir.join("etcd"))
-                    .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-                    .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+                    .args([
+                        "--listen-client-urls",
+                        &client,
+                        "--advertise-client-urls",
+                        &client,
+                    ])
+                    .args([
+                        "--listen-peer-urls",
+                        &peer,
+                        "--initial-advertise-peer-urls",
+                        &peer,
+                    ])
                     .args(["--initial-cluster", &format!("test={peer}")])
                     .stdin(Stdio::null())
                     .stdout(log_file(&dir, "etcd.log"))
@@ -227,8 +257,12 @@ impl Server {
                 self.child = Some(child);
             }
             Kind::Moto => {
-                let child = Command::new("moto_server")
-                    .args(["-H", "127.0.0.1", "-p", &self.port().to_string()])
+                // One request at a time: moto checks If-Match and then
+                // writes without a lock, so its threaded server (what
+                // `moto_server` runs) lets two conditional puts on one etag
+                // both win now and then.
+                let child = Command::new("python3")
+                    .args(["-c", MOTO_SINGLE_THREADED, &self.port().to_string()])
                     .stdin(Stdio::null())
                     .stdout(log_file(&dir, "moto.log"))
                     .stderr(log_file(&dir, "moto.log"))
@@ -252,7 +286,11 @@ impl Server {
                     .stderr(log_file(&dir, "pg_ctl.log"))
                     .status()
                     .unwrap();
-                assert!(status.success(), "pg_ctl start failed: see {}", dir.display());
+                assert!(
+                    status.success(),
+                    "pg_ctl start failed: see {}",
+                    dir.display()
+                );
                 let pidfile = std::fs::read_to_string(data.join("postmaster.pid")).unwrap();
                 self.pid = pidfile.lines().next().and_then(|l| l.trim().parse().ok());
             }
@@ -263,11 +301,9 @@ impl Server {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let up = TcpStream::connect_timeout(
-                &self.addr.parse().unwrap(),
-                Duration::from_millis(200),
-            )
-            .is_ok();
+            let up =
+                TcpStream::connect_timeout(&self.addr.parse().unwrap(), Duration::from_millis(200))
+                    .is_ok();
             let healthy = up
                 && match self.kind {
                     Kind::Etcd => http(&self.addr, "GET", "/health").1.contains("true"),
@@ -301,7 +337,9 @@ impl Server {
     pub fn stop(&mut self) {
         let Some(pid) = self.pid.take() else { return };
         // SIGINT is PostgreSQL's "fast" shutdown; etcd and moto exit on it too.
-        let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
             if let Some(child) = self.child.as_mut()
@@ -312,7 +350,9 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
         if Path::new(&format!("/proc/{pid}")).exists() && self.child.is_none() {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

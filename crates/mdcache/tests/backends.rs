@@ -1,0 +1,82 @@
+//! `mdcache torture` with replica processes sharing each distributed
+//! backend, against real servers on 127.0.0.1 (skipped with a message when a
+//! server is missing, unless `MDCACHE_REQUIRE_SERVERS=1`).
+
+#![allow(clippy::unwrap_used, dead_code, unused_imports)]
+
+#[path = "../../metadatacache/tests/support/servers.rs"]
+mod servers;
+
+use std::process::Command;
+
+/// Runs a small torture against `url`; asserts nothing was lost.
+fn torture(url: &str, env: &[(&str, &str)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_mdcache"))
+        .args(["--storage", url, "torture", "--check"])
+        .args([
+            "--replicas",
+            "3",
+            "--tasks",
+            "3",
+            "--keys",
+            "2",
+            "--updates",
+            "120",
+        ])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{out:?}");
+    for (row, want) in [
+        ("acknowledged", " 360"),
+        ("lost", " 0"),
+        ("history: violations", " 0"),
+        ("result", "OK"),
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(row) && l.ends_with(want)),
+            "{row}: {text}"
+        );
+    }
+    text
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn torture_on_etcd_loses_nothing() {
+    let Some(server) = servers::etcd() else {
+        return;
+    };
+    torture(&format!("etcd://{}/torture", server.addr()), &[]);
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn torture_on_postgres_loses_nothing() {
+    let Some(server) = servers::postgres() else {
+        return;
+    };
+    torture(
+        &format!(
+            "postgres://postgres@{}/postgres?table=torture",
+            server.addr()
+        ),
+        &[],
+    );
+}
+
+#[cfg(feature = "s3")]
+#[test]
+fn torture_on_s3_loses_nothing() {
+    let Some(server) = servers::moto() else { return };
+    servers::create_bucket(server.addr(), "torture");
+    torture(
+        &format!(
+            "s3://torture/run?endpoint=http://{}&allow_http=true&region=us-east-1",
+            server.addr()
+        ),
+        &[("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test")],
+    );
+}

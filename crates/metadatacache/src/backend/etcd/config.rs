@@ -1,0 +1,280 @@
+//! Parsing of `etcd://` URLs.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::storage::validate_path;
+
+use super::layout::check_not_reserved;
+
+/// The default bound on every call.
+pub(super) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What an `etcd://` URL says.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct Config {
+    /// `http://host:port` of each endpoint.
+    pub endpoints: Vec<String>,
+    /// The key prefix without a trailing slash; empty for none.
+    pub prefix: String,
+    /// The bound on every call.
+    pub timeout: Duration,
+    /// User name and password, if the cluster has authentication enabled.
+    pub credentials: Option<(String, String)>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("user", &self.credentials.as_ref().map(|(user, _)| user))
+            .field("password", &self.credentials.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Config {
+    /// Parses `etcd://[user[:password]@]host:port[,host:port...][/prefix][?timeout_ms=N&user=U&password=P]`.
+    pub(super) fn parse(url: &str) -> Result<Config> {
+        let bad = |why: &str| {
+            Error::invalid_input(format!("bad etcd URL {:?}: {why}", redact(url)))
+                .with_backend("etcd")
+        };
+        let rest = if let Some(rest) = url.strip_prefix("etcd://") {
+            rest
+        } else if url.starts_with("etcds://") {
+            return Err(bad(
+                "TLS (etcds://) is not built in: this build's etcd-client lacks its \"tls\" \
+                 feature; use etcd:// (plain HTTP/2)",
+            ));
+        } else {
+            return Err(bad("expected etcd://host:port[,host:port...]/prefix"));
+        };
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+
+        let mut user = None;
+        let mut password = None;
+        let hosts = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => {
+                let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                user = Some(decode(u).ok_or_else(|| bad("bad percent-encoding in the user"))?);
+                if userinfo.contains(':') {
+                    password =
+                        Some(decode(p).ok_or_else(|| bad("bad percent-encoding in the password"))?);
+                }
+                hosts
+            }
+            None => authority,
+        };
+        let mut endpoints = Vec::new();
+        for host in hosts.split(',') {
+            endpoints.push(endpoint(host).ok_or_else(|| {
+                bad("expected host:port endpoints separated by commas (port 2379 when left out)")
+            })?);
+        }
+
+        let prefix = decode(path.trim_end_matches('/'))
+            .ok_or_else(|| bad("bad percent-encoding in the key prefix"))?;
+        validate_path(&prefix, true).map_err(|e| bad(&format!("key prefix: {}", e.message())))?;
+        check_not_reserved(&prefix).map_err(|e| bad(&format!("key prefix: {}", e.message())))?;
+
+        let mut timeout = DEFAULT_TIMEOUT;
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "timeout_ms" => {
+                    let ms: u64 = value
+                        .parse()
+                        .ok()
+                        .filter(|ms| *ms > 0)
+                        .ok_or_else(|| bad("timeout_ms must be a positive integer"))?;
+                    timeout = Duration::from_millis(ms);
+                }
+                "user" => user = Some(value.into_owned()),
+                "password" => password = Some(value.into_owned()),
+                other => {
+                    return Err(bad(&format!(
+                        "unknown parameter {other:?}; known: timeout_ms, user, password"
+                    )));
+                }
+            }
+        }
+        let credentials = match (user, password) {
+            (Some(user), password) if !user.is_empty() => {
+                Some((user, password.unwrap_or_default()))
+            }
+            (None, None) => None,
+            _ => return Err(bad("a password needs a user name")),
+        };
+        Ok(Config {
+            endpoints,
+            prefix,
+            timeout,
+            credentials,
+        })
+    }
+}
+
+/// `host:port`, `host` or `[v6]:port` → `http://host:port`.
+fn endpoint(host: &str) -> Option<String> {
+    let (name, port) = if let Some(v6) = host.strip_prefix('[') {
+        let (addr, after) = v6.split_once(']')?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?),
+        };
+        (format!("[{addr}]"), port)
+    } else {
+        match host.split_once(':') {
+            Some((name, port)) => (name.to_owned(), Some(port)),
+            None => (host.to_owned(), None),
+        }
+    };
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']')
+            })
+    };
+    if !valid_name(&name) {
+        return None;
+    }
+    let port: u16 = match port {
+        None => 2379,
+        Some(p) => p.parse().ok().filter(|p| *p != 0)?,
+    };
+    Some(format!("http://{name}:{port}"))
+}
+
+/// Percent-decodes `s` (no `+` → space: that is for query strings only).
+fn decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The URL with any password replaced by `***`, for messages.
+pub(super) fn redact(url: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (url, None),
+    };
+    let mut out = String::with_capacity(url.len());
+    // user:password@ in the authority
+    match head.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            out.push_str(scheme);
+            out.push_str("://");
+            match authority.rsplit_once('@') {
+                Some((userinfo, hosts)) => {
+                    match userinfo.split_once(':') {
+                        Some((user, _)) => {
+                            out.push_str(user);
+                            out.push_str(":***");
+                        }
+                        None => out.push_str(userinfo),
+                    }
+                    out.push('@');
+                    out.push_str(hosts);
+                }
+                None => out.push_str(authority),
+            }
+            out.push_str(path);
+        }
+        None => out.push_str(head),
+    }
+    if let Some(query) = query {
+        out.push('?');
+        let parts: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k == "password" => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out.push_str(&parts.join("&"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn parses_endpoints_prefix_and_options() {
+        let c = Config::parse("etcd://127.0.0.1:2379/app/docs").unwrap();
+        assert_eq!(c.endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(c.prefix, "app/docs");
+        assert_eq!(c.timeout, DEFAULT_TIMEOUT);
+        assert!(c.credentials.is_none());
+
+        let c =
+            Config::parse("etcd://a:1,b,[::1]:3/?timeout_ms=250&user=u&password=p%26q").unwrap();
+        assert_eq!(
+            c.endpoints,
+            ["http://a:1", "http://b:2379", "http://[::1]:3"]
+        );
+        assert_eq!(c.prefix, "");
+        assert_eq!(c.timeout, Duration::from_millis(250));
+        assert_eq!(c.credentials, Some(("u".into(), "p&q".into())));
+
+        let c = Config::parse("etcd://bob:s%40cret@h:9").unwrap();
+        assert_eq!(c.endpoints, ["http://h:9"]);
+        assert_eq!(c.credentials, Some(("bob".into(), "s@cret".into())));
+        assert!(!format!("{c:?}").contains("cret"));
+    }
+
+    #[test]
+    fn rejects_bad_urls_naming_them() {
+        for url in [
+            "etcd://",
+            "etcd://h:notaport/x",
+            "etcd://h:0",
+            "etcd://h:1,/x",
+            "etcd://h:1/../x",
+            "etcd://h:1/a//b",
+            "etcd://h:1/.mdcache-meta",
+            "etcd://h:1/x?timeout_ms=0",
+            "etcd://h:1/x?timeout_ms=abc",
+            "etcd://h:1/x?bogus=1",
+            "etcd://h:1/x?password=p",
+            "etcd://h:1/%zz",
+            "etcds://h:1/x",
+            "http://h:1/x",
+        ] {
+            let e = Config::parse(url).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{url}");
+            assert!(e.to_string().contains(&redact(url)), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn messages_hide_passwords() {
+        let e = Config::parse("etcd://u:hunter2@h:x/p?password=hunter3").unwrap_err();
+        let text = e.to_string();
+        assert!(!text.contains("hunter"), "{text}");
+        assert!(text.contains("etcd://u:***@h:x/p?password=***"), "{text}");
+    }
+}

@@ -1,0 +1,226 @@
+//! Where documents and their metadata live in the etcd key space, and how
+//! etags and modification times are encoded.
+
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{Compare, CompareOp, KeyValue};
+
+use crate::error::{Error, Result};
+use crate::storage::{EntryKind, FileInfo, parent, validate_path};
+
+/// The first path segment reserved for the backend's own keys.
+pub(super) const META_DIR: &str = ".mdcache-meta";
+
+/// Rejects paths inside the reserved metadata directory.
+///
+/// # Errors
+/// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput).
+pub(super) fn check_not_reserved(path: &str) -> Result<()> {
+    if path.split('/').next() == Some(META_DIR) {
+        return Err(Error::invalid_input(format!(
+            "the path segment {META_DIR:?} is reserved for the etcd backend's metadata"
+        ))
+        .with_path(path));
+    }
+    Ok(())
+}
+
+/// Validates a storage path for this backend.
+pub(super) fn check_path(path: &str, allow_root: bool) -> Result<()> {
+    validate_path(path, allow_root)?;
+    check_not_reserved(path)
+}
+
+/// The key layout under one prefix.
+///
+/// A document at `path` is the key `<prefix>/<path>` holding exactly the
+/// document's bytes; its modification time is the key
+/// `<prefix>/.mdcache-meta/<path>`, written in the same transaction.
+#[derive(Debug, Clone)]
+pub(super) struct Layout {
+    /// `"<prefix>/"`, or empty for no prefix.
+    base: String,
+}
+
+impl Layout {
+    pub(super) fn new(prefix: &str) -> Layout {
+        let base = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}/")
+        };
+        Layout { base }
+    }
+
+    /// The document key of `path`.
+    pub(super) fn doc(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The metadata key of `path`.
+    pub(super) fn meta(&self, path: &str) -> String {
+        format!("{}{META_DIR}/{path}", self.base)
+    }
+
+    /// The key prefix of everything below directory `dir` ("" = the root).
+    pub(super) fn under(&self, dir: &str) -> String {
+        if dir.is_empty() {
+            self.base.clone()
+        } else {
+            format!("{}{dir}/", self.base)
+        }
+    }
+
+    /// The key prefix of the metadata of everything below `dir`.
+    pub(super) fn meta_under(&self, dir: &str) -> String {
+        if dir.is_empty() {
+            format!("{}{META_DIR}/", self.base)
+        } else {
+            format!("{}{META_DIR}/{dir}/", self.base)
+        }
+    }
+
+    /// The storage path of a document key below `dir_prefix` (from
+    /// [`under`](Layout::under)), split into the direct child name and
+    /// whether it lies deeper. `None` for internal and foreign keys.
+    pub(super) fn child<'k>(&self, dir_prefix: &str, key: &'k [u8]) -> Option<(&'k str, bool)> {
+        let key = std::str::from_utf8(key).ok()?;
+        let rest = key.strip_prefix(dir_prefix)?;
+        // The relative path below the storage root, to check it.
+        let full = key.strip_prefix(&self.base)?;
+        if validate_path(full, false).is_err() || check_not_reserved(full).is_err() {
+            return None;
+        }
+        Some(match rest.split_once('/') {
+            Some((child, _)) => (child, true),
+            None => (rest, false),
+        })
+    }
+}
+
+/// The ancestors of `path`, nearest first (not the root).
+pub(super) fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    std::iter::successors(Some(parent(path)), |p| {
+        Some(parent(p)).filter(|_| !p.is_empty())
+    })
+    .filter(|p| !p.is_empty())
+}
+
+/// The etag of a revision.
+pub(super) fn etag(revision: i64) -> String {
+    revision.to_string()
+}
+
+/// The revision an etag names, if it is one this backend hands out
+/// (a positive integer in canonical decimal form).
+pub(super) fn revision(etag: &str) -> Option<i64> {
+    etag.parse::<i64>()
+        .ok()
+        .filter(|r| *r > 0 && r.to_string() == etag)
+}
+
+/// Compare that holds when the document's etag is `etag`; never holds for
+/// an etag this backend cannot have handed out.
+pub(super) fn etag_is(key: &str, etag: &str) -> Compare {
+    Compare::mod_revision(key, CompareOp::Equal, revision(etag).unwrap_or(-1))
+}
+
+/// Compare that holds when the key exists.
+pub(super) fn exists(key: &str) -> Compare {
+    Compare::create_revision(key, CompareOp::Greater, 0)
+}
+
+/// Compare that holds when the key is absent.
+pub(super) fn absent(key: &str) -> Compare {
+    Compare::create_revision(key, CompareOp::Equal, 0)
+}
+
+/// Encodes a modification time for the metadata key: decimal nanoseconds
+/// since the Unix epoch.
+pub(super) fn encode_mtime(mtime: SystemTime) -> String {
+    let nanos = mtime
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    nanos.to_string()
+}
+
+/// The modification time of document `doc` from its metadata key, if that
+/// was written together with this version of the document.
+pub(super) fn mtime_of(doc: &KeyValue, meta: Option<&KeyValue>) -> Option<SystemTime> {
+    let meta = meta.filter(|m| m.mod_revision() == doc.mod_revision())?;
+    let nanos: u64 = std::str::from_utf8(meta.value()).ok()?.parse().ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_nanos(nanos))
+}
+
+/// The [`FileInfo`] of a document.
+pub(super) fn file_info(path: String, doc: &KeyValue, meta: Option<&KeyValue>) -> FileInfo {
+    FileInfo {
+        path,
+        kind: EntryKind::File,
+        size: doc.value().len() as u64,
+        mtime: mtime_of(doc, meta),
+        etag: Some(etag(doc.mod_revision())),
+    }
+}
+
+/// The [`FileInfo`] of a directory.
+pub(super) fn dir_info(path: String) -> FileInfo {
+    FileInfo {
+        path,
+        kind: EntryKind::Dir,
+        size: 0,
+        mtime: None,
+        etag: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn keys() {
+        let l = Layout::new("app");
+        assert_eq!(l.doc("a/b.json"), "app/a/b.json");
+        assert_eq!(l.meta("a/b.json"), "app/.mdcache-meta/a/b.json");
+        assert_eq!(l.under(""), "app/");
+        assert_eq!(l.under("a"), "app/a/");
+        assert_eq!(l.meta_under(""), "app/.mdcache-meta/");
+        assert_eq!(l.meta_under("a"), "app/.mdcache-meta/a/");
+        let root = Layout::new("");
+        assert_eq!(root.doc("x"), "x");
+        assert_eq!(root.meta("x"), ".mdcache-meta/x");
+        assert_eq!(root.under(""), "");
+
+        assert_eq!(l.child("app/", b"app/x.json"), Some(("x.json", false)));
+        assert_eq!(l.child("app/", b"app/d/x.json"), Some(("d", true)));
+        assert_eq!(l.child("app/", b"app/.mdcache-meta/x"), None);
+        assert_eq!(l.child("app/", b"app/a//b"), None);
+        assert_eq!(l.child("app/", b"app/"), None);
+        assert_eq!(l.child("app/a/", b"app/a/b/c"), Some(("b", true)));
+    }
+
+    #[test]
+    fn ancestors_nearest_first() {
+        assert_eq!(ancestors("a/b/c").collect::<Vec<_>>(), ["a/b", "a"]);
+        assert_eq!(ancestors("a").count(), 0);
+    }
+
+    #[test]
+    fn etags() {
+        assert_eq!(revision(&etag(42)), Some(42));
+        for bad in ["", "0", "-3", "007", "+7", "x", "m1"] {
+            assert_eq!(revision(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn reserved_segment() {
+        assert!(check_path(".mdcache-meta", false).is_err());
+        assert!(check_path(".mdcache-meta/x", false).is_err());
+        assert!(check_path("a/.mdcache-meta", false).is_ok());
+        assert!(check_path("", true).is_ok());
+    }
+}

@@ -1,0 +1,486 @@
+//! Storage in etcd (API v3), with compare-and-swap by transactions on
+//! `mod_revision`.
+//!
+//! URL parsing lives in [`config`], the key layout and encodings in
+//! [`layout`], and the timeout, sign-in and error mapping of every call in
+//! [`call`].
+
+mod call;
+mod config;
+mod layout;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::{
+    DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest, UploadResponse,
+    check_delete_precondition, check_upload_preconditions, join,
+};
+
+use call::{Conn, count_at, kvs_at};
+use config::Config;
+use layout::{
+    Layout, absent, ancestors, check_path, dir_info, encode_mtime, etag, etag_is, exists,
+    file_info, mtime_of, revision,
+};
+
+const BACKEND: &str = "etcd";
+
+/// How often an upload with `if_unmodified_since` re-reads and retries
+/// when the document changes between its check and its write.
+const MAX_ATTEMPTS: usize = 16;
+
+/// Storage in an etcd v3 cluster.
+///
+/// # URL
+///
+/// `etcd://[user[:password]@]host:port[,host:port...][/prefix][?timeout_ms=N&user=U&password=P]`
+///
+/// * endpoints: one or more `host:port` (port 2379 when left out; `[v6]:port`
+///   for IPv6), spoken to over plain HTTP/2. `etcds://` (TLS) is refused with
+///   [`ErrorKind::InvalidInput`]: this build's etcd-client has no TLS.
+/// * `prefix`: the key prefix (may be empty or nested, `a/b`); a document at
+///   `path` is the key `<prefix>/<path>` (just `<path>` without a prefix).
+/// * `timeout_ms`: the bound on every call, default 5000. A call that gets
+///   no answer within it fails with [`ErrorKind::Unavailable`].
+/// * `user`, `password`: for clusters with authentication enabled (also
+///   accepted as `user:password@` before the hosts; percent-encode special
+///   characters). The password is never printed, neither by `Debug` nor in
+///   error messages.
+///
+/// # Layout and semantics
+///
+/// * The document key holds exactly the document's bytes, so
+///   `etcdctl get <prefix>/<path>` shows the plain document.
+/// * The etag is the key's `mod_revision` in decimal. Every write gets a new
+///   one, even with unchanged content.
+/// * The modification time lives in the sibling key
+///   `<prefix>/.mdcache-meta/<path>`, written in the same transaction as the
+///   document. The first path segment `.mdcache-meta` is therefore reserved
+///   ([`ErrorKind::InvalidInput`]) and never listed. A document written by
+///   another tool has no modification time (`None` in [`FileInfo`], the Unix
+///   epoch in [`DownloadResponse`]). The time is
+///   [`UploadRequest::mtime`] or the writer's clock, so
+///   `if_unmodified_since` across machines is only as good as their clocks.
+/// * Preconditions are compares inside one etcd transaction with the write:
+///   create-only is `create_revision == 0`, `if_match` is
+///   `mod_revision == etag`, `if_none_match` etags are `mod_revision != etag`.
+///   `if_unmodified_since` reads the time first and then writes only if
+///   `mod_revision` is still the one read. When a transaction's compares
+///   fail, its else-branch reads the state they saw, which decides between
+///   `NotFound`, `AlreadyExists` and `PreconditionFailed` without another
+///   round trip.
+/// * Directories are key prefixes: a directory exists while a document lies
+///   below it. [`make_dir_if_not_exist`](Storage::make_dir_if_not_exist)
+///   stores nothing (it only refuses a path where a document is), so an
+///   empty directory does not show in [`stat`](Storage::stat) or
+///   [`list_dir`](Storage::list_dir). A document cannot be created where
+///   documents lie below it, nor below another document.
+/// * A conditional download whose etag is current answers
+///   [`ErrorKind::NotModified`] from the transaction's compare, without
+///   sending the content.
+///
+/// # Connections
+///
+/// [`connect`](EtcdStorage::connect) does no network traffic: connections
+/// are made by the first call and made again after the server restarts.
+/// With credentials, the client signs in on first use and again whenever
+/// etcd rejects its token (tokens expire, and do not survive a restart).
+///
+/// ```no_run
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use metadatacache::{EtcdStorage, Storage};
+/// let storage =
+///     EtcdStorage::connect("etcd://127.0.0.1:2379,127.0.0.1:22379/myapp?timeout_ms=2000").await?;
+/// storage.simple_upload("users/alice.json", "{}".into()).await?;
+/// // or through the generic opener:
+/// let storage = metadatacache::open("etcd://127.0.0.1:2379/myapp").await?;
+/// assert_eq!(storage.backend(), "etcd");
+/// # Ok::<_, metadatacache::Error>(()) }).unwrap();
+/// ```
+pub struct EtcdStorage {
+    conn: Conn,
+    layout: Layout,
+    config: Config,
+}
+
+impl fmt::Debug for EtcdStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdStorage")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdStorage {
+    /// Sets up a storage from an `etcd://` URL (see the type's
+    /// documentation for its form). No network traffic happens here.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] naming the URL (with any password hidden)
+    /// when it is malformed or asks for TLS.
+    pub async fn connect(url: &str) -> Result<EtcdStorage> {
+        let config = Config::parse(url)?;
+        let conn = Conn::new(&config).await.map_err(|e| {
+            let redacted = config::redact(url);
+            let message = format!("{}: {redacted}", e.message());
+            e.with_message(message).with_backend(BACKEND)
+        })?;
+        Ok(EtcdStorage {
+            conn,
+            layout: Layout::new(&config.prefix),
+            config,
+        })
+    }
+
+    /// The key prefix, without a trailing slash ("" for none).
+    pub fn prefix(&self) -> &str {
+        &self.config.prefix
+    }
+
+    /// The bound on every call.
+    pub fn timeout(&self) -> std::time::Duration {
+        self.conn.timeout()
+    }
+
+    /// Reads a document key (keys only) and its metadata.
+    async fn read_state(&self, path: &str) -> Result<Option<(KeyValue, Option<KeyValue>)>> {
+        let txn = Txn::new().and_then([
+            TxnOp::get(
+                self.layout.doc(path),
+                Some(GetOptions::new().with_keys_only()),
+            ),
+            TxnOp::get(self.layout.meta(path), None),
+        ]);
+        let mut ops = self.conn.txn(path, txn).await?.op_responses();
+        let doc = kvs_at(&mut ops, 0).into_iter().next();
+        let meta = kvs_at(&mut ops, 1).into_iter().next();
+        Ok(doc.map(|d| (d, meta)))
+    }
+}
+
+/// The `(etag, mtime)` that the precondition checks compare against.
+fn current_of(state: Option<&(KeyValue, Option<KeyValue>)>) -> Option<(String, SystemTime)> {
+    state.map(|(doc, meta)| {
+        (
+            etag(doc.mod_revision()),
+            mtime_of(doc, meta.as_ref()).unwrap_or(SystemTime::UNIX_EPOCH),
+        )
+    })
+}
+
+fn tag(e: Error) -> Error {
+    e.with_backend(BACKEND)
+}
+
+#[async_trait]
+impl Storage for EtcdStorage {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    /// Checks the name and that etcd answers; the key prefix needs no
+    /// creating.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad name, [`ErrorKind::Unavailable`]
+    /// or [`ErrorKind::PermissionDenied`] when etcd cannot be used.
+    async fn init(&self, name: &str) -> Result<()> {
+        check_path(name, true).map_err(tag)?;
+        let count = GetOptions::new().with_prefix().with_count_only();
+        let txn = Txn::new().and_then([TxnOp::get(self.layout.under(name), Some(count))]);
+        self.conn.txn(name, txn).await.map(drop)
+    }
+
+    async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {
+        let path = req.path.as_str();
+        check_path(path, false).map_err(tag)?;
+        let doc_key = self.layout.doc(path);
+        let meta_key = self.layout.meta(path);
+        let under_key = self.layout.under(path);
+
+        // Compares mirroring `check_upload_preconditions`.
+        let mut compares = Vec::new();
+        if req.is_create_only() {
+            compares.push(absent(&doc_key));
+        } else {
+            match req.if_match.as_deref() {
+                Some("*") => compares.push(exists(&doc_key)),
+                Some(want) => compares.push(etag_is(&doc_key, want)),
+                None => {}
+            }
+            compares.extend(
+                req.if_none_match
+                    .iter()
+                    .filter_map(|e| revision(e))
+                    .map(|r| Compare::mod_revision(doc_key.as_str(), CompareOp::NotEqual, r)),
+            );
+        }
+        // Placement: no document below this path, no document above it.
+        compares.push(absent(&under_key).with_prefix());
+        compares.extend(ancestors(path).map(|a| absent(&self.layout.doc(a))));
+
+        // The else-branch reads what the compares saw.
+        let mut on_failure = vec![
+            TxnOp::get(doc_key.as_str(), Some(GetOptions::new().with_keys_only())),
+            TxnOp::get(meta_key.as_str(), None),
+            TxnOp::get(
+                under_key.as_str(),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            ),
+        ];
+        on_failure.extend(
+            ancestors(path)
+                .map(|a| TxnOp::get(self.layout.doc(a), Some(GetOptions::new().with_keys_only()))),
+        );
+
+        let mtime = req.mtime.unwrap_or_else(SystemTime::now);
+        let writes = [
+            TxnOp::put(doc_key.as_str(), req.content.to_vec(), None),
+            TxnOp::put(meta_key.as_str(), encode_mtime(mtime), None),
+        ];
+
+        let needs_time = !req.is_create_only() && req.if_unmodified_since.is_some();
+        let mut observed = if needs_time {
+            Some(self.read_state(path).await?)
+        } else {
+            None
+        };
+        for _ in 0..MAX_ATTEMPTS {
+            let mut when = compares.clone();
+            if let Some(state) = &observed {
+                let current = current_of(state.as_ref());
+                check_upload_preconditions(&req, current.as_ref().map(|(e, m)| (e.as_str(), *m)))
+                    .map_err(tag)?;
+                let seen = state.as_ref().map_or(0, |(doc, _)| doc.mod_revision());
+                when.push(Compare::mod_revision(
+                    doc_key.as_str(),
+                    CompareOp::Equal,
+                    seen,
+                ));
+            }
+            let txn = Txn::new()
+                .when(when)
+                .and_then(writes.clone())
+                .or_else(on_failure.clone());
+            let resp = self.conn.txn(path, txn).await?;
+            if resp.succeeded() {
+                // Written, but without the revision there is no etag to
+                // return: report the outcome as unknown.
+                let revision = resp.header().map(|h| h.revision()).ok_or_else(|| {
+                    tag(Error::unavailable("etcd answered without a revision").with_path(path))
+                })?;
+                return Ok(UploadResponse {
+                    etag: etag(revision),
+                    mtime,
+                });
+            }
+            let mut ops = resp.op_responses();
+            let doc = kvs_at(&mut ops, 0).into_iter().next();
+            let meta = kvs_at(&mut ops, 1).into_iter().next();
+            let state = doc.map(|d| (d, meta));
+            let current = current_of(state.as_ref());
+            check_upload_preconditions(&req, current.as_ref().map(|(e, m)| (e.as_str(), *m)))
+                .map_err(tag)?;
+            if count_at(&ops, 2) > 0 {
+                return Err(tag(Error::invalid_input(
+                    "documents lie below this path (it is a directory)",
+                )
+                .with_path(path)));
+            }
+            if let Some(doc_parent) = ancestors(path)
+                .enumerate()
+                .find(|(i, _)| !kvs_at(&mut ops, 3 + i).is_empty())
+                .map(|(_, a)| a)
+            {
+                return Err(tag(Error::invalid_input(format!(
+                    "parent {doc_parent:?} is a document"
+                ))
+                .with_path(path)));
+            }
+            // Only the `if_unmodified_since` compare can have failed: the
+            // document changed after it was read. Check again.
+            observed = Some(state);
+        }
+        Err(tag(Error::new(
+            ErrorKind::Aborted,
+            "the document kept changing during the upload",
+        )
+        .with_path(path)))
+    }
+
+    async fn download(&self, req: DownloadRequest) -> Result<DownloadResponse> {
+        let path = req.path.as_str();
+        check_path(path, false).map_err(tag)?;
+        let doc_key = self.layout.doc(path);
+        // Read only when no listed etag is current; else send nothing back.
+        let when: Vec<Compare> = req
+            .if_none_match
+            .iter()
+            .filter_map(|e| match e.as_str() {
+                "*" => Some(absent(&doc_key)),
+                e => revision(e)
+                    .map(|r| Compare::mod_revision(doc_key.as_str(), CompareOp::NotEqual, r)),
+            })
+            .collect();
+        let txn = Txn::new().when(when).and_then([
+            TxnOp::get(doc_key.as_str(), None),
+            TxnOp::get(self.layout.meta(path), None),
+        ]);
+        let resp = self.conn.txn(path, txn).await?;
+        if !resp.succeeded() {
+            return Err(tag(
+                Error::new(ErrorKind::NotModified, "etag unchanged").with_path(path)
+            ));
+        }
+        let mut ops = resp.op_responses();
+        let Some(doc) = kvs_at(&mut ops, 0).into_iter().next() else {
+            return Err(tag(Error::not_found("no such document").with_path(path)));
+        };
+        let meta = kvs_at(&mut ops, 1).into_iter().next();
+        let mtime = mtime_of(&doc, meta.as_ref()).unwrap_or(SystemTime::UNIX_EPOCH);
+        let etag = etag(doc.mod_revision());
+        let (_, value) = doc.into_key_value();
+        Ok(DownloadResponse {
+            content: Bytes::from(value),
+            etag,
+            mtime,
+        })
+    }
+
+    async fn delete_if_match(&self, path: &str, if_match: Option<&str>) -> Result<()> {
+        check_path(path, false).map_err(tag)?;
+        let doc_key = self.layout.doc(path);
+        let mut when = vec![exists(&doc_key)];
+        if let Some(want) = if_match.filter(|e| *e != "*") {
+            when.push(etag_is(&doc_key, want));
+        }
+        let txn = Txn::new()
+            .when(when)
+            .and_then([
+                TxnOp::delete(doc_key.as_str(), None),
+                TxnOp::delete(self.layout.meta(path), None),
+            ])
+            .or_else([TxnOp::get(
+                doc_key.as_str(),
+                Some(GetOptions::new().with_keys_only()),
+            )]);
+        let resp = self.conn.txn(path, txn).await?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        let mut ops = resp.op_responses();
+        let current = kvs_at(&mut ops, 0)
+            .first()
+            .map(|kv| etag(kv.mod_revision()));
+        check_delete_precondition(path, if_match, current.as_deref()).map_err(tag)?;
+        // The compares saw exactly this state, so the check above failed.
+        Err(tag(Error::new(
+            ErrorKind::Aborted,
+            "delete precondition failed without a reason",
+        )
+        .with_path(path)))
+    }
+
+    async fn stat(&self, path: &str) -> Result<FileInfo> {
+        check_path(path, true).map_err(tag)?;
+        if path.is_empty() {
+            return Ok(dir_info(String::new()));
+        }
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.layout.doc(path), None),
+            TxnOp::get(self.layout.meta(path), None),
+            TxnOp::get(
+                self.layout.under(path),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            ),
+        ]);
+        let mut ops = self.conn.txn(path, txn).await?.op_responses();
+        if let Some(doc) = kvs_at(&mut ops, 0).first() {
+            let meta = kvs_at(&mut ops, 1).into_iter().next();
+            return Ok(file_info(path.to_owned(), doc, meta.as_ref()));
+        }
+        if count_at(&ops, 2) > 0 {
+            return Ok(dir_info(path.to_owned()));
+        }
+        Err(tag(
+            Error::not_found("no such document or directory").with_path(path)
+        ))
+    }
+
+    async fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
+        check_path(path, true).map_err(tag)?;
+        let under = self.layout.under(path);
+        let meta_under = self.layout.meta_under(path);
+        // With no prefix at the root, "" would be no range at all.
+        let docs = if under.is_empty() {
+            GetOptions::new().with_all_keys()
+        } else {
+            GetOptions::new().with_prefix()
+        };
+        let txn = Txn::new().and_then([
+            TxnOp::get(under.as_str(), Some(docs)),
+            TxnOp::get(meta_under.as_str(), Some(GetOptions::new().with_prefix())),
+        ]);
+        let mut ops = self.conn.txn(path, txn).await?.op_responses();
+        let metas: HashMap<Vec<u8>, KeyValue> = kvs_at(&mut ops, 1)
+            .into_iter()
+            .filter_map(|kv| {
+                let rest = kv.key().strip_prefix(meta_under.as_bytes())?.to_vec();
+                Some((rest, kv))
+            })
+            .collect();
+        let mut out = BTreeMap::new();
+        for kv in kvs_at(&mut ops, 0) {
+            let Some((child, deeper)) = self.layout.child(&under, kv.key()) else {
+                continue;
+            };
+            let child_path = join(path, child);
+            if deeper {
+                out.entry(child_path.clone())
+                    .or_insert_with(|| dir_info(child_path));
+            } else {
+                let meta = metas.get(child.as_bytes());
+                out.insert(child_path.clone(), file_info(child_path, &kv, meta));
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// Stores nothing: directories exist while documents lie below them.
+    /// Refuses a path where a document is, or below one.
+    ///
+    /// # Errors
+    /// [`ErrorKind::AlreadyExists`] when `path` or one of its parents is a
+    /// document.
+    async fn make_dir_if_not_exist(&self, path: &str) -> Result<()> {
+        check_path(path, true).map_err(tag)?;
+        if path.is_empty() {
+            return Ok(());
+        }
+        let chain: Vec<&str> = std::iter::once(path).chain(ancestors(path)).collect();
+        let txn = Txn::new().and_then(
+            chain
+                .iter()
+                .map(|p| TxnOp::get(self.layout.doc(p), Some(GetOptions::new().with_keys_only())))
+                .collect::<Vec<_>>(),
+        );
+        let mut ops = self.conn.txn(path, txn).await?.op_responses();
+        for (i, p) in chain.iter().enumerate() {
+            if !kvs_at(&mut ops, i).is_empty() {
+                return Err(tag(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("{p:?} is a document"),
+                )
+                .with_path(path)));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,246 @@
+//! Opening an S3 storage from an `s3://` URL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
+use ::object_store::{BackoffConfig, ClientConfigKey, ObjectStore, RetryConfig};
+
+use crate::error::{Error, Result};
+
+/// Default bound on every call.
+pub(super) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Retries of reads (GET, HEAD, LIST) within the call's timeout.
+const READ_RETRIES: usize = 3;
+
+/// What an `s3://` URL says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct S3Url {
+    pub(super) bucket: String,
+    pub(super) prefix: String,
+    pub(super) timeout: Duration,
+    pub(super) endpoint: Option<String>,
+    pub(super) region: Option<String>,
+    pub(super) allow_http: Option<bool>,
+}
+
+fn bad_url(url: &str, why: impl std::fmt::Display) -> Error {
+    let url = redact(url);
+    Error::invalid_input(format!(
+        "invalid S3 storage URL {url:?}: {why}; expected \
+         s3://BUCKET[/PREFIX][?timeout_ms=N&endpoint=URL&region=R&allow_http=true]"
+    ))
+    .with_backend("s3")
+}
+
+/// `url` with any user-info (`user:secret@`) replaced by `***@`, so that an
+/// error message never repeats a secret.
+pub(super) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+impl S3Url {
+    /// Parses `s3://bucket/prefix?timeout_ms=N&endpoint=…&region=…&allow_http=…`.
+    pub(super) fn parse(url: &str) -> Result<S3Url> {
+        let parsed = url::Url::parse(url).map_err(|e| bad_url(url, e))?;
+        if parsed.scheme() != "s3" {
+            return Err(bad_url(url, "the scheme must be s3"));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(bad_url(
+                url,
+                "credentials do not belong in the URL; set AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY",
+            ));
+        }
+        if parsed.port().is_some() {
+            return Err(bad_url(url, "a bucket name has no port; use endpoint="));
+        }
+        let bucket = parsed.host_str().unwrap_or_default();
+        if bucket.is_empty() || bucket.contains(['%', ' ']) {
+            return Err(bad_url(url, "missing or invalid bucket name"));
+        }
+        let prefix = percent_decode(parsed.path().trim_matches('/'))
+            .ok_or_else(|| bad_url(url, "the prefix is not valid percent-encoded UTF-8"))?;
+        if !prefix.is_empty() {
+            crate::storage::validate_path(&prefix, false)
+                .map_err(|e| bad_url(url, format!("bad prefix: {}", e.message())))?;
+        }
+        let mut out = S3Url {
+            bucket: bucket.to_owned(),
+            prefix,
+            timeout: DEFAULT_TIMEOUT,
+            endpoint: None,
+            region: None,
+            allow_http: None,
+        };
+        for (key, value) in parsed.query_pairs() {
+            match key.as_ref() {
+                "timeout_ms" => {
+                    let ms: u64 = value
+                        .parse()
+                        .ok()
+                        .filter(|ms| *ms > 0)
+                        .ok_or_else(|| bad_url(url, "timeout_ms must be a positive integer"))?;
+                    out.timeout = Duration::from_millis(ms);
+                }
+                "endpoint" => {
+                    let ep = url::Url::parse(&value)
+                        .ok()
+                        .filter(|ep| matches!(ep.scheme(), "http" | "https"))
+                        .ok_or_else(|| bad_url(url, "endpoint must be an http(s) URL"))?;
+                    out.endpoint = Some(ep.as_str().trim_end_matches('/').to_owned());
+                }
+                "region" if !value.is_empty() => out.region = Some(value.into_owned()),
+                "allow_http" => {
+                    out.allow_http = Some(match value.as_ref() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(bad_url(url, "allow_http must be true or false")),
+                    });
+                }
+                other => {
+                    return Err(bad_url(url, format!("unknown parameter {other:?}")));
+                }
+            }
+        }
+        if out
+            .endpoint
+            .as_deref()
+            .is_some_and(|ep| ep.starts_with("http:"))
+            && out.allow_http != Some(true)
+        {
+            return Err(bad_url(url, "a plain-http endpoint needs allow_http=true"));
+        }
+        Ok(out)
+    }
+
+    /// Builds the client from the environment plus this URL. `retries` is how
+    /// often object_store itself retries an idempotent request.
+    pub(super) fn build(&self, url: &str, retries: usize) -> Result<Arc<dyn ObjectStore>> {
+        let ms = |d: Duration| format!("{}ms", d.as_millis().max(1));
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&self.bucket)
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                ms(self.timeout),
+            )
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                ms(self.timeout),
+            )
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(50),
+                    max_backoff: (self.timeout / 4).max(Duration::from_millis(50)),
+                    base: 2.0,
+                },
+                max_retries: retries,
+                retry_timeout: self.timeout,
+            });
+        if let Some(endpoint) = &self.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(region) = &self.region {
+            builder = builder.with_region(region);
+        }
+        if let Some(allow) = self.allow_http {
+            builder = builder.with_allow_http(allow);
+        }
+        let store = builder
+            .build()
+            .map_err(|e| bad_url(url, "cannot configure the S3 client").with_source(e))?;
+        Ok(Arc::new(store))
+    }
+
+    /// The store for reads, with a few retries.
+    pub(super) fn build_read_store(&self, url: &str) -> Result<Arc<dyn ObjectStore>> {
+        self.build(url, READ_RETRIES)
+    }
+
+    /// The store for writes: no automatic retries, because a retried
+    /// conditional put whose first attempt was applied would answer
+    /// "precondition failed" for a write that succeeded, and a retried
+    /// unconditional put or delete could undo a newer write made meanwhile.
+    pub(super) fn build_write_store(&self, url: &str) -> Result<Arc<dyn ObjectStore>> {
+        self.build(url, 0)
+    }
+}
+
+/// Decodes `%XX` escapes; `None` for a malformed escape or invalid UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn parses() {
+        let u = S3Url::parse("s3://bkt/a/b%20c/?timeout_ms=1500&region=eu-west-1").unwrap();
+        assert_eq!(u.bucket, "bkt");
+        assert_eq!(u.prefix, "a/b c");
+        assert_eq!(u.timeout, Duration::from_millis(1500));
+        assert_eq!(u.region.as_deref(), Some("eu-west-1"));
+        let u = S3Url::parse("s3://bkt?endpoint=http://127.0.0.1:9000&allow_http=true").unwrap();
+        assert_eq!(u.prefix, "");
+        assert_eq!(u.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(u.allow_http, Some(true));
+    }
+
+    #[test]
+    fn redacts() {
+        assert_eq!(redact("s3://u:pw@b/x?y=1"), "s3://***@b/x?y=1");
+        assert_eq!(redact("s3://b/x@y"), "s3://b/x@y");
+        assert_eq!(redact("memory:"), "memory:");
+    }
+
+    #[test]
+    fn rejects() {
+        for bad in [
+            "s3://",
+            "s3:///prefix",
+            "s3://b/x?timeout_ms=0",
+            "s3://b/x?timeout_ms=abc",
+            "s3://b/x?nope=1",
+            "s3://b/x?endpoint=ftp://h",
+            "s3://b/x?endpoint=http://h",
+            "s3://b/x?allow_http=maybe",
+            "s3://user:secret@b/x",
+            "s3://b:9000/x",
+            "s3://b/a//x",
+            "s3://b/%ff",
+            "gs://b/x",
+        ] {
+            let e = S3Url::parse(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
+            assert!(e.to_string().contains(&redact(bad)), "{e} names {bad}");
+            assert!(!e.to_string().contains("secret"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Parsing a `postgres://` URL into the driver's configuration and ours.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio_postgres::config::SslMode;
+
+use crate::error::{Error, Result};
+
+/// Table used when the URL names none.
+pub(super) const DEFAULT_TABLE: &str = "metadatacache";
+/// Bound of every call when the URL sets no `timeout_ms`.
+pub(super) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections kept when the URL sets no `pool_size`.
+pub(super) const DEFAULT_POOL_SIZE: usize = 10;
+const MAX_POOL_SIZE: usize = 1000;
+
+/// Everything a `postgres://` URL says.
+pub(super) struct Settings {
+    /// What is left for the driver once our own parameters are removed.
+    pub(super) pg: tokio_postgres::Config,
+    /// A validated plain identifier.
+    pub(super) table: String,
+    pub(super) timeout: Duration,
+    pub(super) pool_size: usize,
+    /// The URL with its password replaced by `***`, for messages and Debug.
+    pub(super) redacted: String,
+}
+
+/// Parses `postgres://user:pass@host:port/db?table=NAME&timeout_ms=N&pool_size=N`
+/// (or `postgresql://`). Other query parameters go to the driver unchanged.
+pub(super) fn parse(url: &str) -> Result<Settings> {
+    let redacted = redact(url);
+    let bad = |why: String| Error::invalid_input(format!("postgres URL {redacted:?}: {why}"));
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(bad("expected postgres://user@host:port/db".into()));
+    }
+    if url.contains('#') {
+        return Err(bad("a fragment ('#') is not allowed".into()));
+    }
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut table = DEFAULT_TABLE.to_owned();
+    let mut timeout = DEFAULT_TIMEOUT;
+    let mut pool_size = DEFAULT_POOL_SIZE;
+    let mut driver_params = Vec::new();
+    for part in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = url::form_urlencoded::parse(part.as_bytes())
+            .next()
+            .unwrap_or_default();
+        match key.as_ref() {
+            "table" => {
+                if !is_identifier(&value) {
+                    return Err(bad(format!(
+                        "table {value:?} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]{{0,62}})"
+                    )));
+                }
+                table = value.into_owned();
+            }
+            "timeout_ms" => match value.parse::<u64>() {
+                Ok(ms) if ms > 0 => timeout = Duration::from_millis(ms),
+                _ => {
+                    return Err(bad(format!(
+                        "timeout_ms {value:?} is not a positive integer"
+                    )));
+                }
+            },
+            "pool_size" => match value.parse::<usize>() {
+                Ok(n) if (1..=MAX_POOL_SIZE).contains(&n) => pool_size = n,
+                _ => {
+                    return Err(bad(format!(
+                        "pool_size {value:?} is not an integer from 1 to {MAX_POOL_SIZE}"
+                    )));
+                }
+            },
+            _ => driver_params.push(part),
+        }
+    }
+    let driver_url = if driver_params.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", driver_params.join("&"))
+    };
+    let mut pg = tokio_postgres::Config::from_str(&driver_url)
+        .map_err(|e| bad(format!("not a valid connection URL: {e}")))?;
+    if pg.get_hosts().is_empty() {
+        return Err(bad("no host".into()));
+    }
+    if pg.get_ssl_mode() == SslMode::Require {
+        return Err(bad(
+            "sslmode=require is not supported: this backend connects without TLS".into(),
+        ));
+    }
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(timeout);
+    }
+    if pg.get_application_name().is_none() {
+        pg.application_name("metadatacache");
+    }
+    Ok(Settings {
+        pg,
+        table,
+        timeout,
+        pool_size,
+        redacted,
+    })
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]{0,62}`: safe to splice into SQL (it is quoted too).
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 63
+}
+
+/// The URL with the password of its user-info (and a `password=` query
+/// parameter) replaced by `***`.
+pub(super) fn redact(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(start) = out.find("://").map(|i| i + 3) {
+        let rest = &out[start..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            out.replace_range(start + colon + 1..start + at, "***");
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::ErrorKind;
+
+    fn parse_err(url: &str) -> Error {
+        match parse(url) {
+            Ok(_) => panic!("{url} parsed"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn parses_our_parameters_and_keeps_the_driver_ones() {
+        let s = parse(
+            "postgresql://u:pw@db.example:6543/app?table=docs_1&timeout_ms=250&pool_size=3&application_name=x",
+        )
+        .unwrap();
+        assert_eq!(s.table, "docs_1");
+        assert_eq!(s.timeout, Duration::from_millis(250));
+        assert_eq!(s.pool_size, 3);
+        assert_eq!(s.pg.get_dbname(), Some("app"));
+        assert_eq!(s.pg.get_user(), Some("u"));
+        assert_eq!(s.pg.get_application_name(), Some("x"));
+        assert_eq!(
+            s.pg.get_connect_timeout(),
+            Some(&Duration::from_millis(250))
+        );
+        assert_eq!(
+            s.redacted,
+            "postgresql://u:***@db.example:6543/app?table=docs_1&timeout_ms=250&pool_size=3&application_name=x"
+        );
+
+        let s = parse("postgres://u@h/db").unwrap();
+        assert_eq!(s.table, DEFAULT_TABLE);
+        assert_eq!(s.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(s.pool_size, DEFAULT_POOL_SIZE);
+    }
+
+    #[test]
+    fn bad_urls_are_invalid_input_naming_the_url() {
+        for url in [
+            "postgres://u@h/db?table=bad-name",
+            "postgres://u@h/db?table=1abc",
+            "postgres://u@h/db?table=",
+            "postgres://u@h/db?table=a%22b",
+            "postgres://u@h/db?timeout_ms=0",
+            "postgres://u@h/db?timeout_ms=soon",
+            "postgres://u@h/db?pool_size=0",
+            "postgres://u@h/db?sslmode=require",
+            "postgres://u@h/db?port=notaport",
+            "postgres://u@h:99999/db",
+            "postgres://u@h/db#frag",
+            "mysql://u@h/db",
+        ] {
+            let e = parse_err(url);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{url}");
+            assert!(e.to_string().contains(url), "{url}: {e}");
+        }
+        let long = format!("postgres://u@h/db?table={}", "t".repeat(64));
+        assert_eq!(parse_err(&long).kind(), ErrorKind::InvalidInput);
+        parse(&format!("postgres://u@h/db?table={}", "t".repeat(63))).unwrap();
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        let e = parse_err("postgres://u:hunter2@h/db?table=no-no");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert_eq!(
+            redact("postgres://h/db?user=u&password=hunter2"),
+            "postgres://h/db?user=u&password=***"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("postgres://u:p:q@h/db"), "postgres://u:***@h/db");
+    }
+}

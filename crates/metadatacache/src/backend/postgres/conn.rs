@@ -1,0 +1,225 @@
+//! Connections from the pool, deadlines, and the one mapping of driver
+//! errors to [`ErrorKind`]s.
+
+use deadpool_postgres::{Object, Pool, PoolError};
+use tokio::time::{Instant, timeout_at};
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use crate::error::{Error, ErrorKind};
+
+/// Statement parameters.
+pub(super) type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+/// What went wrong talking to the server, before it becomes an [`Error`].
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// Getting a connection from the pool failed: nothing was sent.
+    Pool(PoolError),
+    /// A statement failed (or its reply could not be decoded).
+    Pg(tokio_postgres::Error),
+    /// The call's deadline passed.
+    Timeout,
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Failure::Pg(e)
+    }
+}
+
+/// THE mapping of driver failures to error kinds.
+///
+/// - deadline passed, pool wait/create/recycle timeouts, a closed pool or
+///   connection, I/O and connect errors, SQLSTATE classes 08 (connection),
+///   53 (insufficient resources) and 57 (shutdown, cancel) → `Unavailable`;
+/// - SQLSTATE class 28 (authorization) and 42501 (insufficient privilege)
+///   → `PermissionDenied`;
+/// - 40001 (serialization) and 40P01 (deadlock) → `Aborted`;
+/// - any failure that is not an error reported by the server while a write
+///   was in flight (`write_in_flight`) → `Unavailable`: the write may or may
+///   not have been applied;
+/// - everything else → `Other`.
+pub(super) fn classify(failure: &Failure, write_in_flight: bool) -> ErrorKind {
+    let e = match failure {
+        Failure::Timeout => return ErrorKind::Unavailable,
+        Failure::Pool(PoolError::Backend(e)) => e,
+        Failure::Pool(PoolError::Timeout(_) | PoolError::Closed) => return ErrorKind::Unavailable,
+        Failure::Pool(_) => return ErrorKind::Other,
+        Failure::Pg(e) => e,
+    };
+    if let Some(state) = e.code() {
+        let code = state.code();
+        return match code {
+            _ if code.starts_with("28") || code == "42501" => ErrorKind::PermissionDenied,
+            "40001" | "40P01" => ErrorKind::Aborted,
+            _ if ["08", "53", "57"].iter().any(|c| code.starts_with(c)) => ErrorKind::Unavailable,
+            _ => ErrorKind::Other,
+        };
+    }
+    if write_in_flight && matches!(failure, Failure::Pg(_)) {
+        return ErrorKind::Unavailable;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return ErrorKind::Unavailable;
+        }
+        source = s.source();
+    }
+    // The driver's error kinds are private; these are its messages for a
+    // dead or unreachable server and for a refused login.
+    let text = e.to_string();
+    if e.is_closed()
+        || text.starts_with("error connecting to server")
+        || text.starts_with("error communicating with the server")
+        || text.starts_with("timeout waiting for server")
+    {
+        ErrorKind::Unavailable
+    } else if text.starts_with("authentication error") {
+        ErrorKind::PermissionDenied
+    } else {
+        ErrorKind::Other
+    }
+}
+
+/// A message for a failure of `kind`.
+pub(super) fn to_error(failure: Failure, write_in_flight: bool, timeout_ms: u128) -> Error {
+    let kind = classify(&failure, write_in_flight);
+    let ambiguous = if write_in_flight && kind == ErrorKind::Unavailable {
+        "; the write may or may not have been applied"
+    } else {
+        ""
+    };
+    match failure {
+        Failure::Timeout => Error::new(
+            kind,
+            format!("no answer within the {timeout_ms} ms timeout{ambiguous}"),
+        ),
+        Failure::Pool(e) => Error::new(kind, "cannot get a database connection").with_source(e),
+        Failure::Pg(e) => {
+            let message = match e.as_db_error() {
+                // The server's own words are more useful than "db error".
+                Some(db) => format!("{}: {}{ambiguous}", db.code().code(), db.message()),
+                None => format!("statement failed{ambiguous}"),
+            };
+            Error::new(kind, message).with_source(e)
+        }
+    }
+}
+
+/// True when the connection a failure came from must not be used again.
+fn breaks_connection(failure: &Failure) -> bool {
+    match failure {
+        Failure::Timeout | Failure::Pool(_) => true,
+        Failure::Pg(e) => {
+            e.is_closed()
+                || e.code().is_none_or(|c| {
+                    let c = c.code();
+                    c.starts_with("08") || c.starts_with("57")
+                })
+        }
+    }
+}
+
+/// A pooled connection; dropped from the pool instead of returned to it once
+/// a statement on it timed out or hit a connection error, so that the next
+/// call gets a fresh one (the server may have restarted).
+pub(super) struct Conn {
+    object: Option<Object>,
+    broken: bool,
+}
+
+impl Conn {
+    /// A connection from `pool`, waiting no longer than `deadline`.
+    pub(super) async fn get(pool: &Pool, deadline: Instant) -> Result<Conn, Failure> {
+        match timeout_at(deadline, pool.get()).await {
+            Ok(Ok(object)) => Ok(Conn {
+                object: Some(object),
+                broken: false,
+            }),
+            Ok(Err(e)) => Err(Failure::Pool(e)),
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    /// Runs a (cached) prepared statement before `deadline`.
+    pub(super) async fn query(
+        &mut self,
+        deadline: Instant,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> Result<Vec<Row>, Failure> {
+        let Some(client) = self.object.as_ref() else {
+            return Err(Failure::Timeout);
+        };
+        let run = async {
+            let statement = client.prepare_cached(sql).await?;
+            client.query(&statement, params).await
+        };
+        let res = match timeout_at(deadline, run).await {
+            Ok(Ok(rows)) => return Ok(rows),
+            Ok(Err(e)) => Failure::Pg(e),
+            Err(_) => {
+                cancel(client);
+                Failure::Timeout
+            }
+        };
+        self.broken |= breaks_connection(&res);
+        Err(res)
+    }
+
+    /// Runs SQL text with the simple protocol before `deadline`.
+    pub(super) async fn batch(&mut self, deadline: Instant, sql: &str) -> Result<(), Failure> {
+        let Some(client) = self.object.as_ref() else {
+            return Err(Failure::Timeout);
+        };
+        let res = match timeout_at(deadline, client.batch_execute(sql)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => Failure::Pg(e),
+            Err(_) => {
+                cancel(client);
+                Failure::Timeout
+            }
+        };
+        self.broken |= breaks_connection(&res);
+        Err(res)
+    }
+}
+
+/// Asks the server, in the background, to cancel what the connection is
+/// running: a statement we stopped waiting for (say, blocked on a lock)
+/// should not be applied long after we reported it as unknown. Best effort
+/// and racy — the caller still reports the outcome as unknown.
+fn cancel(client: &tokio_postgres::Client) {
+    let token = client.cancel_token();
+    tokio::spawn(async move {
+        let _ =
+            tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(tokio_postgres::NoTls)).await;
+    });
+}
+
+/// How long a background cancel request may take.
+const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.broken
+            && let Some(object) = self.object.take()
+        {
+            // Detach it from the pool; dropping the client ends its
+            // connection task.
+            drop(Object::take(object));
+        }
+    }
+}
+
+/// Whether a failed read is worth one more try on a fresh connection: the
+/// connection it used was dead (e.g. the server restarted since it was
+/// opened) and the deadline has not passed.
+pub(super) fn retry_read(failure: &Failure, deadline: Instant) -> bool {
+    matches!(failure, Failure::Pg(_))
+        && breaks_connection(failure)
+        && classify(failure, false) == ErrorKind::Unavailable
+        && Instant::now() < deadline
+}

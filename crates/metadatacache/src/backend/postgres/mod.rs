@@ -1,0 +1,435 @@
+//! PostgreSQL storage: one table of (path, content, etag, mtime).
+
+mod config;
+mod conn;
+mod sql;
+mod write;
+
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::time::Instant;
+use tokio_postgres::NoTls;
+use tokio_postgres::Row;
+
+use self::conn::{Conn, Failure, Params, retry_read, to_error};
+use self::sql::{Sql, below};
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::{
+    DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest, UploadResponse,
+    join, validate_path,
+};
+
+const BACKEND: &str = "postgres";
+
+/// Storage in one PostgreSQL table.
+///
+/// # URL
+///
+/// `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE?table=NAME&timeout_ms=N&pool_size=N`
+/// (`postgresql://` works too). Our own parameters:
+///
+/// - `table` — the table (default `metadatacache`); a plain identifier
+///   `[A-Za-z_][A-Za-z0-9_]{0,62}`;
+/// - `timeout_ms` — the bound of every call, including waiting for and
+///   opening a connection (default 5000); also the connect timeout unless
+///   `connect_timeout` is given;
+/// - `pool_size` — connections kept open (default 10).
+///
+/// Every other query parameter (`application_name`, `options`, `host` for a
+/// Unix socket directory, …) goes to the driver as in libpq. Connections do
+/// not use TLS (`sslmode=require` is refused).
+///
+/// # Table and semantics
+///
+/// `path TEXT COLLATE "C" PRIMARY KEY, content BYTEA, etag TEXT, mtime
+/// TIMESTAMPTZ`, created by [`connect`](PostgresStorage::connect) and again
+/// by [`init`](Storage::init) if missing (several processes may do this at
+/// once). Each write is one statement, so its preconditions hold atomically
+/// against every other client: create-only is `INSERT … ON CONFLICT DO
+/// NOTHING`, `if_match` is `UPDATE … WHERE etag = $etag`, `if_none_match`
+/// etags and `if_unmodified_since` are part of the `WHERE` clause.
+///
+/// Etags are 128-bit values chosen by the writer: 64 random bits fixed per
+/// storage object (seeded by the OS) and a counter, so every write gets a new
+/// etag, also when the content is unchanged. Because an etag is unique to
+/// the write that made it, a write whose reply was lost is looked up once
+/// (time permitting): finding its etag stored proves it was applied.
+/// Otherwise such a write fails with [`ErrorKind::Unavailable`]: it may or
+/// may not have been applied.
+///
+/// Directories are not stored: a directory exists while a document lies
+/// under it, and [`make_dir_if_not_exist`](Storage::make_dir_if_not_exist)
+/// is a no-op. A new document may not sit at a directory or below a
+/// document ([`ErrorKind::InvalidInput`]); this is checked in the insert
+/// statement itself, which closes all but a narrow race between two
+/// concurrent first writes of a path and a path below it.
+///
+/// Connections come from a pool; one that timed out or failed is dropped, so
+/// after the server restarts the same storage object works again.
+///
+/// ```no_run
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use metadatacache::{PostgresStorage, Storage};
+/// let storage =
+///     PostgresStorage::connect("postgres://app@127.0.0.1:5432/app?table=documents&timeout_ms=2000")
+///         .await?;
+/// storage.simple_upload("users/alice.json", "{}".into()).await?;
+/// assert_eq!(storage.read_dir("users").await?, vec!["users/alice.json".to_string()]);
+/// # Ok::<_, metadatacache::Error>(()) }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct PostgresStorage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    sql: Sql,
+    table: String,
+    timeout: Duration,
+    redacted_url: String,
+    writer_id: u64,
+    writes: AtomicU64,
+}
+
+impl fmt::Debug for PostgresStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStorage")
+            .field("url", &self.inner.redacted_url)
+            .field("table", &self.inner.table)
+            .field("timeout", &self.inner.timeout)
+            .field("pool", &self.inner.pool.status())
+            .finish()
+    }
+}
+
+fn tag(e: Error, path: &str) -> Error {
+    e.with_backend(BACKEND).with_path(path)
+}
+
+/// 64 bits that differ between processes and storage objects.
+fn random_writer_id() -> u64 {
+    // RandomState keys come from the OS's random source.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u64(fastrand::u64(..));
+    h.finish()
+}
+
+impl PostgresStorage {
+    /// Connects to the server a `postgres://` URL names and creates the table
+    /// if it is missing. See the type's documentation for the URL.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] naming the URL (password hidden) when it
+    /// is malformed; [`ErrorKind::Unavailable`] when the server cannot be
+    /// reached within the timeout; [`ErrorKind::PermissionDenied`] when it
+    /// refuses the login or the table cannot be created.
+    pub async fn connect(url: &str) -> Result<PostgresStorage> {
+        let settings = config::parse(url).map_err(|e| e.with_backend(BACKEND))?;
+        let manager = Manager::from_config(
+            settings.pg,
+            NoTls,
+            ManagerConfig {
+                // A connection closed by the server is noticed by the
+                // driver and replaced here; one that fails silently is
+                // dropped by `Conn` after its first failure.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size)
+            .wait_timeout(Some(settings.timeout))
+            .create_timeout(Some(settings.timeout))
+            .recycle_timeout(Some(settings.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| {
+                Error::new(ErrorKind::Other, "cannot build the connection pool")
+                    .with_backend(BACKEND)
+                    .with_source(e)
+            })?;
+        let storage = PostgresStorage {
+            inner: Arc::new(Inner {
+                pool,
+                sql: Sql::new(&settings.table),
+                table: settings.table,
+                timeout: settings.timeout,
+                redacted_url: settings.redacted,
+                writer_id: random_writer_id(),
+                writes: AtomicU64::new(0),
+            }),
+        };
+        storage.ensure_schema().await?;
+        Ok(storage)
+    }
+
+    /// The table this storage uses.
+    pub fn table(&self) -> &str {
+        &self.inner.table
+    }
+
+    /// The bound of every call.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.inner.timeout
+    }
+
+    fn fail(&self, failure: Failure, write_in_flight: bool, path: &str) -> Error {
+        let e = to_error(failure, write_in_flight, self.inner.timeout.as_millis());
+        tag(e, path)
+    }
+
+    fn new_etag(&self) -> String {
+        let n = self.inner.writes.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}{n:016x}", self.inner.writer_id)
+    }
+
+    async fn ensure_schema(&self) -> Result<()> {
+        let deadline = self.deadline();
+        let run = async {
+            let mut conn = Conn::get(&self.inner.pool, deadline).await?;
+            conn.batch(deadline, &self.inner.sql.create_table).await
+        };
+        match run.await {
+            Ok(()) => Ok(()),
+            // Two sessions creating the table at once: the loser fails on
+            // the catalog's unique index (23505) or finds the relation
+            // (42P07). Either way the table now exists.
+            Err(Failure::Pg(e))
+                if e.code()
+                    .is_some_and(|c| matches!(c.code(), "23505" | "42P07")) =>
+            {
+                Ok(())
+            }
+            Err(f) => {
+                let e = to_error(f, false, self.inner.timeout.as_millis());
+                let message = format!(
+                    "{} (table {:?} at {})",
+                    e.message(),
+                    self.inner.table,
+                    self.inner.redacted_url
+                );
+                Err(e.with_message(message).with_backend(BACKEND))
+            }
+        }
+    }
+
+    /// A read-only statement, tried once more on a fresh connection when
+    /// the pooled one turns out dead.
+    async fn read(
+        &self,
+        deadline: Instant,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> Result<Vec<Row>, Failure> {
+        let mut retried = false;
+        loop {
+            let res = async {
+                let mut conn = Conn::get(&self.inner.pool, deadline).await?;
+                conn.query(deadline, sql, params).await
+            }
+            .await;
+            match res {
+                Err(f) if !retried && retry_read(&f, deadline) => retried = true,
+                other => return other,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Storage for PostgresStorage {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    /// Ensures the table exists (idempotent). `name` is not used: the table
+    /// comes from the URL, and paths are the only namespace inside it.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] when the server cannot be reached;
+    /// [`ErrorKind::PermissionDenied`] when the table cannot be created.
+    async fn init(&self, _name: &str) -> Result<()> {
+        self.ensure_schema().await
+    }
+
+    /// Writes a document in one statement that also checks the
+    /// preconditions.
+    ///
+    /// # Errors
+    /// As [`Storage::upload`]; [`ErrorKind::InvalidInput`] when a directory
+    /// or a parent document is in the way; [`ErrorKind::Aborted`] when the
+    /// document changed between the write and the check of why it failed.
+    async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {
+        self.write(req).await
+    }
+
+    /// Reads a document; a matching `if_none_match` makes the server leave
+    /// the content out of its reply.
+    ///
+    /// # Errors
+    /// As [`Storage::download`]; [`ErrorKind::Unavailable`] when the server
+    /// does not answer within the timeout.
+    async fn download(&self, req: DownloadRequest) -> Result<DownloadResponse> {
+        validate_path(&req.path, false).map_err(|e| e.with_backend(BACKEND))?;
+        let path = req.path.as_str();
+        let rows = self
+            .read(
+                self.deadline(),
+                &self.inner.sql.download,
+                &[&path, &req.if_none_match],
+            )
+            .await
+            .map_err(|f| self.fail(f, false, path))?;
+        let Some(row) = rows.first() else {
+            return Err(tag(Error::not_found("no such document"), path));
+        };
+        let decode = || {
+            Ok::<_, tokio_postgres::Error>((
+                row.try_get::<_, String>(0)?,
+                row.try_get::<_, SystemTime>(1)?,
+                row.try_get::<_, Option<Vec<u8>>>(2)?,
+            ))
+        };
+        match decode() {
+            Ok((etag, mtime, Some(content))) => Ok(DownloadResponse {
+                content: Bytes::from(content),
+                etag,
+                mtime,
+            }),
+            Ok((_, _, None)) => Err(tag(
+                Error::new(ErrorKind::NotModified, "etag unchanged"),
+                path,
+            )),
+            Err(e) => Err(self.fail(Failure::Pg(e), false, path)),
+        }
+    }
+
+    /// Deletes a document in one statement that also checks `if_match`.
+    ///
+    /// # Errors
+    /// As [`Storage::delete_if_match`]; [`ErrorKind::Unavailable`] when the
+    /// outcome is unknown.
+    async fn delete_if_match(&self, path: &str, if_match: Option<&str>) -> Result<()> {
+        self.remove(path, if_match).await
+    }
+
+    /// Describes a document, or a directory when documents lie under `path`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] when neither exists.
+    async fn stat(&self, path: &str) -> Result<FileInfo> {
+        validate_path(path, true).map_err(|e| e.with_backend(BACKEND))?;
+        if path.is_empty() {
+            return Ok(dir_info(String::new()));
+        }
+        let (lo, hi) = below(path);
+        let rows = self
+            .read(self.deadline(), &self.inner.sql.stat, &[&path, &lo, &hi])
+            .await
+            .map_err(|f| self.fail(f, false, path))?;
+        let decode = |row: &Row| {
+            Ok::<_, tokio_postgres::Error>((
+                row.try_get::<_, Option<String>>(0)?,
+                row.try_get::<_, Option<SystemTime>>(1)?,
+                row.try_get::<_, Option<i64>>(2)?,
+                row.try_get::<_, bool>(3)?,
+            ))
+        };
+        match rows.first().map(decode) {
+            Some(Ok((Some(etag), mtime, size, _))) => {
+                Ok(file_info(path.to_owned(), etag, size, mtime))
+            }
+            Some(Ok((None, _, _, true))) => Ok(dir_info(path.to_owned())),
+            Some(Ok(_)) | None => Err(tag(Error::not_found("no such document or directory"), path)),
+            Some(Err(e)) => Err(self.fail(Failure::Pg(e), false, path)),
+        }
+    }
+
+    /// Lists the direct children of `path`, sorted; the server sends names,
+    /// sizes and etags, never contents.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] when the server does not answer.
+    async fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
+        validate_path(path, true).map_err(|e| e.with_backend(BACKEND))?;
+        let deadline = self.deadline();
+        let sql = &self.inner.sql;
+        let rows = if path.is_empty() {
+            self.read(deadline, &sql.list_root, &[]).await
+        } else {
+            let (lo, hi) = below(path);
+            // `substr` counts characters; `lo` is at most 1025 bytes.
+            let start = i32::try_from(lo.chars().count() + 1).unwrap_or(i32::MAX);
+            self.read(deadline, &sql.list_dir, &[&lo, &hi, &start])
+                .await
+        }
+        .map_err(|f| self.fail(f, false, path))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let decode = || {
+                Ok::<_, tokio_postgres::Error>((
+                    row.try_get::<_, String>(0)?,
+                    row.try_get::<_, Option<String>>(1)?,
+                    row.try_get::<_, Option<i64>>(2)?,
+                    row.try_get::<_, Option<SystemTime>>(3)?,
+                ))
+            };
+            let (name, etag, size, mtime) =
+                decode().map_err(|e| self.fail(Failure::Pg(e), false, path))?;
+            let child = join(path, &name);
+            // A document and a directory at one path (only possible after
+            // the placement race) is shown as the document.
+            out.push(match etag {
+                Some(etag) => file_info(child, etag, size, mtime),
+                None => dir_info(child),
+            });
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    /// A no-op: directories exist while documents lie under them.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad path.
+    async fn make_dir_if_not_exist(&self, path: &str) -> Result<()> {
+        validate_path(path, true).map_err(|e| e.with_backend(BACKEND))
+    }
+}
+
+fn file_info(path: String, etag: String, size: Option<i64>, mtime: Option<SystemTime>) -> FileInfo {
+    FileInfo {
+        path,
+        kind: EntryKind::File,
+        size: size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+        mtime,
+        etag: Some(etag),
+    }
+}
+
+fn dir_info(path: String) -> FileInfo {
+    FileInfo {
+        path,
+        kind: EntryKind::Dir,
+        size: 0,
+        mtime: None,
+        etag: None,
+    }
+}

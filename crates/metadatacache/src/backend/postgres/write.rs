@@ -1,0 +1,191 @@
+//! Writes and deletes: one conditional statement each, then — when it
+//! changed nothing — a look at why.
+
+use std::time::SystemTime;
+
+use tokio::time::Instant;
+
+use super::conn::{Conn, Failure, Params};
+use super::sql::{ancestors, below};
+use super::{BACKEND, PostgresStorage, tag};
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::{
+    UploadRequest, UploadResponse, check_delete_precondition, check_upload_preconditions,
+    validate_path,
+};
+
+impl PostgresStorage {
+    /// [`Storage::upload`](crate::Storage::upload).
+    pub(super) async fn write(&self, req: UploadRequest) -> Result<UploadResponse> {
+        validate_path(&req.path, false).map_err(|e| e.with_backend(BACKEND))?;
+        let deadline = self.deadline();
+        let path = req.path.as_str();
+        let etag = self.new_etag();
+        let content: &[u8] = &req.content;
+        let parents = ancestors(path);
+        let (lo, hi) = below(path);
+        let if_match = req.if_match.as_deref().filter(|e| *e != "*");
+        let since = req.if_unmodified_since;
+        let sql = &self.inner.sql;
+        let mut conn = Conn::get(&self.inner.pool, deadline)
+            .await
+            .map_err(|f| self.fail(f, false, path))?;
+        let res = if req.is_create_only() {
+            let params: &Params<'_> = &[&path, &content, &etag, &req.mtime, &parents, &lo, &hi];
+            conn.query(deadline, &sql.insert_new, params).await
+        } else if req.if_match.is_some() {
+            let params: &Params<'_> = &[
+                &path,
+                &content,
+                &etag,
+                &req.mtime,
+                &if_match,
+                &req.if_none_match,
+                &since,
+            ];
+            conn.query(deadline, &sql.update_match, params).await
+        } else {
+            let params: &Params<'_> = &[
+                &path,
+                &content,
+                &etag,
+                &req.mtime,
+                &parents,
+                &lo,
+                &hi,
+                &req.if_none_match,
+                &since,
+            ];
+            conn.query(deadline, &sql.upsert, params).await
+        };
+        let rows = match res {
+            Ok(rows) => rows,
+            Err(f) => {
+                let e = self.fail(f, true, path);
+                if e.kind() != ErrorKind::Unavailable {
+                    return Err(e);
+                }
+                drop(conn);
+                return match self.find_own_write(deadline, path, &etag).await {
+                    Some(mtime) => Ok(UploadResponse { etag, mtime }),
+                    None => Err(e),
+                };
+            }
+        };
+        match rows.first() {
+            Some(row) => match row.try_get::<_, SystemTime>(0) {
+                Ok(mtime) => Ok(UploadResponse { etag, mtime }),
+                // Written, but the reply is unreadable: report it as unknown.
+                Err(e) => Err(self.fail(Failure::Pg(e), true, path)),
+            },
+            None => Err(self.explain_unwritten(&mut conn, deadline, &req).await),
+        }
+    }
+
+    /// [`Storage::delete_if_match`](crate::Storage::delete_if_match).
+    pub(super) async fn remove(&self, path: &str, if_match: Option<&str>) -> Result<()> {
+        validate_path(path, false).map_err(|e| e.with_backend(BACKEND))?;
+        let deadline = self.deadline();
+        let want = if_match.filter(|e| *e != "*");
+        let mut conn = Conn::get(&self.inner.pool, deadline)
+            .await
+            .map_err(|f| self.fail(f, false, path))?;
+        let rows = conn
+            .query(deadline, &self.inner.sql.delete, &[&path, &want])
+            .await
+            .map_err(|f| self.fail(f, true, path))?;
+        if !rows.is_empty() {
+            return Ok(());
+        }
+        if want.is_none() {
+            return Err(tag(Error::not_found("no such document"), path));
+        }
+        let rows = conn
+            .query(deadline, &self.inner.sql.head, &[&path])
+            .await
+            .map_err(|f| self.fail(f, false, path))?;
+        let current = match rows.first().map(|r| r.try_get::<_, String>(0)) {
+            None => None,
+            Some(Ok(etag)) => Some(etag),
+            Some(Err(e)) => return Err(self.fail(Failure::Pg(e), false, path)),
+        };
+        check_delete_precondition(path, if_match, current.as_deref()).map_err(|e| tag(e, path))?;
+        Err(tag(
+            Error::new(
+                ErrorKind::Aborted,
+                "the document changed concurrently; nothing was deleted",
+            ),
+            path,
+        ))
+    }
+
+    /// Why a write changed nothing.
+    async fn explain_unwritten(
+        &self,
+        conn: &mut Conn,
+        deadline: Instant,
+        req: &UploadRequest,
+    ) -> Error {
+        let path = req.path.as_str();
+        let parents = ancestors(path);
+        let (lo, hi) = below(path);
+        let rows = match conn
+            .query(
+                deadline,
+                &self.inner.sql.probe,
+                &[&path, &parents, &lo, &hi],
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(f) => return self.fail(f, false, path),
+        };
+        let probe = rows.first().map(|row| {
+            Ok::<_, tokio_postgres::Error>((
+                row.try_get::<_, Option<String>>(0)?,
+                row.try_get::<_, Option<SystemTime>>(1)?,
+                row.try_get::<_, bool>(2)?,
+            ))
+        });
+        let (etag, mtime, blocked) = match probe {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => return self.fail(Failure::Pg(e), false, path),
+            None => return tag(Error::new(ErrorKind::Other, "probe returned no row"), path),
+        };
+        let current = etag.as_deref().zip(mtime);
+        if let Err(e) = check_upload_preconditions(req, current) {
+            return tag(e, path);
+        }
+        if current.is_none() && blocked && req.if_match.is_none() {
+            return tag(
+                Error::invalid_input(
+                    "a directory exists at this path, or a parent path is a document",
+                ),
+                path,
+            );
+        }
+        tag(
+            Error::new(
+                ErrorKind::Aborted,
+                "the document changed concurrently; nothing was written",
+            ),
+            path,
+        )
+    }
+
+    /// After a write's reply was lost: its etag stored means it was applied.
+    async fn find_own_write(
+        &self,
+        deadline: Instant,
+        path: &str,
+        etag: &str,
+    ) -> Option<SystemTime> {
+        let rows = self
+            .read(deadline, &self.inner.sql.head, &[&path])
+            .await
+            .ok()?;
+        let row = rows.first()?;
+        let stored: String = row.try_get(0).ok()?;
+        (stored == etag).then(|| row.try_get(1).ok()).flatten()
+    }
+}
