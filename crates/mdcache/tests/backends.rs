@@ -70,13 +70,18 @@ fn torture_on_postgres_loses_nothing() {
 #[cfg(feature = "s3")]
 #[test]
 fn torture_on_s3_loses_nothing() {
-    let Some(server) = servers::moto() else { return };
+    let Some(server) = servers::moto() else {
+        return;
+    };
     servers::create_bucket(server.addr(), "torture");
     torture(
         &format!(
             "s3://torture/run?endpoint=http://{}&allow_http=true&region=us-east-1",
             server.addr()
         ),
-        &[("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test")],
+        &[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+        ],
     );
 }

@@ -117,6 +117,12 @@ where
     where
         F: FnMut(V) -> Result<(V, bool)> + Send,
     {
+        // Uncontended: lead a batch of one without queueing.
+        if let Some(lock) = self.inner.locks.try_lock(&key) {
+            let path = (self.inner.opts.path)(&key);
+            let mut g = KeyGuard::new(self.clone(), lock, path);
+            return self.lead(&mut g, create, call, &mut f).await;
+        }
         loop {
             let (tx, mut rx) = mpsc::unbounded_channel();
             let member = Member { tx, create, call };

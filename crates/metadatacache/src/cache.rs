@@ -11,6 +11,8 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Instant;
 
+use foldhash::fast::RandomState;
+
 /// A committed cache entry: exactly what storage held at `validated`.
 pub(crate) struct Cached<V> {
     pub(crate) value: Arc<V>,
@@ -58,7 +60,8 @@ impl Capacity {
 }
 
 pub(crate) struct Cache<K, V> {
-    map: HashMap<K, Cached<V>>,
+    // foldhash: fast, and seeded per process (keys may come from users).
+    map: HashMap<K, Cached<V>, RandomState>,
     /// Keys in insertion order, for the CLOCK hand; only kept when bounded.
     /// May hold keys already removed from `map` (skipped when reached).
     ring: VecDeque<K>,
@@ -69,7 +72,7 @@ pub(crate) struct Cache<K, V> {
 impl<K: Eq + Hash + Clone, V> Cache<K, V> {
     pub(crate) fn new(capacity: Capacity) -> Self {
         Cache {
-            map: HashMap::new(),
+            map: HashMap::default(),
             ring: VecDeque::new(),
             bytes: 0,
             capacity,

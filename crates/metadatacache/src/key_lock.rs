@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use foldhash::fast::RandomState;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 type Slot = Arc<AsyncMutex<()>>;
@@ -36,17 +37,17 @@ impl<Q> Default for Entry<Q> {
 #[derive(Debug)]
 pub(crate) struct KeyLocks<K, Q = ()> {
     // A std mutex, never held across an await: it only guards the lookup.
-    table: Mutex<HashMap<K, Entry<Q>>>,
+    table: Mutex<HashMap<K, Entry<Q>, RandomState>>,
 }
 
 impl<K, Q> KeyLocks<K, Q> {
     pub(crate) fn new() -> Self {
         KeyLocks {
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(HashMap::default()),
         }
     }
 
-    fn table(&self) -> MutexGuard<'_, HashMap<K, Entry<Q>>> {
+    fn table(&self) -> MutexGuard<'_, HashMap<K, Entry<Q>, RandomState>> {
         // Every critical section is a single map operation; a poisoned map is
         // still consistent.
         self.table.lock().unwrap_or_else(|p| p.into_inner())
@@ -78,6 +79,27 @@ impl<K: Eq + Hash + Clone, Q> KeyLocks<K, Q> {
     /// sees `item`.
     pub(crate) async fn lock_queued(self: &Arc<Self>, key: K, item: Q) -> KeyLockGuard<K, Q> {
         self.lock_inner(key, Some(item)).await
+    }
+
+    /// The lock on `key` if nobody holds or waits for it, without waiting.
+    pub(crate) fn try_lock(self: &Arc<Self>, key: &K) -> Option<KeyLockGuard<K, Q>> {
+        let mut table = self.table();
+        if table.contains_key(key) {
+            return None; // held or awaited: queue up instead
+        }
+        let entry = table.entry(key.clone()).or_default();
+        let Ok(guard) = Arc::clone(&entry.slot).try_lock_owned() else {
+            // Unreachable for a fresh entry; never leave it behind.
+            table.remove(key);
+            return None;
+        };
+        entry.users = 1;
+        drop(table);
+        Some(KeyLockGuard {
+            locks: Arc::clone(self),
+            key: Some(key.clone()),
+            guard: Some(guard),
+        })
     }
 
     /// Takes everything queued for `key`'s lock holder, oldest first.

@@ -290,7 +290,12 @@ pub fn validate_path(path: &str, allow_root: bool) -> Result<()> {
     if path.starts_with('/') {
         return bad("absolute path; paths are relative to the storage root");
     }
-    if let Some(c) = path.chars().find(|c| c.is_control() || *c == '\\') {
+    // Printable ASCII without backslashes (the usual case) needs no char
+    // scan.
+    let plain = path
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'\\');
+    if !plain && let Some(c) = path.chars().find(|c| c.is_control() || *c == '\\') {
         return if c == '\\' {
             bad("backslash in path")
         } else {

@@ -123,7 +123,7 @@ impl Storage for MemoryStorage {
             state.check_placement(&req.path).map_err(tag)?;
         }
         state.next_version += 1;
-        let etag = format!("m{:x}", state.next_version);
+        let etag = version_etag(state.next_version);
         let mtime = req.mtime.unwrap_or_else(SystemTime::now);
         state.files.insert(
             req.path,
@@ -233,6 +233,19 @@ impl Storage for MemoryStorage {
     }
 }
 
+/// `m` and the version in hex, without going through `format!` (this is on
+/// every write's path).
+fn version_etag(v: u64) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(17);
+    out.push('m');
+    let digits = (64 - v.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(char::from(HEX[((v >> (4 * i)) & 0xf) as usize]));
+    }
+    out
+}
+
 fn file_info(path: &str, doc: &Doc) -> FileInfo {
     FileInfo {
         path: path.to_owned(),
@@ -250,5 +263,15 @@ fn dir_info(path: String) -> FileInfo {
         size: 0,
         mtime: None,
         etag: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn version_etags_are_hex() {
+        for v in [0u64, 1, 15, 16, 255, 0xabc, u64::MAX] {
+            assert_eq!(super::version_etag(v), format!("m{v:x}"));
+        }
     }
 }
