@@ -423,6 +423,38 @@ fn torture_history_check_is_clean_and_catches_a_broken_storage() {
     assert!(violations > 0, "{text}");
 }
 
+/// One hot key, 4 replica processes × 8 tasks, default retry policy: every
+/// update gets through (no give-ups), none is lost.
+#[test]
+fn hot_key_across_four_processes_never_gives_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "torture",
+        "--replicas",
+        "4",
+        "--tasks",
+        "8",
+        "--keys",
+        "1",
+        "--updates",
+        "300",
+    ];
+    let out = mdcache(dir.path(), &args, None);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{out:?}");
+    for (row, want) in [
+        ("give-ups", " 0"),
+        ("acknowledged", " 1200"),
+        ("lost", " 0"),
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(row) && l.ends_with(want)),
+            "{row}: {text}"
+        );
+    }
+}
+
 #[test]
 fn torture_refuses_memory_storage() {
     let dir = tempfile::tempdir().unwrap();

@@ -307,6 +307,55 @@ where
         .await
     }
 
+    /// Overwrites `key` with `value`, whatever storage holds now — also a
+    /// document that no longer decodes, which [`update`](Self::update)
+    /// refuses to touch. Still a compare-and-swap (on the stored version's
+    /// etag), retried on conflict, so a concurrent write is overwritten only
+    /// if it landed first.
+    ///
+    /// # Errors
+    /// Storage errors; after `retries` conflicting attempts, an error naming
+    /// the key.
+    pub async fn reset(&self, key: K, value: V) -> Result<()> {
+        let call = Instant::now();
+        let span = tracing::debug_span!(
+            "reset",
+            key = %key,
+            attempts = tracing::field::Empty,
+            outcome = tracing::field::Empty
+        );
+        async {
+            let mut g = self.lock(key).await;
+            let value = Arc::new(value);
+            let mut attempt: usize = 0;
+            let res = loop {
+                attempt += 1;
+                tracing::Span::current().record("attempts", attempt);
+                // The raw etag: no decoding of what is there.
+                let etag = match self.inner.opts.storage.stat(g.path()).await {
+                    Ok(info) if info.is_file() => info.etag.map(Arc::<str>::from),
+                    Ok(_) => {
+                        break Err(Error::invalid_input("a directory exists at the key's path")
+                            .with_path(g.path()));
+                    }
+                    Err(e) if e.kind() == ErrorKind::NotFound => None,
+                    Err(e) => break Err(e),
+                };
+                match g.write(Arc::clone(&value), etag).await {
+                    Ok(()) => break Ok(()),
+                    Err(e) if e.is_conflict() => {
+                        self.after_conflict("reset", &g, call, attempt, e).await?;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            record_outcome(&res);
+            res
+        }
+        .instrument(span)
+        .await
+    }
+
     /// Deletes `key` from storage (compare-and-swap on the etag it last saw,
     /// retried on conflict) and drops it from the cache.
     ///

@@ -537,6 +537,53 @@ async fn undecodable_document_is_a_codec_error_naming_the_path() {
 }
 
 #[tokio::test]
+async fn corrupt_documents_keep_the_last_good_value_until_reset() {
+    let storage = memory();
+    let store = store_on(Arc::clone(&storage));
+    store
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap();
+    for garbage in ["", "{\"a\": 1", "\u{0}\u{1}binary", "[1, 2, 3]"] {
+        storage
+            .simple_upload("users/u.json", garbage.as_bytes().to_vec().into())
+            .await
+            .unwrap();
+        let mut g = store.lock("u".into()).await;
+        let err = g.get().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Codec, "{garbage:?}");
+        assert!(err.to_string().contains("users/u.json"), "{err}");
+        // The cache keeps its last good value.
+        assert!(g.is_cached());
+        drop(g);
+        let err = store
+            .update("u".into(), true, insert("b", 2))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Codec);
+        assert_eq!(
+            storage.simple_download("users/u.json").await.unwrap(),
+            garbage.as_bytes(),
+            "update never overwrites an undecodable document"
+        );
+    }
+    // Only an explicit reset does.
+    store
+        .reset("u".into(), Doc::from([("fresh".into(), 1)]))
+        .await
+        .unwrap();
+    assert_eq!(stored(storage.as_ref(), "u").await.unwrap()["fresh"], 1);
+    store
+        .update("u".into(), false, insert("b", 2))
+        .await
+        .unwrap();
+    assert_eq!(stored(storage.as_ref(), "u").await.unwrap().len(), 2);
+    // Reset also creates.
+    store.reset("new".into(), Doc::new()).await.unwrap();
+    assert_eq!(stored(storage.as_ref(), "new").await, Some(Doc::new()));
+}
+
+#[tokio::test]
 async fn raw_cas_helpers_match_store_view() {
     // A document written through the raw API is what the store reads.
     let storage = memory();
