@@ -66,6 +66,11 @@ struct Counter {
     count: u64,
 }
 
+fn increment(mut c: Counter) -> Result<(Counter, bool)> {
+    c.count += 1;
+    Ok((c, true))
+}
+
 fn err(e: impl std::error::Error + Send + Sync + 'static, what: &str) -> Error {
     Error::new(ErrorKind::Other, what.to_owned()).with_source(e)
 }
@@ -203,12 +208,7 @@ async fn bench_update(storage: &Arc<dyn Storage>, s: &Sizes) -> Result<Row> {
     let (ours, baseline) = compare(
         s.rounds,
         s.updates,
-        |_| {
-            store.update(0, true, |mut c| {
-                c.count += 1;
-                Ok((c, true))
-            })
-        },
+        |_| store.update(0, true, increment),
         |_| async {
             let cur = storage.download(DownloadRequest::new(raw_path)).await?;
             let mut c: Counter = serde_json::from_slice(&cur.content).map_err(Error::from)?;
@@ -246,12 +246,7 @@ async fn bench_update_vs_fs(storage: &Arc<dyn Storage>, dir: &Path, s: &Sizes) -
     let (ours, baseline) = compare(
         s.rounds,
         s.updates,
-        |_| {
-            store.update(0, true, |mut c| {
-                c.count += 1;
-                Ok((c, true))
-            })
-        },
+        |_| store.update(0, true, increment),
         |i| {
             let target = target.clone();
             async move { durable_write(&target, format!("{{\"count\":{i}}}").as_bytes()) }
@@ -503,10 +498,7 @@ pub async fn mem_probe(args: MemProbeArgs) -> Result<ExitCode> {
 }
 
 pub async fn bench(url: Option<&str>, args: BenchArgs) -> Result<ExitCode> {
-    let tmp = tempfile::Builder::new()
-        .prefix("mdcache-bench-")
-        .tempdir()
-        .map_err(|e| err(e, "cannot create a temporary directory"))?;
+    let tmp = torture::temp_dir("mdcache-bench-")?;
     let targets: Vec<(String, Option<PathBuf>)> = match url {
         Some(u) => vec![(u.to_owned(), None)],
         None => vec![

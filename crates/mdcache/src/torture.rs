@@ -318,6 +318,16 @@ async fn read_counts(store: &Store<usize, Counter>, keys: usize) -> Result<Vec<u
     Ok(out)
 }
 
+/// A new temporary directory, removed when dropped.
+pub(crate) fn temp_dir(prefix: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|e| {
+            Error::new(ErrorKind::Other, "cannot create a temporary directory").with_source(e)
+        })
+}
+
 /// The version of every torture key before a run, for the history check.
 async fn initial_versions(
     storage: &Arc<dyn metadatacache::Storage>,
@@ -367,12 +377,7 @@ pub(crate) async fn run(
     show: bool,
 ) -> Result<(RunResult, Vec<u64>)> {
     let (_tmp, url) = if url.is_empty() {
-        let dir = tempfile::Builder::new()
-            .prefix("mdcache-torture-")
-            .tempdir()
-            .map_err(|e| {
-                Error::new(ErrorKind::Other, "cannot create a temporary directory").with_source(e)
-            })?;
+        let dir = temp_dir("mdcache-torture-")?;
         let url = format!("disk:{}", dir.path().display());
         (Some(dir), url)
     } else {
@@ -392,12 +397,7 @@ pub(crate) async fn run(
     let checker = counter_store(Arc::clone(&storage), true, true);
     let initial = read_counts(&checker, args.keys).await?;
     let history_dir = if args.check {
-        let dir = tempfile::Builder::new()
-            .prefix("mdcache-history-")
-            .tempdir()
-            .map_err(|e| {
-                Error::new(ErrorKind::Other, "cannot create a temporary directory").with_source(e)
-            })?;
+        let dir = temp_dir("mdcache-history-")?;
         args.history_dir = Some(dir.path().to_owned());
         Some((dir, initial_versions(&storage, args.keys).await?))
     } else {

@@ -159,6 +159,17 @@ pub struct FileInfo {
 }
 
 impl FileInfo {
+    /// A directory (or common prefix) at `path`, without mtime.
+    pub fn dir(path: impl Into<String>) -> Self {
+        FileInfo {
+            path: path.into(),
+            kind: EntryKind::Dir,
+            size: 0,
+            mtime: None,
+            etag: None,
+        }
+    }
+
     /// True for documents.
     pub fn is_file(&self) -> bool {
         self.kind == EntryKind::File

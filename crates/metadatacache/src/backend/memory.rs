@@ -171,7 +171,7 @@ impl Storage for MemoryStorage {
             return Ok(file_info(path, doc));
         }
         if state.has_dir(path) {
-            return Ok(dir_info(path.to_owned()));
+            return Ok(FileInfo::dir(path.to_owned()));
         }
         Err(tag(
             Error::not_found("no such document or directory").with_path(path)
@@ -197,7 +197,7 @@ impl Storage for MemoryStorage {
                 }
                 Some((child, _)) => {
                     let child = join(path, child);
-                    out.entry(child.clone()).or_insert_with(|| dir_info(child));
+                    out.entry(child.clone()).or_insert_with(|| FileInfo::dir(child));
                 }
             }
         }
@@ -206,7 +206,7 @@ impl Storage for MemoryStorage {
                 break;
             };
             let child = join(path, rest.split('/').next().unwrap_or(rest));
-            out.entry(child.clone()).or_insert_with(|| dir_info(child));
+            out.entry(child.clone()).or_insert_with(|| FileInfo::dir(child));
         }
         Ok(out.into_values().collect())
     }
@@ -256,15 +256,6 @@ fn file_info(path: &str, doc: &Doc) -> FileInfo {
     }
 }
 
-fn dir_info(path: String) -> FileInfo {
-    FileInfo {
-        path,
-        kind: EntryKind::Dir,
-        size: 0,
-        mtime: None,
-        etag: None,
-    }
-}
 
 #[cfg(test)]
 mod tests {

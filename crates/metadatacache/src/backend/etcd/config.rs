@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::backend::url::percent_decode;
 use crate::storage::validate_path;
 
 use super::layout::check_not_reserved;
@@ -61,10 +62,10 @@ impl Config {
         let hosts = match authority.rsplit_once('@') {
             Some((userinfo, hosts)) => {
                 let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                user = Some(decode(u).ok_or_else(|| bad("bad percent-encoding in the user"))?);
+                user = Some(percent_decode(u).ok_or_else(|| bad("bad percent-encoding in the user"))?);
                 if userinfo.contains(':') {
                     password =
-                        Some(decode(p).ok_or_else(|| bad("bad percent-encoding in the password"))?);
+                        Some(percent_decode(p).ok_or_else(|| bad("bad percent-encoding in the password"))?);
                 }
                 hosts
             }
@@ -77,7 +78,7 @@ impl Config {
             })?);
         }
 
-        let prefix = decode(path.trim_end_matches('/'))
+        let prefix = percent_decode(path.trim_end_matches('/'))
             .ok_or_else(|| bad("bad percent-encoding in the key prefix"))?;
         validate_path(&prefix, true).map_err(|e| bad(&format!("key prefix: {}", e.message())))?;
         check_not_reserved(&prefix).map_err(|e| bad(&format!("key prefix: {}", e.message())))?;
@@ -149,23 +150,6 @@ fn endpoint(host: &str) -> Option<String> {
     Some(format!("http://{name}:{port}"))
 }
 
-/// Percent-decodes `s` (no `+` → space: that is for query strings only).
-fn decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
 
 /// The URL with any password replaced by `***`, for messages.
 pub(super) fn redact(url: &str) -> String {

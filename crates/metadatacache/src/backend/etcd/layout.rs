@@ -163,16 +163,6 @@ pub(super) fn file_info(path: String, doc: &KeyValue, meta: Option<&KeyValue>) -
     }
 }
 
-/// The [`FileInfo`] of a directory.
-pub(super) fn dir_info(path: String) -> FileInfo {
-    FileInfo {
-        path,
-        kind: EntryKind::Dir,
-        size: 0,
-        mtime: None,
-        etag: None,
-    }
-}
 
 #[cfg(test)]
 mod tests {

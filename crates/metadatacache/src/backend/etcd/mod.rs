@@ -26,7 +26,7 @@ use crate::storage::{
 use call::{Conn, count_at, kvs_at};
 use config::Config;
 use layout::{
-    Layout, absent, ancestors, check_path, dir_info, encode_mtime, etag, etag_is, exists,
+    Layout, absent, ancestors, check_path, encode_mtime, etag, etag_is, exists,
     file_info, mtime_of, revision,
 };
 
@@ -391,7 +391,7 @@ impl Storage for EtcdStorage {
     async fn stat(&self, path: &str) -> Result<FileInfo> {
         check_path(path, true).map_err(tag)?;
         if path.is_empty() {
-            return Ok(dir_info(String::new()));
+            return Ok(FileInfo::dir(String::new()));
         }
         let txn = Txn::new().and_then([
             TxnOp::get(self.layout.doc(path), None),
@@ -407,7 +407,7 @@ impl Storage for EtcdStorage {
             return Ok(file_info(path.to_owned(), doc, meta.as_ref()));
         }
         if count_at(&ops, 2) > 0 {
-            return Ok(dir_info(path.to_owned()));
+            return Ok(FileInfo::dir(path.to_owned()));
         }
         Err(tag(
             Error::not_found("no such document or directory").with_path(path)
@@ -444,7 +444,7 @@ impl Storage for EtcdStorage {
             let child_path = join(path, child);
             if deeper {
                 out.entry(child_path.clone())
-                    .or_insert_with(|| dir_info(child_path));
+                    .or_insert_with(|| FileInfo::dir(child_path));
             } else {
                 let meta = metas.get(child.as_bytes());
                 out.insert(child_path.clone(), file_info(child_path, &kv, meta));

@@ -6,6 +6,7 @@ use std::time::Duration;
 use ::object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
 use ::object_store::{BackoffConfig, ClientConfigKey, ObjectStore, RetryConfig};
 
+use crate::backend::url::percent_decode;
 use crate::error::{Error, Result};
 
 /// Default bound on every call.
@@ -176,23 +177,6 @@ impl S3Url {
     }
 }
 
-/// Decodes `%XX` escapes; `None` for a malformed escape or invalid UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
 
 #[cfg(test)]
 mod tests {

@@ -307,15 +307,6 @@ impl ObjectStoreStorage {
     }
 }
 
-fn dir_info(path: String) -> FileInfo {
-    FileInfo {
-        path,
-        kind: EntryKind::Dir,
-        size: 0,
-        mtime: None,
-        etag: None,
-    }
-}
 
 #[async_trait]
 impl Storage for ObjectStoreStorage {
@@ -377,7 +368,7 @@ impl Storage for ObjectStoreStorage {
     async fn stat(&self, path: &str) -> Result<FileInfo> {
         validate_path(path, true).map_err(|e| self.tag(e))?;
         if path.is_empty() {
-            return Ok(dir_info(String::new()));
+            return Ok(FileInfo::dir(String::new()));
         }
         let key = self.key(path)?;
         self.timed(path, async {
@@ -392,7 +383,7 @@ impl Storage for ObjectStoreStorage {
             if listed.objects.is_empty() && listed.common_prefixes.is_empty() {
                 Err(self.tag(Error::not_found("no such document or directory").with_path(path)))
             } else {
-                Ok(dir_info(path.to_owned()))
+                Ok(FileInfo::dir(path.to_owned()))
             }
         })
         .await
@@ -411,7 +402,7 @@ impl Storage for ObjectStoreStorage {
             let mut out: Vec<FileInfo> = Vec::new();
             for dir in &listed.common_prefixes {
                 if let Some(p) = self.path_of(dir) {
-                    out.push(dir_info(p.to_owned()));
+                    out.push(FileInfo::dir(p.to_owned()));
                 }
             }
             for meta in listed.objects {

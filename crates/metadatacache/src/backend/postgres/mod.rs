@@ -337,7 +337,7 @@ impl Storage for PostgresStorage {
     async fn stat(&self, path: &str) -> Result<FileInfo> {
         validate_path(path, true).map_err(|e| e.with_backend(BACKEND))?;
         if path.is_empty() {
-            return Ok(dir_info(String::new()));
+            return Ok(FileInfo::dir(String::new()));
         }
         let (lo, hi) = below(path);
         let rows = self
@@ -356,7 +356,7 @@ impl Storage for PostgresStorage {
             Some(Ok((Some(etag), mtime, size, _))) => {
                 Ok(file_info(path.to_owned(), etag, size, mtime))
             }
-            Some(Ok((None, _, _, true))) => Ok(dir_info(path.to_owned())),
+            Some(Ok((None, _, _, true))) => Ok(FileInfo::dir(path.to_owned())),
             Some(Ok(_)) | None => Err(tag(Error::not_found("no such document or directory"), path)),
             Some(Err(e)) => Err(self.fail(Failure::Pg(e), false, path)),
         }
@@ -398,7 +398,7 @@ impl Storage for PostgresStorage {
             // the placement race) is shown as the document.
             out.push(match etag {
                 Some(etag) => file_info(child, etag, size, mtime),
-                None => dir_info(child),
+                None => FileInfo::dir(child),
             });
         }
         out.sort_by(|a, b| a.path.cmp(&b.path));
@@ -424,12 +424,3 @@ fn file_info(path: String, etag: String, size: Option<i64>, mtime: Option<System
     }
 }
 
-fn dir_info(path: String) -> FileInfo {
-    FileInfo {
-        path,
-        kind: EntryKind::Dir,
-        size: 0,
-        mtime: None,
-        etag: None,
-    }
-}
