@@ -197,7 +197,8 @@ impl Storage for MemoryStorage {
                 }
                 Some((child, _)) => {
                     let child = join(path, child);
-                    out.entry(child.clone()).or_insert_with(|| FileInfo::dir(child));
+                    out.entry(child.clone())
+                        .or_insert_with(|| FileInfo::dir(child));
                 }
             }
         }
@@ -206,7 +207,8 @@ impl Storage for MemoryStorage {
                 break;
             };
             let child = join(path, rest.split('/').next().unwrap_or(rest));
-            out.entry(child.clone()).or_insert_with(|| FileInfo::dir(child));
+            out.entry(child.clone())
+                .or_insert_with(|| FileInfo::dir(child));
         }
         Ok(out.into_values().collect())
     }
@@ -255,7 +257,6 @@ fn file_info(path: &str, doc: &Doc) -> FileInfo {
         etag: Some(doc.etag.clone()),
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::error::{Error, Result};
 use crate::backend::url::percent_decode;
+use crate::error::{Error, Result};
 use crate::storage::validate_path;
 
 use super::layout::check_not_reserved;
@@ -62,10 +62,13 @@ impl Config {
         let hosts = match authority.rsplit_once('@') {
             Some((userinfo, hosts)) => {
                 let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                user = Some(percent_decode(u).ok_or_else(|| bad("bad percent-encoding in the user"))?);
+                user =
+                    Some(percent_decode(u).ok_or_else(|| bad("bad percent-encoding in the user"))?);
                 if userinfo.contains(':') {
-                    password =
-                        Some(percent_decode(p).ok_or_else(|| bad("bad percent-encoding in the password"))?);
+                    password = Some(
+                        percent_decode(p)
+                            .ok_or_else(|| bad("bad percent-encoding in the password"))?,
+                    );
                 }
                 hosts
             }
@@ -149,7 +152,6 @@ fn endpoint(host: &str) -> Option<String> {
     };
     Some(format!("http://{name}:{port}"))
 }
-
 
 /// The URL with any password replaced by `***`, for messages.
 pub(super) fn redact(url: &str) -> String {

@@ -163,7 +163,6 @@ pub(super) fn file_info(path: String, doc: &KeyValue, meta: Option<&KeyValue>) -
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

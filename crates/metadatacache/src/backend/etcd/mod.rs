@@ -26,8 +26,8 @@ use crate::storage::{
 use call::{Conn, count_at, kvs_at};
 use config::Config;
 use layout::{
-    Layout, absent, ancestors, check_path, encode_mtime, etag, etag_is, exists,
-    file_info, mtime_of, revision,
+    Layout, absent, ancestors, check_path, encode_mtime, etag, etag_is, exists, file_info,
+    mtime_of, revision,
 };
 
 const BACKEND: &str = "etcd";

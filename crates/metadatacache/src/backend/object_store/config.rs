@@ -177,7 +177,6 @@ impl S3Url {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -307,7 +307,6 @@ impl ObjectStoreStorage {
     }
 }
 
-
 #[async_trait]
 impl Storage for ObjectStoreStorage {
     fn backend(&self) -> &'static str {

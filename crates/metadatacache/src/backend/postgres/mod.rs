@@ -423,4 +423,3 @@ fn file_info(path: String, etag: String, size: Option<i64>, mtime: Option<System
         etag: Some(etag),
     }
 }
-
