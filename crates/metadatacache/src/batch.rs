@@ -158,6 +158,18 @@ where
                         None => break,
                     },
                     lock = &mut lock => {
+                        // A previous leader may have written our update,
+                        // sent Done and unlocked between our two polls: its
+                        // Done is queued by now (it is sent before the
+                        // unlock). Leading without reading it would apply
+                        // our `f` twice.
+                        while let Ok(msg) = rx.try_recv() {
+                            if let ToMember::Done(res) = msg {
+                                return res;
+                            }
+                            // A stale Apply from a leader that was cancelled
+                            // before writing: nothing of ours was written.
+                        }
                         let mut g = KeyGuard::new(self.clone(), lock, path);
                         // Our own queue entry is one of the members; a
                         // closed channel tells it apart.
@@ -276,12 +288,15 @@ where
             let Some(new) = value.filter(|_| dirty) else {
                 break Ok(());
             };
+            let had_etag = etag.is_some();
             batch.writing = true;
             let written = g.write(Arc::new(new), etag).await;
             batch.writing = false;
             match written {
                 Ok(()) => break Ok(()),
-                Err(e) if e.is_conflict() => {
+                // A compare-and-swap on a document deleted meanwhile: sync
+                // again (and create it, if allowed) like any conflict.
+                Err(e) if e.is_conflict() || (had_etag && e.kind() == ErrorKind::NotFound) => {
                     if let Err(e) = self.after_conflict("update", g, call, attempt, e).await {
                         break Err(e);
                     }

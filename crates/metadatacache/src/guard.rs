@@ -236,7 +236,20 @@ where
                 // need one.
                 let dir = parent(&self.path);
                 if !matches!(dir, "" | "." | "/") {
-                    storage.make_dir_if_not_exist(dir).await?;
+                    storage.make_dir_if_not_exist(dir).await.map_err(|e| {
+                        // A document where the directory should be is no
+                        // conflict to retry: the key can never be created.
+                        if e.kind() == ErrorKind::AlreadyExists {
+                            Error::invalid_input(format!(
+                                "cannot create key {}: a parent of its path is a document",
+                                self.key()
+                            ))
+                            .with_path(&self.path)
+                            .with_source(e)
+                        } else {
+                            e
+                        }
+                    })?;
                 }
                 req.if_none_match = vec!["*".to_owned()];
             }
