@@ -6,14 +6,15 @@
 
 use std::borrow::Cow;
 use std::fs::{DirBuilder, File, Metadata, Permissions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use rustix::fs::{AtFlags, Dir, FileType, FlockOperation, Mode, OFlags, RawMode};
+use rustix::fs::{AtFlags, Dir, FileType, FlockOperation, Mode, OFlags, RawMode, Stat};
 use rustix::io::Errno;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
@@ -26,7 +27,8 @@ use crate::storage::{
 
 const INTERNAL_DIR: &str = ".mdcache";
 const LOCKS_DIR: &str = "locks";
-const LOCK_STRIPES: u64 = 64;
+/// How many lock files (and in-process lock slots) paths are spread over.
+pub(super) const LOCK_STRIPES: usize = 64;
 /// Deepest directory the stale-temp sweep descends into (a path of at most
 /// 1024 bytes has at most 512 segments).
 const MAX_DEPTH: usize = 512;
@@ -99,7 +101,20 @@ fn mode(bits: u32) -> Mode {
 
 /// The strong etag of `content`: its xxh3-128 hash as 32 hex digits.
 pub(super) fn etag(content: &[u8]) -> String {
-    format!("{:032x}", xxh3_128(content))
+    let mut out = String::with_capacity(32);
+    push_hex(&mut out, &xxh3_128(content).to_be_bytes());
+    out
+}
+
+/// Appends `bytes` as lowercase hex digits, two per byte: what `{:0Nx}`
+/// formats, without the formatting machinery (an update formats three
+/// etags).
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
 }
 
 /// The last status change time; unlike mtime, no caller can set it.
@@ -107,6 +122,74 @@ fn ctime(meta: &Metadata) -> SystemTime {
     let secs = u64::try_from(meta.ctime()).unwrap_or(0);
     let nanos = u32::try_from(meta.ctime_nsec()).unwrap_or(0);
     SystemTime::UNIX_EPOCH + Duration::new(secs, nanos)
+}
+
+/// The modification time in `st`, as [`Metadata::modified`] gives it
+/// (times before 1970 included).
+fn mtime(st: &Stat) -> SystemTime {
+    // The field types differ between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let (secs, nanos) = (st.st_mtime as i64, st.st_mtime_nsec as u64);
+    let whole = Duration::from_secs(secs.unsigned_abs());
+    let time = if secs >= 0 {
+        SystemTime::UNIX_EPOCH.checked_add(whole)
+    } else {
+        SystemTime::UNIX_EPOCH.checked_sub(whole)
+    };
+    time.and_then(|t| t.checked_add(Duration::from_nanos(nanos.min(999_999_999))))
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// A directory opened by [`Inner::walk`]: the root itself (borrowed, so
+/// resolving a document at the top costs no `open`) or one beneath it.
+enum DirFd<'a> {
+    Root(BorrowedFd<'a>),
+    Sub(OwnedFd),
+}
+
+impl AsFd for DirFd<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            DirFd::Root(fd) => *fd,
+            DirFd::Sub(fd) => fd.as_fd(),
+        }
+    }
+}
+
+/// The in-process side of the lock stripes: for each, a mutex holding the
+/// lock file's descriptor once it has been opened.
+///
+/// One open file description per stripe serves the whole process, so an
+/// operation does not open and close a lock file. An `flock` belongs to the
+/// description, so it does not exclude another thread using the same one:
+/// the mutex does that, and is always taken before the `flock`.
+#[derive(Debug)]
+pub(super) struct LockStripes([Mutex<Option<OwnedFd>>; LOCK_STRIPES]);
+
+impl LockStripes {
+    pub(super) fn new() -> Self {
+        LockStripes(std::array::from_fn(|_| Mutex::new(None)))
+    }
+}
+
+/// An exclusive lock on one stripe, held in this process (the mutex) and
+/// across processes (the `flock`). Dropping it releases both.
+struct StripeLock<'a> {
+    slot: MutexGuard<'a, Option<OwnedFd>>,
+}
+
+impl Drop for StripeLock<'_> {
+    fn drop(&mut self) {
+        // The `flock` is released before the mutex (a field, dropped after
+        // this body), so the next thread of this process takes a free lock.
+        if let Some(fd) = self.slot.as_ref()
+            && rustix::fs::flock(fd, FlockOperation::Unlock).is_err()
+        {
+            // Closing the descriptor releases the lock too; the next
+            // operation on this stripe opens the lock file again.
+            *self.slot = None;
+        }
+    }
 }
 
 /// Why a directory could not be opened without creating anything.
@@ -161,7 +244,7 @@ pub(super) fn open_root(dir: &Path, shown: &str, opts: &DiskOptions) -> Result<(
 /// Opens directory `name` in `dir`, creating it with the configured mode
 /// first if it is missing; `InvalidInput` when a non-directory is there.
 fn make_dir_at(dir: &OwnedFd, name: &str, opts: &DiskOptions, path: &str) -> Result<OwnedFd> {
-    match open_dir_at(dir, name, name, true, opts, path)? {
+    match open_dir_at(dir.as_fd(), name, name, true, opts, path)? {
         Ok(fd) => Ok(fd),
         Err(_) => Err(
             Error::invalid_input(format!("{name:?} exists and is not a directory"))
@@ -175,7 +258,7 @@ fn make_dir_at(dir: &OwnedFd, name: &str, opts: &DiskOptions, path: &str) -> Res
 /// `at` is its storage path, for messages. With `create`, a missing
 /// directory is created (mode set exactly, parent fsynced if configured).
 fn open_dir_at(
-    dir: &OwnedFd,
+    dir: BorrowedFd<'_>,
     name: &str,
     at: &str,
     create: bool,
@@ -210,7 +293,7 @@ fn open_dir_at(
 }
 
 /// Explains why opening `name` in `dir` as a directory failed with `err`.
-fn classify(dir: &OwnedFd, name: &str, at: &str, err: Errno, path: &str) -> Result<Blocked> {
+fn classify(dir: BorrowedFd<'_>, name: &str, at: &str, err: Errno, path: &str) -> Result<Blocked> {
     if err == Errno::NOENT {
         return Ok(Blocked::Missing);
     }
@@ -229,7 +312,7 @@ fn classify(dir: &OwnedFd, name: &str, at: &str, err: Errno, path: &str) -> Resu
 
 /// The names in directory `dir` with their types (`Unknown` where the file
 /// system does not say), without `.`, `..` and names that are not UTF-8.
-fn read_names(dir: &OwnedFd) -> std::io::Result<Vec<(String, FileType)>> {
+fn read_names(dir: BorrowedFd<'_>) -> std::io::Result<Vec<(String, FileType)>> {
     let mut out = Vec::new();
     for entry in Dir::read_from(dir)? {
         let entry = entry?;
@@ -245,7 +328,7 @@ fn read_names(dir: &OwnedFd) -> std::io::Result<Vec<(String, FileType)>> {
 
 /// Reads the entry `name` of `dir` (storage path `path`) without following
 /// a symbolic link; with `hash`, a document's content and etag too.
-fn open_entry(dir: &OwnedFd, name: &str, path: &str, hash: bool) -> Result<Entry> {
+fn open_entry(dir: BorrowedFd<'_>, name: &str, path: &str, hash: bool) -> Result<Entry> {
     let fd = match rustix::fs::openat(dir, name, READ_FLAGS, Mode::empty()) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Ok(Entry::Missing),
@@ -259,34 +342,54 @@ fn open_entry(dir: &OwnedFd, name: &str, path: &str, hash: bool) -> Result<Entry
             };
         }
     };
-    let mut file = File::from(fd);
-    let meta = file
-        .metadata()
-        .map_err(|e| io_error(e, path, "cannot stat"))?;
-    let mtime = meta
-        .modified()
-        .map_err(|e| io_error(e, path, "no modification time"))?;
-    if meta.is_dir() {
-        return Ok(Entry::Dir(mtime));
+    // One `fstat` gives the type, size and mtime.
+    let st = rustix::fs::fstat(&fd).map_err(|e| io_error(e, path, "cannot stat"))?;
+    let mtime = mtime(&st);
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => {}
+        FileType::Directory => return Ok(Entry::Dir(mtime)),
+        _ => return Ok(Entry::Special),
     }
-    if !meta.is_file() {
-        return Ok(Entry::Special);
-    }
+    let size = u64::try_from(st.st_size).unwrap_or(0);
     let mut doc = Doc {
         content: Vec::new(),
         etag: String::new(),
         mtime,
-        size: meta.len(),
+        size,
     };
     if hash {
-        doc.content
-            .reserve(usize::try_from(meta.len()).unwrap_or(0));
-        file.read_to_end(&mut doc.content)
-            .map_err(|e| io_error(e, path, "cannot read"))?;
+        doc.content = read_all(fd.as_fd(), size).map_err(|e| io_error(e, path, "cannot read"))?;
         doc.etag = etag(&doc.content);
         doc.size = doc.content.len() as u64;
     }
     Ok(Entry::File(doc))
+}
+
+/// Reads the regular file `fd` (at offset 0, `size` bytes by its `fstat`)
+/// to its end.
+///
+/// Documents are never changed in place (a write replaces the file by
+/// rename), so the size of an open document stays what `fstat` said. The
+/// buffer has room for one byte more: the read that returns the whole
+/// document comes back short of it, which on a regular file means the end,
+/// so a document takes one `read`. A read that returns less than `size`
+/// (a signal, say) or fills the buffer (the file grew anyway) is followed by
+/// more until one returns 0.
+fn read_all(fd: BorrowedFd<'_>, size: u64) -> std::io::Result<Vec<u8>> {
+    let room = usize::try_from(size).map_or(0, |s| s.saturating_add(1));
+    let mut buf = Vec::with_capacity(room);
+    loop {
+        if buf.len() == buf.capacity() {
+            buf.reserve(buf.capacity().max(8192));
+        }
+        let room = buf.capacity() - buf.len();
+        match rustix::io::read(fd, rustix::buffer::spare_capacity(&mut buf)) {
+            Ok(0) => return Ok(buf),
+            Ok(n) if n < room && buf.len() as u64 >= size => return Ok(buf),
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// A temp file that is removed when dropped, unless renamed into place.
@@ -312,63 +415,91 @@ fn temp_name(name: &str) -> String {
     while !name.is_char_boundary(end) {
         end -= 1;
     }
-    format!(
-        ".{}.tmp.{}.{:016x}",
-        &name[..end],
-        std::process::id(),
-        fastrand::u64(..)
-    )
+    let pid = std::process::id().to_string();
+    let mut temp = String::with_capacity(end + pid.len() + 23);
+    for part in [".", &name[..end], ".tmp.", &pid, "."] {
+        temp.push_str(part);
+    }
+    push_hex(&mut temp, &fastrand::u64(..).to_be_bytes());
+    temp
 }
 
 impl Inner {
     /// Opens directory `dir` (a validated storage path, "" for the root)
     /// beneath the root, one component at a time, never following a
     /// symbolic link. With `create`, missing directories are created.
+    ///
+    /// The walk starts from the root descriptor itself, and the root is
+    /// returned borrowed: nothing is opened for a document at the top.
     fn walk(
         &self,
         dir: &str,
         create: bool,
         path: &str,
-    ) -> Result<std::result::Result<OwnedFd, Blocked>> {
-        let mut cur = rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty())
-            .map_err(|e| io_error(e, path, "cannot open the storage directory"))?;
+    ) -> Result<std::result::Result<DirFd<'_>, Blocked>> {
+        let mut cur = DirFd::Root(self.root.as_fd());
         if dir.is_empty() {
             return Ok(Ok(cur));
         }
         let mut end = 0;
         for segment in dir.split('/') {
             end += segment.len() + usize::from(end > 0);
-            match open_dir_at(&cur, segment, &dir[..end], create, &self.opts, path)? {
-                Ok(next) => cur = next,
+            match open_dir_at(cur.as_fd(), segment, &dir[..end], create, &self.opts, path)? {
+                Ok(next) => cur = DirFd::Sub(next),
                 Err(blocked) => return Ok(Err(blocked)),
             }
         }
         Ok(Ok(cur))
     }
 
-    /// Opens the lock file for `path` and takes its exclusive `flock`; the
-    /// lock is released when the returned descriptor is dropped (or the
-    /// process dies).
-    fn lock(&self, path: &str) -> Result<OwnedFd> {
-        let stripe = format!("{:02}", xxh3_64(path.as_bytes()) % LOCK_STRIPES);
-        let flags = OFlags::RDONLY | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-        let fd = rustix::fs::openat(
-            &self.locks,
-            stripe.as_str(),
-            flags,
-            mode(self.opts.file_mode),
-        )
-        .map_err(|e| io_error(e, path, "cannot open the lock file"))?;
+    /// Takes the exclusive lock of `path`'s stripe: first the stripe's
+    /// in-process mutex, then an `flock` on its lock file, whose descriptor
+    /// is opened once and kept. Both are released when the returned guard is
+    /// dropped; the kernel releases the `flock` if the process dies.
+    fn lock(&self, path: &str) -> Result<StripeLock<'_>> {
+        // The remainder is below 64, so the conversion is lossless.
+        let stripe = (xxh3_64(path.as_bytes()) % LOCK_STRIPES as u64) as usize;
+        let mut slot = self.stripes.0[stripe]
+            .lock()
+            // The mutex guards no data of its own: a panic elsewhere while
+            // holding it leaves nothing inconsistent.
+            .unwrap_or_else(PoisonError::into_inner);
         loop {
-            match rustix::fs::flock(&fd, FlockOperation::LockExclusive) {
-                Ok(()) => return Ok(fd),
-                Err(Errno::INTR) => continue,
-                Err(e) => return Err(io_error(e, path, "cannot lock")),
+            let fd = match slot.take() {
+                Some(fd) => fd,
+                None => self.open_lock_file(stripe, path)?,
+            };
+            let fd = &*slot.insert(fd);
+            loop {
+                match rustix::fs::flock(fd, FlockOperation::LockExclusive) {
+                    Ok(()) => break,
+                    Err(Errno::INTR) => continue,
+                    Err(e) => return Err(io_error(e, path, "cannot lock")),
+                }
+            }
+            // A lock file removed (or replaced) since it was opened is no
+            // longer the one other processes lock: close it (which releases
+            // the `flock`) and lock the file now under that name.
+            match rustix::fs::fstat(fd) {
+                Ok(st) if st.st_nlink > 0 => return Ok(StripeLock { slot }),
+                Ok(_) => *slot = None,
+                Err(e) => {
+                    *slot = None;
+                    return Err(io_error(e, path, "cannot stat the lock file"));
+                }
             }
         }
     }
 
-    fn sync_dir(&self, dir: &OwnedFd, path: &str) -> Result<()> {
+    /// Opens (creating if missing) lock file `stripe`, for locking `path`.
+    fn open_lock_file(&self, stripe: usize, path: &str) -> Result<OwnedFd> {
+        let name = format!("{stripe:02}");
+        let flags = OFlags::RDONLY | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        rustix::fs::openat(&self.locks, name.as_str(), flags, mode(self.opts.file_mode))
+            .map_err(|e| io_error(e, path, "cannot open the lock file"))
+    }
+
+    fn sync_dir(&self, dir: &DirFd<'_>, path: &str) -> Result<()> {
         if self.opts.fsync {
             rustix::fs::fsync(dir).map_err(|e| {
                 io_error(
@@ -385,7 +516,7 @@ impl Inner {
     /// and (if configured) fsynced. Returns the file and its mtime.
     fn write_temp<'a>(
         &self,
-        dir: &'a OwnedFd,
+        dir: &'a DirFd<'_>,
         name: &str,
         req: &UploadRequest,
     ) -> Result<(Temp<'a>, SystemTime)> {
@@ -408,15 +539,24 @@ impl Inner {
         };
         let mut file = File::from(fd);
         let write = |file: &mut File| -> std::io::Result<SystemTime> {
-            file.set_permissions(Permissions::from_mode(self.opts.file_mode))?;
             file.write_all(&req.content)?;
             if let Some(mtime) = req.mtime {
                 file.set_modified(mtime)?;
             }
+            // The mode is set exactly whatever the umask, but `fchmod` only
+            // when the file did not get it at creation: the `fstat` that
+            // reads the mtime shows the mode the umask (or a default ACL)
+            // left, and the write (which clears set-user-ID and
+            // set-group-ID bits) has happened. Neither chmod nor fsync
+            // changes the mtime, and the fsync below covers the mode too.
+            let meta = file.metadata()?;
+            if meta.mode() & 0o7777 != self.opts.file_mode {
+                file.set_permissions(Permissions::from_mode(self.opts.file_mode))?;
+            }
             if self.opts.fsync {
                 file.sync_all()?;
             }
-            file.metadata()?.modified()
+            meta.modified()
         };
         let mtime =
             write(&mut file).map_err(|e| io_error(e, path, "cannot write the temp file"))?;
@@ -446,7 +586,7 @@ impl Inner {
         let (mut temp, mtime) = self.write_temp(&dirfd, name, req)?;
         let needs_etag = req.if_match.is_some() || req.if_none_match.iter().any(|e| e != "*");
         let lock = self.lock(path)?;
-        let current = match open_entry(&dirfd, name, path, needs_etag)? {
+        let current = match open_entry(dirfd.as_fd(), name, path, needs_etag)? {
             Entry::Missing => None,
             Entry::File(doc) => Some(doc),
             Entry::Dir(_) => {
@@ -472,7 +612,7 @@ impl Inner {
         let Ok(dirfd) = self.walk(parent(path), false, path)? else {
             return Err(not_found());
         };
-        let doc = match open_entry(&dirfd, base(path), path, true)? {
+        let doc = match open_entry(dirfd.as_fd(), base(path), path, true)? {
             Entry::File(doc) => doc,
             Entry::Missing | Entry::Dir(_) => return Err(not_found()),
             Entry::Symlink => return Err(symlink_error(path, path)),
@@ -496,7 +636,7 @@ impl Inner {
         };
         let name = base(path);
         let lock = self.lock(path)?;
-        match open_entry(&dirfd, name, path, if_match.is_some())? {
+        match open_entry(dirfd.as_fd(), name, path, if_match.is_some())? {
             Entry::File(doc) => check_delete_precondition(path, if_match, Some(&doc.etag))?,
             Entry::Missing | Entry::Dir(_) => check_delete_precondition(path, if_match, None)?,
             Entry::Symlink => return Err(symlink_error(path, path)),
@@ -513,16 +653,13 @@ impl Inner {
     pub(super) fn stat(&self, path: &str) -> Result<FileInfo> {
         let not_found = || Error::not_found("no such document or directory").with_path(path);
         if path.is_empty() {
-            let root = self.walk("", false, path)?.map_err(|_| not_found())?;
-            let meta = File::from(root)
-                .metadata()
-                .map_err(|e| io_error(e, path, "cannot stat"))?;
-            return Ok(dir_info(String::new(), meta.modified().ok()));
+            let st = rustix::fs::fstat(&self.root).map_err(|e| io_error(e, path, "cannot stat"))?;
+            return Ok(dir_info(String::new(), Some(mtime(&st))));
         }
         let Ok(dirfd) = self.walk(parent(path), false, path)? else {
             return Err(not_found());
         };
-        match open_entry(&dirfd, base(path), path, true)? {
+        match open_entry(dirfd.as_fd(), base(path), path, true)? {
             Entry::File(doc) => Ok(file_info(path.to_owned(), &doc)),
             Entry::Dir(mtime) => Ok(dir_info(path.to_owned(), Some(mtime))),
             Entry::Missing | Entry::Special => Err(not_found()),
@@ -534,7 +671,7 @@ impl Inner {
         let Ok(dirfd) = self.walk(path, false, path)? else {
             return Ok(Vec::new());
         };
-        let names = read_names(&dirfd).map_err(|e| io_error(e, path, "cannot list"))?;
+        let names = read_names(dirfd.as_fd()).map_err(|e| io_error(e, path, "cannot list"))?;
         let mut out = Vec::with_capacity(names.len());
         for (name, _) in names {
             let child = join(path, &name);
@@ -542,7 +679,7 @@ impl Inner {
             if is_internal(&name) || validate_path(&child, false).is_err() {
                 continue;
             }
-            match open_entry(&dirfd, &name, &child, true)? {
+            match open_entry(dirfd.as_fd(), &name, &child, true)? {
                 Entry::File(doc) => out.push(file_info(child, &doc)),
                 Entry::Dir(mtime) => out.push(dir_info(child, Some(mtime))),
                 // Gone since listed, or not something this storage serves.
@@ -580,16 +717,11 @@ impl Inner {
                 None => return,
             }
         };
-        match rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()) {
-            Ok(root) => sweep(&root, "", cutoff, 0),
-            Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "disk: cannot sweep temp files")
-            }
-        }
+        sweep(self.root.as_fd(), "", cutoff, 0);
     }
 }
 
-fn sweep(dir: &OwnedFd, at: &str, cutoff: Option<SystemTime>, depth: usize) {
+fn sweep(dir: BorrowedFd<'_>, at: &str, cutoff: Option<SystemTime>, depth: usize) {
     let names = match read_names(dir) {
         Ok(names) => names,
         Err(e) => {
@@ -619,7 +751,7 @@ fn sweep(dir: &OwnedFd, at: &str, cutoff: Option<SystemTime>, depth: usize) {
             && matches!(file_type, FileType::Directory | FileType::Unknown)
             && let Ok(sub) = rustix::fs::openat(dir, name.as_str(), DIR_FLAGS, Mode::empty())
         {
-            sweep(&sub, &join(at, &name), cutoff, depth + 1);
+            sweep(sub.as_fd(), &join(at, &name), cutoff, depth + 1);
         }
     }
 }
@@ -646,5 +778,120 @@ fn dir_info(path: String, mtime: Option<SystemTime>) -> FileInfo {
         size: 0,
         mtime,
         etag: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Seek;
+
+    use super::*;
+    use crate::DiskStorage;
+
+    fn read_back(content: &[u8], claimed: u64) -> Vec<u8> {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(content).unwrap();
+        file.rewind().unwrap();
+        read_all(file.as_fd(), claimed).unwrap()
+    }
+
+    #[test]
+    fn etags_and_temp_names_are_formatted_as_before() {
+        for content in [&b""[..], b"{}", b"{\"count\":1}"] {
+            assert_eq!(etag(content), format!("{:032x}", xxh3_128(content)));
+        }
+        let name = temp_name("doc.json");
+        let prefix = format!(".doc.json.tmp.{}.", std::process::id());
+        let random = name.strip_prefix(&prefix).unwrap();
+        assert_eq!(random.len(), 16);
+        assert!(
+            random
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        assert!(is_temp(&name));
+        let long = "é".repeat(120);
+        assert!(temp_name(&long).len() <= 255);
+    }
+
+    #[test]
+    fn read_all_reads_to_the_end() {
+        for len in [0, 1, 7, 4095, 4096, 8192, 100_000] {
+            let content: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let n = len as u64;
+            assert_eq!(read_back(&content, n), content, "{len}");
+            // A file larger or smaller than its `fstat` said is still read whole.
+            assert_eq!(read_back(&content, n / 2), content, "{len}, grown");
+            assert_eq!(read_back(&content, n * 2 + 1), content, "{len}, shrunk");
+        }
+    }
+
+    #[test]
+    fn mtime_matches_std() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        for t in [
+            SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
+            SystemTime::UNIX_EPOCH - Duration::new(86_400, 250_000_000),
+            SystemTime::UNIX_EPOCH,
+        ] {
+            file.as_file().set_modified(t).unwrap();
+            let st = rustix::fs::fstat(file.as_file()).unwrap();
+            let meta = file.as_file().metadata().unwrap();
+            assert_eq!(mtime(&st), meta.modified().unwrap());
+            assert_eq!(mtime(&st), t);
+        }
+    }
+
+    #[test]
+    fn a_removed_lock_file_is_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = DiskStorage::open(dir.path()).unwrap();
+        let inner = &storage.inner;
+        let path = "a/doc.json";
+        let put = |body: &'static str| inner.upload(&UploadRequest::new(path, body)).unwrap();
+        put("1");
+        let stripe = (xxh3_64(path.as_bytes()) % LOCK_STRIPES as u64) as usize;
+        let lock_file = dir
+            .path()
+            .join(INTERNAL_DIR)
+            .join(LOCKS_DIR)
+            .join(format!("{stripe:02}"));
+        assert!(lock_file.exists());
+        std::fs::remove_file(&lock_file).unwrap();
+        // The kept descriptor is of a removed file: it is replaced by the
+        // file other processes now lock.
+        put("2");
+        assert!(lock_file.exists());
+        let held = inner.lock(path).unwrap();
+        let kept = rustix::fs::fstat(held.slot.as_ref().unwrap()).unwrap();
+        let named = std::fs::metadata(&lock_file).unwrap();
+        assert_eq!(kept.st_ino, named.ino());
+        // Held: another open file description cannot take it.
+        let other = File::open(&lock_file).unwrap();
+        assert_eq!(
+            rustix::fs::flock(&other, FlockOperation::NonBlockingLockExclusive),
+            Err(Errno::WOULDBLOCK)
+        );
+        drop(held);
+        rustix::fs::flock(&other, FlockOperation::NonBlockingLockExclusive).unwrap();
+    }
+
+    #[test]
+    fn top_level_documents_and_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = DiskStorage::open(dir.path()).unwrap();
+        let inner = &storage.inner;
+        let up = inner.upload(&UploadRequest::new("top.json", "{}")).unwrap();
+        let down = inner.download(&DownloadRequest::new("top.json")).unwrap();
+        assert_eq!(&down.content[..], b"{}");
+        assert_eq!(down.etag, up.etag);
+        assert_eq!(down.mtime, up.mtime);
+        assert_eq!(inner.stat("top.json").unwrap().mtime, Some(up.mtime));
+        assert_eq!(inner.stat("").unwrap().kind, EntryKind::Dir);
+        let listed = inner.list_dir("").unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].path, "top.json");
+        inner.delete("top.json", Some(&up.etag)).unwrap();
+        assert!(inner.list_dir("").unwrap().is_empty());
     }
 }

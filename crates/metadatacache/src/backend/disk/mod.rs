@@ -131,6 +131,7 @@ impl DiskOptions {
         let inner = Inner {
             root,
             locks,
+            stripes: fs::LockStripes::new(),
             dir: dir.to_path_buf(),
             opts: self.clone(),
         };
@@ -150,8 +151,10 @@ impl DiskOptions {
 /// - **compare-and-swap** — preconditions are checked and the document
 ///   replaced while holding an exclusive `flock` on one of 64 lock files in
 ///   `<dir>/.mdcache/locks/` (chosen by a hash of the path). The kernel drops
-///   the lock if the process dies. Every operation opens its own lock file
-///   description, so tasks of one process exclude each other too.
+///   the lock if the process dies. A storage opens each lock file once and
+///   keeps it open; tasks of one process exclude each other with a mutex
+///   per lock file, taken before the `flock`. (A child forked without `exec`
+///   shares those lock file descriptions: it should open its own storage.)
 /// - **atomic replace** — an upload writes a temp file in the document's
 ///   directory, fsyncs it, renames it over the document and fsyncs the
 ///   directory. Readers never take the lock and see the old or the new
@@ -166,7 +169,8 @@ impl DiskOptions {
 ///   ever created, read or removed. Symbolic links and special files are
 ///   not listed.
 /// - **permissions** — documents `0o600`, directories `0o700` (see
-///   [`DiskOptions`]), set with `fchmod` so the umask does not matter. All
+///   [`DiskOptions`]), set with `fchmod` where the umask (or a default ACL)
+///   left a new file or directory with other bits, so it does not matter. All
 ///   processes sharing a directory should run as the same user.
 /// - **reserved names** — `<dir>/.mdcache` and temp files named
 ///   `.{name}.tmp.{pid}.{random}` are internal: a path with a segment that
@@ -193,6 +197,9 @@ struct Inner {
     root: OwnedFd,
     /// `<root>/.mdcache/locks`.
     locks: OwnedFd,
+    /// The lock files' descriptors, each behind the mutex that serializes
+    /// this process's operations on the stripe.
+    stripes: fs::LockStripes,
     dir: PathBuf,
     opts: DiskOptions,
 }
