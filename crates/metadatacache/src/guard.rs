@@ -254,12 +254,59 @@ where
                 req.if_none_match = vec!["*".to_owned()];
             }
         }
+        let token = storage
+            .stores_write_tokens()
+            .then(|| format!("{:032x}", fastrand::u128(..)));
+        req.write_token.clone_from(&token);
         let size = req.content.len();
         let start = Instant::now();
         bump(&inner.counters.uploads);
-        let resp = storage.upload(req).await?;
-        self.commit(value, resp.etag.into(), start, size);
-        Ok(())
+        match storage.upload(req).await {
+            Ok(resp) => {
+                self.commit(value, resp.etag.into(), start, size);
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::Unavailable && token.is_some() => {
+                let token = token.unwrap_or_default();
+                match self.resolve_lost_reply(&token, etag.as_deref()).await {
+                    Some(Ok(etag)) => {
+                        self.commit(value, etag.into(), start, size);
+                        Ok(())
+                    }
+                    // Certainly not applied: a conflict kind, so the update
+                    // loop syncs and runs `f` again.
+                    Some(Err(())) => Err(Error::new(
+                        ErrorKind::Aborted,
+                        "the write's reply was lost and it did not land",
+                    )
+                    .with_path(&self.path)
+                    .with_source(e)),
+                    None => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// After a write whose reply was lost: `Some(Ok(etag))` if the stored
+    /// version carries our write token (it landed), `Some(Err(()))` if the
+    /// version we wrote over is still there (it did not), `None` when it
+    /// cannot be told (someone else wrote since, or storage is still
+    /// unreachable). Only for backends that store write tokens.
+    async fn resolve_lost_reply(
+        &self,
+        token: &str,
+        over: Option<&str>,
+    ) -> Option<Result<String, ()>> {
+        let storage = &self.store.inner.opts.storage;
+        match storage.download(DownloadRequest::new(&self.path)).await {
+            Ok(d) if d.write_token.as_deref() == Some(token) => Some(Ok(d.etag)),
+            Ok(d) if Some(d.etag.as_str()) == over => Some(Err(())),
+            // A create that did not land (or landed and was deleted since:
+            // either way no version holds it now).
+            Err(e) if e.kind() == ErrorKind::NotFound && over.is_none() => Some(Err(())),
+            _ => None,
+        }
     }
 
     /// Compare-and-swap delete; drops the cache entry. `Ok(false)` when the

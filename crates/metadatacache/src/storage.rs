@@ -41,6 +41,10 @@ pub struct UploadRequest {
     /// The modification time to record; `None` means now. Backends that keep
     /// their own clock may ignore it.
     pub mtime: Option<SystemTime>,
+    /// An identifier unique to this write, stored with the version where
+    /// the backend can (see [`DownloadResponse::write_token`]). It lets a
+    /// writer whose reply was lost find out whether its write landed.
+    pub write_token: Option<String>,
 }
 
 impl UploadRequest {
@@ -53,6 +57,7 @@ impl UploadRequest {
             if_none_match: Vec::new(),
             if_unmodified_since: None,
             mtime: None,
+            write_token: None,
         }
     }
 
@@ -72,6 +77,7 @@ impl fmt::Debug for UploadRequest {
             .field("if_none_match", &self.if_none_match)
             .field("if_unmodified_since", &self.if_unmodified_since)
             .field("mtime", &self.mtime)
+            .field("write_token", &self.write_token)
             .finish()
     }
 }
@@ -122,6 +128,9 @@ pub struct DownloadResponse {
     pub etag: String,
     /// Its modification time.
     pub mtime: SystemTime,
+    /// The [`UploadRequest::write_token`] of the write that made this
+    /// version, on backends that store one (memory); `None` elsewhere.
+    pub write_token: Option<String>,
 }
 
 impl fmt::Debug for DownloadResponse {
@@ -130,6 +139,7 @@ impl fmt::Debug for DownloadResponse {
             .field("content", &format_args!("<{} bytes>", self.content.len()))
             .field("etag", &self.etag)
             .field("mtime", &self.mtime)
+            .field("write_token", &self.write_token)
             .finish()
     }
 }
@@ -256,6 +266,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Creates directory `path` and its parents; a no-op where the backend has
     /// no directories.
     async fn make_dir_if_not_exist(&self, path: &str) -> Result<()>;
+
+    /// Whether this backend stores [`UploadRequest::write_token`] with each
+    /// version and returns it in [`DownloadResponse::write_token`], and gives
+    /// every version a distinct etag. A [`Store`](crate::Store) then tells,
+    /// after a write whose reply was lost, whether it landed (default
+    /// `false`: such writes answer [`ErrorKind::Unavailable`]).
+    fn stores_write_tokens(&self) -> bool {
+        false
+    }
 
     /// Writes `content` unconditionally.
     async fn simple_upload(&self, path: &str, content: Bytes) -> Result<UploadResponse> {
@@ -459,6 +478,7 @@ mod tests {
             content: Bytes::from_static(b"secret-password"),
             etag: "e".into(),
             mtime: SystemTime::UNIX_EPOCH,
+            write_token: None,
         };
         assert!(!format!("{resp:?}").contains("secret"));
     }

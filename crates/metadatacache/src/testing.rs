@@ -220,6 +220,12 @@ impl Storage for FaultyStorage {
         self.inner.backend()
     }
 
+    fn stores_write_tokens(&self) -> bool {
+        // Spurious conflicts and lost replies never lose a stored token,
+        // but a racy compare-and-swap voids "distinct etags per version".
+        self.inner.stores_write_tokens() && !self.racy_cas
+    }
+
     async fn init(&self, name: &str) -> Result<()> {
         self.begin(false, name).await?;
         self.inner.init(name).await

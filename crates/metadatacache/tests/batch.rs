@@ -234,25 +234,29 @@ async fn cancelled_waiters_neither_block_nor_leak() {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ambiguous_uploads_never_double_apply() {
-    let inner: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
-    let faulty: Arc<dyn Storage> = Arc::new(
+/// 4 tasks × `per_task` counter increments through a store over `inner`
+/// with 20 % of uploads applied but answered `Unavailable`; returns
+/// (acknowledged, unavailable, final count, injected).
+async fn ambiguous_run(inner: Arc<dyn Storage>, per_task: usize) -> (u64, u64, u64, u64) {
+    let faulty = Arc::new(
         FaultyStorage::new(Arc::clone(&inner), 9)
             .ambiguous(0.2)
             .latency(Duration::from_micros(200)),
     );
     let s: Store<String, u64> = Store::new(
-        Options::new(faulty, |k: &String| format!("{k}.json"))
-            .init(|| 0)
-            .retry_policy(RetryPolicy::immediate()),
+        Options::new(Arc::clone(&faulty) as Arc<dyn Storage>, |k: &String| {
+            format!("{k}.json")
+        })
+        .init(|| 0)
+        .retries(10_000)
+        .retry_policy(RetryPolicy::immediate()),
     );
     let tasks: Vec<_> = (0..4)
         .map(|_| {
             let s = s.clone();
             tokio::spawn(async move {
                 let (mut ok, mut maybe) = (0u64, 0u64);
-                for _ in 0..200 {
+                for _ in 0..per_task {
                     match s.update("n".into(), true, |n| Ok((n + 1, true))).await {
                         Ok(()) => ok += 1,
                         Err(e) if e.kind() == ErrorKind::Unavailable => maybe += 1,
@@ -270,6 +274,27 @@ async fn ambiguous_uploads_never_double_apply() {
         maybe += m;
     }
     let n: u64 = serde_json::from_slice(&inner.simple_download("n.json").await.unwrap()).unwrap();
+    (ok, maybe, n, faulty.faults().ambiguous)
+}
+
+/// Memory stores write tokens: every lost reply is resolved, so the count
+/// is exactly the number of increments reported successful.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_replies_are_resolved_exactly_with_write_tokens() {
+    let (ok, maybe, n, injected) = ambiguous_run(Arc::new(MemoryStorage::new()), 500).await;
+    assert!(injected > 50, "{injected} lost replies injected");
+    assert_eq!(maybe, 0, "every lost reply was resolved");
+    assert_eq!(ok, 2000);
+    assert_eq!(n, ok, "exactly once: final {n}, ok {ok}");
+}
+
+/// Without write tokens (disk: content etags) a lost reply stays
+/// `Unavailable`, and is applied at most once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_replies_without_tokens_are_unavailable_and_at_most_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk: Arc<dyn Storage> = Arc::new(metadatacache::DiskStorage::open(dir.path()).unwrap());
+    let (ok, maybe, n, _) = ambiguous_run(disk, 50).await;
     assert!(maybe > 0);
     assert!(
         n >= ok && n <= ok + maybe,

@@ -240,7 +240,9 @@ async fn failed_upload_leaves_cache_equal_to_storage() {
 
 #[tokio::test]
 async fn ambiguous_upload_is_unavailable_and_cache_catches_up() {
-    let inner = memory();
+    // Disk keeps no write tokens: a lost reply cannot be resolved.
+    let dir = tempfile::tempdir().unwrap();
+    let inner: Arc<dyn Storage> = Arc::new(metadatacache::DiskStorage::open(dir.path()).unwrap());
     let faulty: Arc<dyn Storage> =
         Arc::new(FaultyStorage::new(Arc::clone(&inner), 1).ambiguous(1.0));
     let store: Store<String, Doc> = Store::new(Options::new(faulty, path).init(Doc::new));
@@ -255,6 +257,23 @@ async fn ambiguous_upload_is_unavailable_and_cache_catches_up() {
     assert_eq!(
         store.get("u".into()).await.unwrap().as_deref(),
         stored_doc.as_ref()
+    );
+
+    // Memory keeps them: the same lost reply is resolved into Ok.
+    let inner = memory();
+    let faulty: Arc<dyn Storage> =
+        Arc::new(FaultyStorage::new(Arc::clone(&inner), 1).ambiguous(1.0));
+    let store: Store<String, Doc> = Store::new(Options::new(faulty, path).init(Doc::new));
+    store
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap();
+    let stored_doc = stored(inner.as_ref(), "u").await;
+    assert_eq!(stored_doc, Some(Doc::from([("a".into(), 1)])));
+    assert_eq!(
+        store.stats().downloads,
+        0,
+        "resolved from the token, then cached"
     );
 }
 

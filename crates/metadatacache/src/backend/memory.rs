@@ -48,6 +48,7 @@ struct Doc {
     content: Bytes,
     etag: String,
     mtime: SystemTime,
+    write_token: Option<String>,
 }
 
 const BACKEND: &str = "memory";
@@ -107,6 +108,10 @@ impl Storage for MemoryStorage {
         BACKEND
     }
 
+    fn stores_write_tokens(&self) -> bool {
+        true
+    }
+
     async fn init(&self, _name: &str) -> Result<()> {
         Ok(())
     }
@@ -131,6 +136,7 @@ impl Storage for MemoryStorage {
                 content: req.content,
                 etag: etag.clone(),
                 mtime,
+                write_token: req.write_token,
             },
         );
         Ok(UploadResponse { etag, mtime })
@@ -152,6 +158,7 @@ impl Storage for MemoryStorage {
             content: doc.content.clone(),
             etag: doc.etag.clone(),
             mtime: doc.mtime,
+            write_token: doc.write_token.clone(),
         })
     }
 

@@ -182,6 +182,10 @@ impl Storage for RecordingStorage {
         self.inner.backend()
     }
 
+    fn stores_write_tokens(&self) -> bool {
+        self.inner.stores_write_tokens()
+    }
+
     async fn init(&self, name: &str) -> Result<()> {
         self.inner.init(name).await
     }

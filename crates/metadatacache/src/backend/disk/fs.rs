@@ -627,6 +627,7 @@ impl Inner {
             content: Bytes::from(doc.content),
             etag: doc.etag,
             mtime: doc.mtime,
+            write_token: None,
         })
     }
 

@@ -351,6 +351,7 @@ impl Storage for EtcdStorage {
             content: Bytes::from(value),
             etag,
             mtime,
+            write_token: None,
         })
     }
 

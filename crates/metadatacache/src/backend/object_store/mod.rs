@@ -293,6 +293,7 @@ impl ObjectStoreStorage {
             content,
             etag,
             mtime,
+            write_token: None,
         })
     }
 

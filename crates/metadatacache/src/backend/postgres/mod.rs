@@ -312,6 +312,7 @@ impl Storage for PostgresStorage {
                 content: Bytes::from(content),
                 etag,
                 mtime,
+                write_token: None,
             }),
             Ok((_, _, None)) => Err(tag(
                 Error::new(ErrorKind::NotModified, "etag unchanged"),
