@@ -656,6 +656,23 @@ async fn two_replicas_many_tasks_lose_nothing() {
     }
 }
 
+#[tokio::test]
+async fn debug_output_never_shows_document_content() {
+    let store = store_on(memory());
+    store
+        .update("u".into(), true, insert("hunter2-secret", 1))
+        .await
+        .unwrap();
+    let g = store.lock("u".into()).await;
+    for text in [
+        format!("{store:?}"),
+        format!("{g:?}"),
+        format!("{:?}", store.stats()),
+    ] {
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+}
+
 #[test]
 fn public_types_are_send_and_sync() {
     fn ok<T: Send + Sync>() {}
