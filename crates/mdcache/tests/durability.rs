@@ -76,7 +76,7 @@ fn assert_durable_order(calls: &[String], name: &str) {
     let pos = |pred: &dyn Fn(&String) -> bool, what: &str| {
         calls
             .iter()
-            .position(|l| pred(l))
+            .position(pred)
             .unwrap_or_else(|| panic!("no {what} in trace:\n{}", calls.join("\n")))
     };
     let open = pos(
