@@ -253,6 +253,8 @@ fn acknowledged_writes_are_fsynced_renamed_and_dir_synced_first() {
         "{\"n\":1}",
     );
     assert_durable_order(&calls, "a.json");
+    // For a create, "Old" stands for "absent".
+    simulate_power_loss(&calls, "a.json");
     let calls = trace(dir.path(), &["update", "users/a.json", "--set", "n=2"], "");
     assert_durable_order(&calls, "a.json");
     let crash_points = simulate_power_loss(&calls, "a.json");
