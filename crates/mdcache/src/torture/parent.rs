@@ -1,0 +1,285 @@
+//! The parent side: starting, watching, killing and restarting replicas.
+
+use super::*;
+
+/// Sent by a reader thread when its replica's output ends.
+const EOF: &str = "EOF";
+
+struct Line {
+    replica: usize,
+    incarnation: usize,
+    text: String,
+}
+
+struct Replica {
+    child: Child,
+    incarnation: usize,
+    done: usize,
+    planned: usize,
+}
+
+fn spawn_replica(
+    url: &str,
+    id: usize,
+    incarnation: usize,
+    args: &TortureArgs,
+    ops: usize,
+    seed: u64,
+    tx: &mpsc::Sender<Line>,
+) -> Result<Child> {
+    let exe = std::env::current_exe().map_err(|e| {
+        Error::new(ErrorKind::Other, "cannot find the mdcache binary").with_source(e)
+    })?;
+    let mut child = Command::new(exe)
+        .args(["--storage", url, "replica"])
+        .args(["--id", &id.to_string()])
+        .args(["--tasks", &args.tasks.to_string()])
+        .args(["--keys", &args.keys.to_string()])
+        .args(["--ops", &ops.to_string()])
+        .args(["--seed", &(seed ^ (incarnation as u64) << 16).to_string()])
+        .args(args.no_batching.then_some("--no-batching"))
+        .args(args.no_backoff.then_some("--no-backoff"))
+        .args(args.racy_cas.then_some("--racy-cas"))
+        .args(args.history_dir.iter().flat_map(|dir| {
+            let file = dir.join(format!("history-{id}-{incarnation}.jsonl"));
+            [std::ffi::OsString::from("--history"), file.into_os_string()]
+        }))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| {
+            Error::new(ErrorKind::Other, "cannot start a replica process").with_source(e)
+        })?;
+    let stdout = child.stdout.take();
+    let tx = tx.clone();
+    std::thread::spawn(move || {
+        let Some(stdout) = stdout else { return };
+        let lines = BufReader::new(stdout)
+            .lines()
+            .map_while(std::io::Result::ok);
+        for text in lines.chain(std::iter::once(EOF.to_owned())) {
+            let line = Line {
+                replica: id,
+                incarnation,
+                text,
+            };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(child)
+}
+
+pub(super) fn orchestrate(
+    url: &str,
+    args: &TortureArgs,
+    seed: u64,
+    initial: Vec<u64>,
+    show: bool,
+) -> Result<RunResult> {
+    let (tx, rx) = mpsc::channel::<Line>();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let total = (args.replicas * args.updates) as u64;
+    let bar = if show {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} updates {per_sec} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let mut replicas = Vec::new();
+    for id in 0..args.replicas {
+        let child = spawn_replica(url, id, 0, args, args.updates, seed, &tx)?;
+        replicas.push(Some(Replica {
+            child,
+            incarnation: 0,
+            done: 0,
+            planned: args.updates,
+        }));
+    }
+    let mut tally = vec![KeyTally::default(); args.keys];
+    // Last reported (conflicts, retries, give-ups) per replica incarnation.
+    let mut stats: HashMap<(usize, usize), (u64, u64, u64)> = HashMap::new();
+    let mut kills = 0;
+    let pause = |rng: &mut fastrand::Rng| {
+        let max = args.kill_every.max(1);
+        Duration::from_millis(rng.u64(max / 10..=max))
+    };
+    let mut next_kill = Instant::now() + pause(&mut rng);
+    let mut live = args.replicas;
+    let mut last_poll = Instant::now();
+    let mut result = Ok(());
+    while live > 0 {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(10)) {
+            handle_line(&line, &mut tally, &mut stats, &mut replicas, &bar);
+        }
+        if last_poll.elapsed() < Duration::from_millis(5) {
+            continue;
+        }
+        last_poll = Instant::now();
+        if args.kill && kills < args.kills && Instant::now() >= next_kill {
+            let id = rng.usize(..args.replicas);
+            if let Some(r) = replicas[id].as_mut() {
+                // SIGKILL: the process gets no chance to clean up.
+                let _ = r.child.kill();
+                let _ = r.child.wait();
+                kills += 1;
+                bar.set_message(format!("{kills} kills"));
+                // Read what it said before dying, then restart it with the
+                // work it has not finished.
+                let incarnation = r.incarnation;
+                drain_until_eof(
+                    &rx,
+                    id,
+                    incarnation,
+                    &mut tally,
+                    &mut stats,
+                    &mut replicas,
+                    &bar,
+                );
+                if let Some(r) = replicas[id].as_mut() {
+                    let left = r.planned.saturating_sub(r.done);
+                    r.incarnation += 1;
+                    r.planned = left;
+                    r.done = 0;
+                    match spawn_replica(url, id, r.incarnation, args, left, seed, &tx) {
+                        Ok(child) => r.child = child,
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            next_kill = Instant::now() + pause(&mut rng);
+            if kills == args.kills {
+                // The last kill: stop everyone at a random moment as well.
+                for (id, slot) in replicas.iter_mut().enumerate() {
+                    if let Some(mut r) = slot.take() {
+                        let _ = r.child.kill();
+                        let _ = r.child.wait();
+                        live -= 1;
+                        let incarnation = r.incarnation;
+                        let mut none: [Option<Replica>; 0] = [];
+                        drain_until_eof(
+                            &rx,
+                            id,
+                            incarnation,
+                            &mut tally,
+                            &mut stats,
+                            &mut none,
+                            &bar,
+                        );
+                    }
+                }
+            }
+        }
+        for slot in replicas.iter_mut() {
+            let exited = match slot.as_mut() {
+                Some(r) => match r.child.try_wait() {
+                    Ok(Some(status)) => {
+                        if !status.success() {
+                            result = Err(Error::new(
+                                ErrorKind::Other,
+                                format!("a replica process exited with {status}"),
+                            ));
+                        }
+                        true
+                    }
+                    Ok(None) => false,
+                    Err(_) => true,
+                },
+                None => false,
+            };
+            if exited {
+                *slot = None;
+                live -= 1;
+            }
+        }
+    }
+    drop(tx);
+    // Everything the replicas printed before exiting.
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+        handle_line(&line, &mut tally, &mut stats, &mut replicas, &bar);
+    }
+    bar.finish_and_clear();
+    result?;
+    let (conflicts, retries, give_ups) = stats
+        .values()
+        .fold((0, 0, 0), |a, s| (a.0 + s.0, a.1 + s.1, a.2 + s.2));
+    Ok(RunResult {
+        keys: args.keys,
+        replicas: args.replicas,
+        tasks: args.tasks,
+        initial,
+        tally,
+        kills,
+        elapsed: start.elapsed(),
+        conflicts,
+        retries,
+        give_ups,
+        history: None,
+    })
+}
+
+/// Handles lines until the reader of `(id, incarnation)` reports the end of
+/// that process's output, so nothing a killed replica said is missed.
+fn drain_until_eof(
+    rx: &mpsc::Receiver<Line>,
+    id: usize,
+    incarnation: usize,
+    tally: &mut [KeyTally],
+    stats: &mut HashMap<(usize, usize), (u64, u64, u64)>,
+    replicas: &mut [Option<Replica>],
+    bar: &ProgressBar,
+) {
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        if line.text == EOF && line.replica == id && line.incarnation == incarnation {
+            return;
+        }
+        handle_line(&line, tally, stats, replicas, bar);
+    }
+}
+
+fn handle_line(
+    line: &Line,
+    tally: &mut [KeyTally],
+    stats: &mut HashMap<(usize, usize), (u64, u64, u64)>,
+    replicas: &mut [Option<Replica>],
+    bar: &ProgressBar,
+) {
+    let mut parts = line.text.split_whitespace();
+    let tag = parts.next();
+    if tag == Some("T") {
+        let nums: Vec<u64> = parts.filter_map(|p| p.parse().ok()).collect();
+        if let [c, r, g] = nums[..] {
+            stats.insert((line.replica, line.incarnation), (c, r, g));
+        }
+        return;
+    }
+    let Some(k) = parts.next().and_then(|p| p.parse::<usize>().ok()) else {
+        return;
+    };
+    let Some(t) = tally.get_mut(k) else { return };
+    match tag {
+        Some("S") => t.started += 1,
+        Some("A") => t.acked += 1,
+        Some("U") => t.unavailable += 1,
+        Some("G") => t.gave_up += 1,
+        Some("E") => t.failed += 1,
+        _ => return,
+    }
+    if tag != Some("S") {
+        bar.inc(1);
+        if let Some(Some(r)) = replicas.get_mut(line.replica)
+            && r.incarnation == line.incarnation
+        {
+            r.done += 1;
+        }
+    }
+}
