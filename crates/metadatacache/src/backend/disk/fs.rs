@@ -774,11 +774,8 @@ fn file_info(path: String, doc: &Doc) -> FileInfo {
 
 fn dir_info(path: String, mtime: Option<SystemTime>) -> FileInfo {
     FileInfo {
-        path,
-        kind: EntryKind::Dir,
-        size: 0,
         mtime,
-        etag: None,
+        ..FileInfo::dir(path)
     }
 }
 
