@@ -135,21 +135,35 @@ pub(super) fn absent(key: &str) -> Compare {
     Compare::create_revision(key, CompareOp::Equal, 0)
 }
 
-/// Encodes a modification time for the metadata key: decimal nanoseconds
-/// since the Unix epoch.
-pub(super) fn encode_mtime(mtime: SystemTime) -> String {
+/// Encodes the metadata key's value: the modification time in decimal
+/// nanoseconds since the Unix epoch, then, after a space, the write token if
+/// the write had one.
+pub(super) fn encode_meta(mtime: SystemTime, token: Option<&str>) -> String {
     let nanos = mtime
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    nanos.to_string()
+    match token {
+        Some(t) => format!("{nanos} {t}"),
+        None => nanos.to_string(),
+    }
 }
 
-/// The modification time of document `doc` from its metadata key, if that
-/// was written together with this version of the document.
-pub(super) fn mtime_of(doc: &KeyValue, meta: Option<&KeyValue>) -> Option<SystemTime> {
+/// The metadata of document `doc` — its text — if it was written together
+/// with this version of the document.
+fn meta_text<'a>(doc: &KeyValue, meta: Option<&'a KeyValue>) -> Option<&'a str> {
     let meta = meta.filter(|m| m.mod_revision() == doc.mod_revision())?;
-    let nanos: u64 = std::str::from_utf8(meta.value()).ok()?.parse().ok()?;
+    std::str::from_utf8(meta.value()).ok()
+}
+
+/// The modification time of document `doc` from its metadata key.
+pub(super) fn mtime_of(doc: &KeyValue, meta: Option<&KeyValue>) -> Option<SystemTime> {
+    let nanos: u64 = meta_text(doc, meta)?.split(' ').next()?.parse().ok()?;
     SystemTime::UNIX_EPOCH.checked_add(Duration::from_nanos(nanos))
+}
+
+/// The write token of document `doc`'s version, from its metadata key.
+pub(super) fn token_of(doc: &KeyValue, meta: Option<&KeyValue>) -> Option<String> {
+    Some(meta_text(doc, meta)?.split_once(' ')?.1.to_owned())
 }
 
 /// The [`FileInfo`] of a document.

@@ -26,8 +26,8 @@ use crate::storage::{
 use call::{Conn, count_at, kvs_at};
 use config::Config;
 use layout::{
-    Layout, absent, ancestors, check_path, encode_mtime, etag, etag_is, exists, file_info,
-    mtime_of, revision,
+    Layout, absent, ancestors, check_path, encode_meta, etag, etag_is, exists, file_info, mtime_of,
+    revision, token_of,
 };
 
 const BACKEND: &str = "etcd";
@@ -185,6 +185,12 @@ impl Storage for EtcdStorage {
         BACKEND
     }
 
+    /// Tokens live in the metadata key, written in the same transaction as
+    /// the document; etags are mod revisions, distinct for every version.
+    fn stores_write_tokens(&self) -> bool {
+        true
+    }
+
     /// Checks the name and that etcd answers; the key prefix needs no
     /// creating.
     ///
@@ -243,7 +249,11 @@ impl Storage for EtcdStorage {
         let mtime = req.mtime.unwrap_or_else(SystemTime::now);
         let writes = [
             TxnOp::put(doc_key.as_str(), req.content.to_vec(), None),
-            TxnOp::put(meta_key.as_str(), encode_mtime(mtime), None),
+            TxnOp::put(
+                meta_key.as_str(),
+                encode_meta(mtime, req.write_token.as_deref()),
+                None,
+            ),
         ];
 
         let needs_time = !req.is_create_only() && req.if_unmodified_since.is_some();
@@ -345,13 +355,14 @@ impl Storage for EtcdStorage {
         };
         let meta = kvs_at(&mut ops, 1).into_iter().next();
         let mtime = mtime_of(&doc, meta.as_ref()).unwrap_or(SystemTime::UNIX_EPOCH);
+        let write_token = token_of(&doc, meta.as_ref());
         let etag = etag(doc.mod_revision());
         let (_, value) = doc.into_key_value();
         Ok(DownloadResponse {
             content: Bytes::from(value),
             etag,
             mtime,
-            write_token: None,
+            write_token,
         })
     }
 
