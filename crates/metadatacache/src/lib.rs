@@ -76,7 +76,7 @@
 //! - [`ErrorKind::Unavailable`]: the storage did not answer; the change may
 //!   have been applied, at most once. When a write's reply is lost on a
 //!   backend that stores write tokens ([`Storage::stores_write_tokens`]:
-//!   memory), the store looks the token up and answers `Ok` (it landed) or
+//!   memory, etcd), the store looks the token up and answers `Ok` (it landed) or
 //!   runs the update again (it did not); elsewhere equal content cannot tell
 //!   its write from another replica's, so it answers `Unavailable`.
 //! - any other error: the change was not applied.

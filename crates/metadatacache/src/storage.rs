@@ -129,7 +129,7 @@ pub struct DownloadResponse {
     /// Its modification time.
     pub mtime: SystemTime,
     /// The [`UploadRequest::write_token`] of the write that made this
-    /// version, on backends that store one (memory); `None` elsewhere.
+    /// version, on backends that store one (memory, etcd); `None` elsewhere.
     pub write_token: Option<String>,
 }
 
