@@ -6,8 +6,11 @@
 
 #[path = "../../metadatacache/tests/support/servers.rs"]
 mod servers;
+mod table;
 
 use std::process::Command;
+
+use table::assert_rows;
 
 /// Runs a small torture against `url`; asserts nothing was lost.
 fn torture(url: &str, env: &[(&str, &str)]) -> String {
@@ -28,18 +31,15 @@ fn torture(url: &str, env: &[(&str, &str)]) -> String {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{out:?}");
-    for (row, want) in [
-        ("acknowledged", " 360"),
-        ("lost", " 0"),
-        ("history: violations", " 0"),
-        ("result", "OK"),
-    ] {
-        assert!(
-            text.lines()
-                .any(|l| l.starts_with(row) && l.ends_with(want)),
-            "{row}: {text}"
-        );
-    }
+    assert_rows(
+        &text,
+        &[
+            ("acknowledged", "360"),
+            ("lost", "0"),
+            ("history: violations", "0"),
+            ("result", "OK"),
+        ],
+    );
     text
 }
 

@@ -6,6 +6,10 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+mod table;
+
+use table::{assert_rows, row};
+
 fn mdcache(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     mdcache_env(dir, args, stdin, &[])
 }
@@ -241,16 +245,7 @@ fn torture_smoke_loses_nothing() {
     );
     let text = stdout(&out);
     assert!(out.status.success(), "{out:?}");
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("lost") && l.ends_with(" 0")),
-        "{text}"
-    );
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("acknowledged") && l.ends_with(" 200")),
-        "{text}"
-    );
+    assert_rows(&text, &[("lost", "0"), ("acknowledged", "200")]);
     // The counters are in the storage directory, as plain JSON.
     let total: u64 = (0..2)
         .map(|k| {
@@ -283,16 +278,7 @@ fn torture_with_kills_loses_nothing() {
     );
     let text = stdout(&out);
     assert!(out.status.success(), "{out:?}");
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("lost") && l.ends_with(" 0")),
-        "{text}"
-    );
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("result") && l.ends_with("OK")),
-        "{text}"
-    );
+    assert_rows(&text, &[("lost", "0"), ("result", "OK")]);
 }
 
 /// Four replica processes × four tasks × 250 `Store::update`s on four keys
@@ -318,17 +304,14 @@ fn four_replica_processes_lose_no_update() {
     );
     let text = stdout(&out);
     assert!(out.status.success(), "{out:?}");
-    for (row, want) in [
-        ("acknowledged", " 4000"),
-        ("final − initial", " 4000"),
-        ("lost", " 0"),
-    ] {
-        assert!(
-            text.lines()
-                .any(|l| l.starts_with(row) && l.ends_with(want)),
-            "{row}: {text}"
-        );
-    }
+    assert_rows(
+        &text,
+        &[
+            ("acknowledged", "4000"),
+            ("final − initial", "4000"),
+            ("lost", "0"),
+        ],
+    );
 }
 
 /// 200 SIGKILLs of replica processes at random moments: every document still
@@ -358,16 +341,7 @@ fn two_hundred_kills_tear_and_lose_nothing() {
     );
     let text = stdout(&out);
     assert!(out.status.success(), "{out:?}");
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("kills") && l.ends_with(" 200")),
-        "{text}"
-    );
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("result") && l.ends_with("OK")),
-        "{text}"
-    );
+    assert_rows(&text, &[("kills", "200"), ("result", "OK")]);
     let ls = stdout(&mdcache(d, &["ls", "torture"], None));
     assert!(!ls.contains(".tmp."), "{ls}");
     assert_eq!(ls.lines().count(), 4, "{ls}");
@@ -388,16 +362,8 @@ fn torture_history_check_is_clean_and_catches_a_broken_storage() {
     let out = mdcache(dir.path(), &args, None);
     let text = stdout(&out);
     assert!(out.status.success(), "{out:?}");
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("history: violations") && l.ends_with(" 0")),
-        "{text}"
-    );
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("history: writes checked") && !l.ends_with(" 0")),
-        "{text}"
-    );
+    assert_rows(&text, &[("history: violations", "0")]);
+    assert_ne!(row(&text, "history: writes checked"), "0");
 
     // Compare-and-swap broken on purpose: the history check must say so.
     let dir = tempfile::tempdir().unwrap();
@@ -415,11 +381,7 @@ fn torture_history_check_is_clean_and_catches_a_broken_storage() {
     let out = mdcache(dir.path(), &args, None);
     let text = stdout(&out);
     assert!(!out.status.success(), "{text}");
-    let violations: usize = text
-        .lines()
-        .find_map(|l| l.strip_prefix("history: violations"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap();
+    let violations: usize = row(&text, "history: violations").parse().unwrap();
     assert!(violations > 0, "{text}");
 }
 
@@ -442,17 +404,10 @@ fn hot_key_across_four_processes_never_gives_up() {
     let out = mdcache(dir.path(), &args, None);
     let text = stdout(&out);
     assert!(out.status.success(), "{out:?}");
-    for (row, want) in [
-        ("give-ups", " 0"),
-        ("acknowledged", " 1200"),
-        ("lost", " 0"),
-    ] {
-        assert!(
-            text.lines()
-                .any(|l| l.starts_with(row) && l.ends_with(want)),
-            "{row}: {text}"
-        );
-    }
+    assert_rows(
+        &text,
+        &[("give-ups", "0"), ("acknowledged", "1200"), ("lost", "0")],
+    );
 }
 
 #[test]
