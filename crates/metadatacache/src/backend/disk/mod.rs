@@ -4,6 +4,7 @@
 //! public types and runs every operation on tokio's blocking thread pool.
 
 mod fs;
+mod lock;
 
 use std::fmt;
 use std::os::fd::OwnedFd;
@@ -131,7 +132,7 @@ impl DiskOptions {
         let inner = Inner {
             root,
             locks,
-            stripes: fs::LockStripes::new(),
+            stripes: lock::LockStripes::new(),
             dir: dir.to_path_buf(),
             opts: self.clone(),
         };
@@ -199,7 +200,7 @@ struct Inner {
     locks: OwnedFd,
     /// The lock files' descriptors, each behind the mutex that serializes
     /// this process's operations on the stripe.
-    stripes: fs::LockStripes,
+    stripes: lock::LockStripes,
     dir: PathBuf,
     opts: DiskOptions,
 }
