@@ -1,0 +1,155 @@
+//! The storage operations of the disk backend, on top of the path walking,
+//! reading and temp-file helpers of its parent module.
+
+use super::*;
+
+impl Inner {
+    pub(in crate::backend::disk) fn upload(&self, req: &UploadRequest) -> Result<UploadResponse> {
+        let path = req.path.as_str();
+        let (dir, name) = (parent(path), base(path));
+        // A write that needs the document to exist creates no directories.
+        let dirfd = match self.walk(dir, req.if_match.is_none(), path)? {
+            Ok(fd) => fd,
+            Err(blocked) => {
+                // The document is absent: answer its preconditions first.
+                check_upload_preconditions(req, None)?;
+                return Err(match blocked {
+                    Blocked::NotDir(at) => {
+                        Error::invalid_input(format!("parent {at:?} is a document"))
+                    }
+                    Blocked::Missing => Error::not_found("parent directory vanished"),
+                }
+                .with_path(path));
+            }
+        };
+        let etag = etag(&req.content);
+        // The slow part (write + fsync) happens before taking the lock.
+        let (mut temp, mtime) = self.write_temp(&dirfd, name, req)?;
+        let needs_etag = req.if_match.is_some() || req.if_none_match.iter().any(|e| e != "*");
+        let lock = self.lock(path)?;
+        let current = match open_entry(dirfd.as_fd(), name, path, needs_etag)? {
+            Entry::Missing => None,
+            Entry::File(doc) => Some(doc),
+            Entry::Dir(_) => {
+                return Err(Error::invalid_input("a directory exists at this path").with_path(path));
+            }
+            Entry::Symlink => return Err(symlink_error(path, path)),
+            Entry::Special => {
+                return Err(Error::invalid_input("not a regular file").with_path(path));
+            }
+        };
+        check_upload_preconditions(req, current.as_ref().map(|d| (d.etag.as_str(), d.mtime)))?;
+        rustix::fs::renameat(&dirfd, temp.name.as_str(), &dirfd, name)
+            .map_err(|e| io_error(e, path, "cannot rename the temp file into place"))?;
+        temp.armed = false;
+        drop(lock);
+        self.sync_dir(&dirfd, path)?;
+        Ok(UploadResponse { etag, mtime })
+    }
+
+    pub(in crate::backend::disk) fn download(
+        &self,
+        req: &DownloadRequest,
+    ) -> Result<DownloadResponse> {
+        let path = req.path.as_str();
+        let not_found = || Error::not_found("no such document").with_path(path);
+        let Ok(dirfd) = self.walk(parent(path), false, path)? else {
+            return Err(not_found());
+        };
+        let doc = match open_entry(dirfd.as_fd(), base(path), path, true)? {
+            Entry::File(doc) => doc,
+            Entry::Missing | Entry::Dir(_) => return Err(not_found()),
+            Entry::Symlink => return Err(symlink_error(path, path)),
+            Entry::Special => {
+                return Err(Error::invalid_input("not a regular file").with_path(path));
+            }
+        };
+        if req.if_none_match.iter().any(|e| *e == doc.etag || e == "*") {
+            return Err(Error::new(ErrorKind::NotModified, "etag unchanged").with_path(path));
+        }
+        Ok(DownloadResponse {
+            content: Bytes::from(doc.content),
+            etag: doc.etag,
+            mtime: doc.mtime,
+            write_token: None,
+        })
+    }
+
+    pub(in crate::backend::disk) fn delete(
+        &self,
+        path: &str,
+        if_match: Option<&str>,
+    ) -> Result<()> {
+        let Ok(dirfd) = self.walk(parent(path), false, path)? else {
+            return check_delete_precondition(path, if_match, None);
+        };
+        let name = base(path);
+        let lock = self.lock(path)?;
+        match open_entry(dirfd.as_fd(), name, path, if_match.is_some())? {
+            Entry::File(doc) => check_delete_precondition(path, if_match, Some(&doc.etag))?,
+            Entry::Missing | Entry::Dir(_) => check_delete_precondition(path, if_match, None)?,
+            Entry::Symlink => return Err(symlink_error(path, path)),
+            Entry::Special => {
+                return Err(Error::invalid_input("not a regular file").with_path(path));
+            }
+        }
+        rustix::fs::unlinkat(&dirfd, name, AtFlags::empty())
+            .map_err(|e| io_error(e, path, "cannot remove"))?;
+        drop(lock);
+        self.sync_dir(&dirfd, path)
+    }
+
+    pub(in crate::backend::disk) fn stat(&self, path: &str) -> Result<FileInfo> {
+        let not_found = || Error::not_found("no such document or directory").with_path(path);
+        if path.is_empty() {
+            let st = rustix::fs::fstat(&self.root).map_err(|e| io_error(e, path, "cannot stat"))?;
+            return Ok(dir_info(String::new(), Some(mtime(&st))));
+        }
+        let Ok(dirfd) = self.walk(parent(path), false, path)? else {
+            return Err(not_found());
+        };
+        match open_entry(dirfd.as_fd(), base(path), path, true)? {
+            Entry::File(doc) => Ok(file_info(path.to_owned(), &doc)),
+            Entry::Dir(mtime) => Ok(dir_info(path.to_owned(), Some(mtime))),
+            Entry::Missing | Entry::Special => Err(not_found()),
+            Entry::Symlink => Err(symlink_error(path, path)),
+        }
+    }
+
+    pub(in crate::backend::disk) fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
+        let Ok(dirfd) = self.walk(path, false, path)? else {
+            return Ok(Vec::new());
+        };
+        let names = read_names(dirfd.as_fd()).map_err(|e| io_error(e, path, "cannot list"))?;
+        let mut out = Vec::with_capacity(names.len());
+        for (name, _) in names {
+            let child = join(path, &name);
+            // Internal files, and names no storage path can address.
+            if is_internal(&name) || validate_path(&child, false).is_err() {
+                continue;
+            }
+            match open_entry(dirfd.as_fd(), &name, &child, true)? {
+                Entry::File(doc) => out.push(file_info(child, &doc)),
+                Entry::Dir(mtime) => out.push(dir_info(child, Some(mtime))),
+                // Gone since listed, or not something this storage serves.
+                Entry::Missing | Entry::Symlink | Entry::Special => {}
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    pub(in crate::backend::disk) fn make_dir(&self, path: &str) -> Result<()> {
+        match self.walk(path, true, path)? {
+            Ok(_) => Ok(()),
+            Err(Blocked::NotDir(at)) => Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{at:?} is a document"),
+            )
+            .with_path(path)),
+            Err(Blocked::Missing) => {
+                Err(Error::not_found("parent directory vanished").with_path(path))
+            }
+        }
+    }
+}
