@@ -209,11 +209,12 @@ impl PostgresStorage {
         match run.await {
             Ok(()) => Ok(()),
             // Two sessions creating the table at once: the loser fails on
-            // the catalog's unique index (23505) or finds the relation
-            // (42P07). Either way the table now exists.
+            // the catalog's unique index (23505), on the table's row type
+            // (42710) or finds the relation (42P07). Either way the winner
+            // has committed and the table now exists.
             Err(Failure::Pg(e))
                 if e.code()
-                    .is_some_and(|c| matches!(c.code(), "23505" | "42P07")) =>
+                    .is_some_and(|c| matches!(c.code(), "23505" | "42710" | "42P07")) =>
             {
                 Ok(())
             }
