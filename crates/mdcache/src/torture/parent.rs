@@ -102,9 +102,13 @@ pub(super) fn orchestrate(
             planned: args.updates,
         }));
     }
-    let mut tally = vec![KeyTally::default(); args.keys];
-    // Last reported (conflicts, retries, give-ups) per replica incarnation.
-    let mut stats: HashMap<(usize, usize), (u64, u64, u64)> = HashMap::new();
+    let mut books = Books {
+        rx,
+        tally: vec![KeyTally::default(); args.keys],
+        stats: HashMap::new(),
+        replicas,
+        bar,
+    };
     let mut kills = 0;
     let pause = |rng: &mut fastrand::Rng| {
         let max = args.kill_every.max(1);
@@ -115,8 +119,8 @@ pub(super) fn orchestrate(
     let mut last_poll = Instant::now();
     let mut result = Ok(());
     while live > 0 {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(10)) {
-            handle_line(&line, &mut tally, &mut stats, &mut replicas, &bar);
+        if let Ok(line) = books.rx.recv_timeout(Duration::from_millis(10)) {
+            books.handle(&line);
         }
         if last_poll.elapsed() < Duration::from_millis(5) {
             continue;
@@ -124,25 +128,11 @@ pub(super) fn orchestrate(
         last_poll = Instant::now();
         if args.kill && kills < args.kills && Instant::now() >= next_kill {
             let id = rng.usize(..args.replicas);
-            if let Some(r) = replicas[id].as_mut() {
-                // SIGKILL: the process gets no chance to clean up.
-                let _ = r.child.kill();
-                let _ = r.child.wait();
+            if books.kill(id) {
                 kills += 1;
-                bar.set_message(format!("{kills} kills"));
-                // Read what it said before dying, then restart it with the
-                // work it has not finished.
-                let incarnation = r.incarnation;
-                drain_until_eof(
-                    &rx,
-                    id,
-                    incarnation,
-                    &mut tally,
-                    &mut stats,
-                    &mut replicas,
-                    &bar,
-                );
-                if let Some(r) = replicas[id].as_mut() {
+                books.bar.set_message(format!("{kills} kills"));
+                // Restart it with the work it has not finished.
+                if let Some(r) = books.replicas[id].as_mut() {
                     let left = r.planned.saturating_sub(r.done);
                     r.incarnation += 1;
                     r.planned = left;
@@ -159,27 +149,15 @@ pub(super) fn orchestrate(
             next_kill = Instant::now() + pause(&mut rng);
             if kills == args.kills {
                 // The last kill: stop everyone at a random moment as well.
-                for (id, slot) in replicas.iter_mut().enumerate() {
-                    if let Some(mut r) = slot.take() {
-                        let _ = r.child.kill();
-                        let _ = r.child.wait();
+                for id in 0..args.replicas {
+                    if books.kill(id) {
+                        books.replicas[id] = None;
                         live -= 1;
-                        let incarnation = r.incarnation;
-                        let mut none: [Option<Replica>; 0] = [];
-                        drain_until_eof(
-                            &rx,
-                            id,
-                            incarnation,
-                            &mut tally,
-                            &mut stats,
-                            &mut none,
-                            &bar,
-                        );
                     }
                 }
             }
         }
-        for slot in replicas.iter_mut() {
+        for slot in books.replicas.iter_mut() {
             let exited = match slot.as_mut() {
                 Some(r) => match r.child.try_wait() {
                     Ok(Some(status)) => {
@@ -204,12 +182,13 @@ pub(super) fn orchestrate(
     }
     drop(tx);
     // Everything the replicas printed before exiting.
-    while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-        handle_line(&line, &mut tally, &mut stats, &mut replicas, &bar);
+    while let Ok(line) = books.rx.recv_timeout(Duration::from_millis(200)) {
+        books.handle(&line);
     }
-    bar.finish_and_clear();
+    books.bar.finish_and_clear();
     result?;
-    let (conflicts, retries, give_ups) = stats
+    let (conflicts, retries, give_ups) = books
+        .stats
         .values()
         .fold((0, 0, 0), |a, s| (a.0 + s.0, a.1 + s.1, a.2 + s.2));
     Ok(RunResult {
@@ -217,7 +196,7 @@ pub(super) fn orchestrate(
         replicas: args.replicas,
         tasks: args.tasks,
         initial,
-        tally,
+        tally: books.tally,
         kills,
         elapsed: start.elapsed(),
         conflicts,
@@ -227,59 +206,73 @@ pub(super) fn orchestrate(
     })
 }
 
-/// Handles lines until the reader of `(id, incarnation)` reports the end of
-/// that process's output, so nothing a killed replica said is missed.
-fn drain_until_eof(
-    rx: &mpsc::Receiver<Line>,
-    id: usize,
-    incarnation: usize,
-    tally: &mut [KeyTally],
-    stats: &mut HashMap<(usize, usize), (u64, u64, u64)>,
-    replicas: &mut [Option<Replica>],
-    bar: &ProgressBar,
-) {
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
-        if line.text == EOF && line.replica == id && line.incarnation == incarnation {
-            return;
-        }
-        handle_line(&line, tally, stats, replicas, bar);
-    }
+/// What the parent learns from the replicas' output.
+struct Books {
+    rx: mpsc::Receiver<Line>,
+    tally: Vec<KeyTally>,
+    /// Last reported (conflicts, retries, give-ups) per replica incarnation.
+    stats: HashMap<(usize, usize), (u64, u64, u64)>,
+    replicas: Vec<Option<Replica>>,
+    bar: ProgressBar,
 }
 
-fn handle_line(
-    line: &Line,
-    tally: &mut [KeyTally],
-    stats: &mut HashMap<(usize, usize), (u64, u64, u64)>,
-    replicas: &mut [Option<Replica>],
-    bar: &ProgressBar,
-) {
-    let mut parts = line.text.split_whitespace();
-    let tag = parts.next();
-    if tag == Some("T") {
-        let nums: Vec<u64> = parts.filter_map(|p| p.parse().ok()).collect();
-        if let [c, r, g] = nums[..] {
-            stats.insert((line.replica, line.incarnation), (c, r, g));
+impl Books {
+    /// SIGKILLs replica `id` (no chance to clean up) and reads everything it
+    /// said before dying; false when it is not running.
+    fn kill(&mut self, id: usize) -> bool {
+        let Some(r) = self.replicas[id].as_mut() else {
+            return false;
+        };
+        let _ = r.child.kill();
+        let _ = r.child.wait();
+        let incarnation = r.incarnation;
+        self.drain_until_eof(id, incarnation);
+        true
+    }
+
+    /// Handles lines until the reader of `(id, incarnation)` reports the end
+    /// of that process's output, so nothing a killed replica said is missed.
+    fn drain_until_eof(&mut self, id: usize, incarnation: usize) {
+        while let Ok(line) = self.rx.recv_timeout(Duration::from_secs(5)) {
+            if line.text == EOF && line.replica == id && line.incarnation == incarnation {
+                return;
+            }
+            self.handle(&line);
         }
-        return;
     }
-    let Some(k) = parts.next().and_then(|p| p.parse::<usize>().ok()) else {
-        return;
-    };
-    let Some(t) = tally.get_mut(k) else { return };
-    match tag {
-        Some("S") => t.started += 1,
-        Some("A") => t.acked += 1,
-        Some("U") => t.unavailable += 1,
-        Some("G") => t.gave_up += 1,
-        Some("E") => t.failed += 1,
-        _ => return,
-    }
-    if tag != Some("S") {
-        bar.inc(1);
-        if let Some(Some(r)) = replicas.get_mut(line.replica)
-            && r.incarnation == line.incarnation
-        {
-            r.done += 1;
+
+    fn handle(&mut self, line: &Line) {
+        let mut parts = line.text.split_whitespace();
+        let tag = parts.next();
+        if tag == Some("T") {
+            let nums: Vec<u64> = parts.filter_map(|p| p.parse().ok()).collect();
+            if let [c, r, g] = nums[..] {
+                self.stats
+                    .insert((line.replica, line.incarnation), (c, r, g));
+            }
+            return;
+        }
+        let Some(k) = parts.next().and_then(|p| p.parse::<usize>().ok()) else {
+            return;
+        };
+        let Some(t) = self.tally.get_mut(k) else {
+            return;
+        };
+        match tag {
+            Some("S") => t.started += 1,
+            Some("A") => t.acked += 1,
+            Some("U") => t.unavailable += 1,
+            Some("G") => t.gave_up += 1,
+            Some("E") => t.failed += 1,
+            _ => return,
+        }
+        if tag != Some("S") {
+            self.bar.inc(1);
+            if let Some(Some(r)) = self.replicas.get_mut(line.replica)
+                && r.incarnation == line.incarnation
+            {
+                r.done += 1;
+            }
         }
     }
 }
