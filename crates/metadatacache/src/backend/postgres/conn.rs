@@ -150,32 +150,34 @@ impl Conn {
         sql: &str,
         params: &Params<'_>,
     ) -> Result<Vec<Row>, Failure> {
-        let Some(client) = self.object.as_ref() else {
-            return Err(Failure::Timeout);
-        };
-        let run = async {
+        self.run(deadline, async |client: &Object| {
             let statement = client.prepare_cached(sql).await?;
             client.query(&statement, params).await
-        };
-        let res = match timeout_at(deadline, run).await {
-            Ok(Ok(rows)) => return Ok(rows),
-            Ok(Err(e)) => Failure::Pg(e),
-            Err(_) => {
-                cancel(client);
-                Failure::Timeout
-            }
-        };
-        self.broken |= breaks_connection(&res);
-        Err(res)
+        })
+        .await
     }
 
     /// Runs SQL text with the simple protocol before `deadline`.
     pub(super) async fn batch(&mut self, deadline: Instant, sql: &str) -> Result<(), Failure> {
+        self.run(deadline, async |client: &Object| {
+            client.batch_execute(sql).await
+        })
+        .await
+    }
+
+    /// Runs `op` on the connection before `deadline`: past it, the server is
+    /// asked to cancel; a failure that breaks the connection marks it so
+    /// that it is not returned to the pool.
+    async fn run<T>(
+        &mut self,
+        deadline: Instant,
+        op: impl AsyncFnOnce(&Object) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, Failure> {
         let Some(client) = self.object.as_ref() else {
             return Err(Failure::Timeout);
         };
-        let res = match timeout_at(deadline, client.batch_execute(sql)).await {
-            Ok(Ok(())) => return Ok(()),
+        let res = match timeout_at(deadline, op(client)).await {
+            Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => Failure::Pg(e),
             Err(_) => {
                 cancel(client);
