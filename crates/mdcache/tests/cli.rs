@@ -60,7 +60,7 @@ fn put_get_update_ls_stat_rm() {
     let out = mdcache(d, &["put", "users/a.json", "--create"], Some(r#"{"n":1}"#));
     assert!(out.status.success(), "{out:?}");
     let etag = stdout(&out).trim().to_owned();
-    assert_eq!(etag.len(), 32);
+    assert_eq!(etag.len(), 64);
     // The document is stored as plain JSON.
     assert_eq!(
         std::fs::read_to_string(d.join("users/a.json")).unwrap(),

@@ -76,26 +76,34 @@ fn fd_of(line: &str) -> Option<&str> {
 /// Checks: temp created → written → fsynced → renamed over `name` → its
 /// directory fsynced → only then the command's output (the acknowledgment).
 fn assert_durable_order(calls: &[String], name: &str) {
-    let pos = |pred: &dyn Fn(&String) -> bool, what: &str| {
+    // The first matching call at or after `from` (descriptor numbers are
+    // reused, so calls on the temp file are looked for after its open).
+    let pos = |from: usize, pred: &dyn Fn(&String) -> bool, what: &str| {
         calls
             .iter()
+            .skip(from)
             .position(pred)
+            .map(|i| i + from)
             .unwrap_or_else(|| panic!("no {what} in trace:\n{}", calls.join("\n")))
     };
     let open = pos(
+        0,
         &|l| l.starts_with("openat(") && l.contains(".tmp.") && l.contains("O_CREAT"),
         "temp create",
     );
     let tmp_fd = fd_of(&calls[open]).unwrap().to_owned();
     let write = pos(
+        open,
         &|l| l.starts_with(&format!("write({tmp_fd},")),
         "temp write",
     );
     let fsync = pos(
+        open,
         &|l| l.starts_with(&format!("fsync({tmp_fd})")),
         "temp fsync",
     );
     let rename = pos(
+        0,
         &|l| l.starts_with("renameat") && l.contains(".tmp.") && l.contains(&format!("\"{name}\"")),
         "rename over the document",
     );
@@ -117,7 +125,11 @@ fn assert_durable_order(calls: &[String], name: &str) {
                 calls.join("\n")
             )
         });
-    let ack = pos(&|l| l.starts_with("write(1,"), "acknowledgment on stdout");
+    let ack = pos(
+        0,
+        &|l| l.starts_with("write(1,"),
+        "acknowledgment on stdout",
+    );
     assert!(
         open < write && write < fsync && fsync < rename,
         "{}",

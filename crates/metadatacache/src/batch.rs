@@ -3,12 +3,25 @@
 //! compare-and-swap.
 //!
 //! Every caller runs its own closure in its own task, so closures may borrow
-//! from their caller's stack. The task that gets the lock leads the batch: it
-//! takes the queue of waiting updates, hands each waiter the value in turn
-//! (the waiter runs its `f` and answers with the result), writes the final
-//! value once, and tells every waiter the outcome. A failing `f` is left out
-//! without sinking the others; a conflict re-runs the whole batch on the
-//! fresh value.
+//! from their caller's stack. The task that gets the lock leads: it runs its
+//! own closure on the committed value, and only if that changes the value
+//! does it take the queue of waiting updates and hand each waiter the value
+//! in turn (the waiter runs its `f` and answers). It writes the final value
+//! once and tells each waiter that changed it the outcome.
+//!
+//! Each caller gets its own outcome:
+//!
+//! - an update whose `f` changes nothing, or fails, on the *committed* value
+//!   returns at once (`Ok`, or its own error), without waiting for the write
+//!   and never with another caller's error;
+//! - one whose `f` changes nothing, or fails, on a value that earlier members
+//!   of the batch changed (which is not committed yet) runs its `f` again on
+//!   the committed value; if it then wants to write, it goes back to the
+//!   queue for the next batch;
+//! - those that changed the value share the write's outcome;
+//! - a value that cannot be encoded sends the waiters back to the queue and
+//!   the leader tries alone, so one bad value fails only its own update;
+//! - a conflict re-runs the batch on the fresh value.
 
 use std::fmt;
 use std::hash::Hash;
@@ -23,63 +36,68 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::guard::KeyGuard;
 use crate::store::Store;
 
-/// A waiting update, queued for the next batch leader of its key.
-pub(crate) struct Member<V> {
-    tx: mpsc::UnboundedSender<ToMember<V>>,
+/// An update waiting for its key's lock, queued for the next batch leader.
+pub(crate) struct Waiter<V> {
+    tx: mpsc::UnboundedSender<ToWaiter<V>>,
     create: bool,
     call: Instant,
 }
 
-impl<V> fmt::Debug for Member<V> {
+impl<V> fmt::Debug for Waiter<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Member")
+        f.debug_struct("Waiter")
             .field("create", &self.create)
             .finish_non_exhaustive()
     }
 }
 
-enum ToMember<V> {
-    /// Run your `f` on this value and answer.
-    Apply(V, oneshot::Sender<Answer<V>>),
-    /// The batch is over; this is your result.
+/// What a leader tells a waiter.
+enum ToWaiter<V> {
+    /// Run your `f` on this value and reply. `committed` says whether the
+    /// value is exactly what storage holds (no earlier member changed it).
+    Apply {
+        value: V,
+        committed: bool,
+        reply: oneshot::Sender<Reply<V>>,
+    },
+    /// Wait for the lock again: your update takes part in a later batch.
+    Requeue,
+    /// The batch's write is over; this is your result.
     Done(Result<()>),
 }
 
-/// What one participant's `f` made of the value.
-enum Answer<V> {
-    /// Persist this value.
+/// What a waiter's `f` made of the value it was handed.
+enum Reply<V> {
+    /// Write this value.
     Changed(V),
-    /// Nothing to persist (`f` returned `persist = false`).
+    /// `f` returned `persist = false`.
     Unchanged,
-    /// `f` failed; the participant already has its error.
+    /// `f` failed; the waiter keeps its error.
     Failed,
 }
 
-/// How a participant of the current attempt stands.
-enum Part<V> {
-    /// The leader itself.
-    Own,
-    /// A waiter, reachable through its channel.
-    Waiter(Member<V>),
-}
-
-/// Tells every waiter still in the batch its outcome when the leader stops,
-/// also when the leader's future is dropped half-way.
+/// The waiters of one batch that changed the value and wait for the write.
+/// Dropping it tells them their outcome, also when the leader's future is
+/// dropped half-way.
 struct Batch<V> {
-    seats: Vec<Part<V>>,
-    /// An upload was sent and its outcome is not known yet.
+    waiters: Vec<Waiter<V>>,
+    /// A write was sent and its outcome is not known yet.
     writing: bool,
 }
 
 impl<V> Batch<V> {
     fn finish(&mut self, res: &Result<()>) {
-        for part in self.seats.drain(..) {
-            if let Part::Waiter(m) = part {
-                let _ = m.tx.send(ToMember::Done(match res {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(e.duplicate()),
-                }));
-            }
+        for w in self.waiters.drain(..) {
+            let _ = w.tx.send(ToWaiter::Done(match res {
+                Ok(()) => Ok(()),
+                Err(e) => Err(e.duplicate()),
+            }));
+        }
+    }
+
+    fn requeue_all(&mut self) {
+        for w in self.waiters.drain(..) {
+            let _ = w.tx.send(ToWaiter::Requeue);
         }
     }
 }
@@ -100,6 +118,24 @@ impl<V> Drop for Batch<V> {
     }
 }
 
+/// What running one `f` gave.
+enum Outcome<V> {
+    Changed(V),
+    Unchanged,
+    Failed(Error),
+}
+
+fn run<V, F>(f: &mut F, value: V) -> Outcome<V>
+where
+    F: FnMut(V) -> Result<(V, bool)>,
+{
+    match f(value) {
+        Ok((new, true)) => Outcome::Changed(new),
+        Ok((_, false)) => Outcome::Unchanged,
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
 impl<K, V> Store<K, V>
 where
     K: Eq + Hash + Clone + fmt::Display + Send + Sync + 'static,
@@ -117,7 +153,7 @@ where
     where
         F: FnMut(V) -> Result<(V, bool)> + Send,
     {
-        // Uncontended: lead a batch of one without queueing.
+        // Uncontended: lead without queueing.
         if let Some(lock) = self.inner.locks.try_lock(&key) {
             let path = (self.inner.opts.path)(&key);
             let mut g = KeyGuard::new(self.clone(), lock, path);
@@ -125,37 +161,36 @@ where
         }
         loop {
             let (tx, mut rx) = mpsc::unbounded_channel();
-            let member = Member { tx, create, call };
+            let waiter = Waiter { tx, create, call };
             let path = (self.inner.opts.path)(&key);
-            let lock = self.inner.locks.lock_queued(key.clone(), member);
+            let lock = self.inner.locks.lock_queued(key.clone(), waiter);
             tokio::pin!(lock);
-            let mut own_error = None;
             loop {
                 tokio::select! {
                     // A leader's message comes first: Done is sent before
                     // the leader unlocks.
                     biased;
                     msg = rx.recv() => match msg {
-                        Some(ToMember::Apply(value, reply)) => {
-                            let answer = match f(value) {
-                                Ok((new, true)) => Answer::Changed(new),
-                                Ok((_, false)) => Answer::Unchanged,
-                                Err(e) => {
+                        Some(ToWaiter::Apply { value, committed, reply }) => {
+                            let mut own_error = None;
+                            let answer = match run(&mut f, value) {
+                                Outcome::Changed(new) => Reply::Changed(new),
+                                Outcome::Unchanged => Reply::Unchanged,
+                                Outcome::Failed(e) => {
                                     own_error = Some(e);
-                                    Answer::Failed
+                                    Reply::Failed
                                 }
                             };
-                            let failed = matches!(answer, Answer::Failed);
+                            let settled = committed && !matches!(answer, Reply::Changed(_));
                             let _ = reply.send(answer);
-                            if failed {
-                                // Left out of the batch; our error is final.
-                                return Err(own_error.take().unwrap_or_else(|| unreachable!()));
+                            if settled {
+                                // Decided on the committed value: final,
+                                // whatever becomes of the batch's write.
+                                return own_error.map_or(Ok(()), Err);
                             }
                         }
-                        Some(ToMember::Done(res)) => return res,
-                        // The leader went away before writing anything of
-                        // ours: queue again.
-                        None => break,
+                        Some(ToWaiter::Requeue) | None => break,
+                        Some(ToWaiter::Done(res)) => return res,
                     },
                     lock = &mut lock => {
                         // A previous leader may have written our update,
@@ -164,14 +199,14 @@ where
                         // unlock). Leading without reading it would apply
                         // our `f` twice.
                         while let Ok(msg) = rx.try_recv() {
-                            if let ToMember::Done(res) = msg {
+                            if let ToWaiter::Done(res) = msg {
                                 return res;
                             }
-                            // A stale Apply from a leader that was cancelled
-                            // before writing: nothing of ours was written.
+                            // A stale Apply or Requeue from a leader that
+                            // wrote nothing of ours.
                         }
                         let mut g = KeyGuard::new(self.clone(), lock, path);
-                        // Our own queue entry is one of the members; a
+                        // Our own queue entry may still be in the queue; a
                         // closed channel tells it apart.
                         drop(rx);
                         return self.lead(&mut g, create, call, &mut f).await;
@@ -193,107 +228,71 @@ where
         F: FnMut(V) -> Result<(V, bool)> + Send,
     {
         let mut batch = Batch {
-            seats: vec![Part::Own],
+            waiters: Vec::new(),
             writing: false,
         };
-        let mut newest_call = call;
-        for m in self.inner.locks.take_queue(g.key()) {
-            if m.tx.is_closed() {
-                continue; // our own entry, or a cancelled waiter
-            }
-            newest_call = newest_call.max(m.call);
-            batch.seats.push(Part::Waiter(m));
-        }
-        tracing::Span::current().record("batch", batch.seats.len());
-        let mut own_error: Option<Error> = None;
         let mut attempt = 0usize;
+        // Whether the last attempt's write reached storage, so that the
+        // waiters in the batch share its outcome.
+        let mut wrote = false;
         let res = loop {
             attempt += 1;
             tracing::Span::current().record("attempts", attempt);
-            // Every participant needs data no older than its own call.
-            let fresh = if attempt == 1 {
-                g.revalidate(newest_call, true).await
+            // Every participant needs data no older than its own call: the
+            // first round trip covers the waiters queued so far.
+            let observed = if attempt == 1 {
+                let queued = self.inner.locks.newest_queued(g.key(), |w| w.call);
+                g.revalidate_at(queued.map_or(call, |q| q.max(call)), true)
+                    .await
             } else {
-                g.sync().await
+                g.sync_at().await
             };
-            if let Err(e) = fresh {
-                break Err(e);
-            }
+            let observed = match observed {
+                Ok(observed) => observed,
+                Err(e) => break Err(e),
+            };
             let committed = g.committed();
             let etag = committed.as_ref().map(|(_, e)| Arc::clone(e));
-            let mut value: Option<V> = committed.map(|(v, _)| (*v).clone());
-            let mut dirty = false;
-            let mut i = 0;
-            while i < batch.seats.len() {
-                let wants_create = match &batch.seats[i] {
-                    Part::Own => create,
-                    Part::Waiter(m) => m.create,
-                };
-                let input = match &value {
-                    Some(v) => v.clone(),
-                    None if wants_create => match self.init_value(g) {
-                        Ok(v) => v,
-                        Err(e) => {
-                            self.leave(&mut batch, i, &mut own_error, e);
-                            continue;
-                        }
-                    },
-                    None => {
-                        let e = Error::not_found(format!("key {} does not exist", g.key()))
-                            .with_path(g.path());
-                        self.leave(&mut batch, i, &mut own_error, e);
-                        continue;
-                    }
-                };
-                let answer = match &mut batch.seats[i] {
-                    Part::Own => match f(input) {
-                        Ok((new, true)) => Answer::Changed(new),
-                        Ok((_, false)) => Answer::Unchanged,
-                        Err(e) => {
-                            own_error = Some(e);
-                            Answer::Failed
-                        }
-                    },
-                    Part::Waiter(m) => {
-                        let (reply, answer) = oneshot::channel();
-                        if m.tx.send(ToMember::Apply(input, reply)).is_err() {
-                            batch.seats.remove(i);
-                            continue;
-                        }
-                        match answer.await {
-                            Ok(a) => a,
-                            // The waiter was cancelled while deciding.
-                            Err(_) => {
-                                batch.seats.remove(i);
-                                continue;
-                            }
-                        }
-                    }
-                };
-                match answer {
-                    Answer::Changed(new) => {
-                        value = Some(new);
-                        dirty = true;
-                    }
-                    Answer::Unchanged => {}
-                    Answer::Failed => {
-                        // Its error is already with its caller (or in
-                        // own_error).
-                        batch.seats.remove(i);
-                        continue;
-                    }
-                }
-                i += 1;
-            }
-            let Some(new) = value.filter(|_| dirty) else {
-                break Ok(());
+            let committed: Option<V> = committed.map(|(v, _)| (*v).clone());
+            let own_input = match self.input(g, &committed, create) {
+                Ok(v) => v,
+                Err(e) => break Err(e),
             };
+            let mut value = match run(f, own_input) {
+                Outcome::Changed(new) => new,
+                // Decided on the committed value: our outcome is final.
+                Outcome::Unchanged => break Ok(()),
+                Outcome::Failed(e) => break Err(e),
+            };
+            if attempt == 1 {
+                batch.waiters = self.take_waiters(g, observed);
+                tracing::Span::current().record("batch", batch.waiters.len() + 1);
+            }
+            let mut i = 0;
+            while i < batch.waiters.len() {
+                if self
+                    .apply(g, &batch.waiters[i], &mut value, &committed)
+                    .await
+                {
+                    i += 1;
+                } else {
+                    batch.waiters.remove(i);
+                }
+            }
             let had_etag = etag.is_some();
             batch.writing = true;
-            let written = g.write(Arc::new(new), etag).await;
+            let written = g.write(Arc::new(value), etag).await;
             batch.writing = false;
             match written {
-                Ok(()) => break Ok(()),
+                Ok(()) => {
+                    wrote = true;
+                    break Ok(());
+                }
+                // One member's value cannot be encoded: the others try
+                // again in later batches, the leader alone.
+                Err(e) if e.kind() == ErrorKind::Codec && !batch.waiters.is_empty() => {
+                    batch.requeue_all();
+                }
                 // A compare-and-swap on a document deleted meanwhile: sync
                 // again (and create it, if allowed) like any conflict.
                 Err(e) if e.is_conflict() || (had_etag && e.kind() == ErrorKind::NotFound) => {
@@ -301,23 +300,97 @@ where
                         break Err(e);
                     }
                 }
-                Err(e) => break Err(e),
+                Err(e) => {
+                    // Unavailable: it may have been applied, for everyone
+                    // in the batch.
+                    wrote = true;
+                    break Err(e);
+                }
             }
         };
-        batch.finish(&res);
-        match own_error {
-            Some(e) => Err(e),
-            None => res,
+        if wrote {
+            batch.finish(&res);
+        } else {
+            // Nothing of the waiters' was written (our own outcome was
+            // decided without a write, or every write conflicted): they
+            // stay queued for the next holder of the lock, and decide
+            // their own outcome.
+            self.inner
+                .locks
+                .requeue(g.key(), std::mem::take(&mut batch.waiters));
+        }
+        res
+    }
+
+    /// The value an update's `f` starts from: the committed one, else
+    /// `init()` if it may create the key.
+    fn input(&self, g: &KeyGuard<K, V>, committed: &Option<V>, create: bool) -> Result<V> {
+        match committed {
+            Some(v) => Ok(v.clone()),
+            None if create => self.init_value(g),
+            None => {
+                Err(Error::not_found(format!("key {} does not exist", g.key())).with_path(g.path()))
+            }
         }
     }
 
-    /// Removes seat `i` from the batch with error `e`.
-    fn leave(&self, batch: &mut Batch<V>, i: usize, own_error: &mut Option<Error>, e: Error) {
-        match batch.seats.remove(i) {
-            Part::Own => *own_error = Some(e),
-            Part::Waiter(m) => {
-                let _ = m.tx.send(ToMember::Done(Err(e)));
-            }
-        }
+    /// Takes the live waiters whose calls storage was checked after
+    /// (`observed`); later ones stay queued for the next leader.
+    fn take_waiters(&self, g: &KeyGuard<K, V>, observed: Instant) -> Vec<Waiter<V>> {
+        let mut taken = self
+            .inner
+            .locks
+            .take_queued(g.key(), |w| w.tx.is_closed() || w.call < observed);
+        // Our own entry (if we queued before leading) and cancelled waiters.
+        taken.retain(|w| !w.tx.is_closed());
+        taken
     }
+
+    /// Hands `value` to waiter `w` and takes its answer. True when the
+    /// waiter changed the value and stays in the batch for the write; false
+    /// when it left (decided on the committed value, sent back to the
+    /// queue, or cancelled).
+    async fn apply(
+        &self,
+        g: &KeyGuard<K, V>,
+        w: &Waiter<V>,
+        value: &mut V,
+        committed: &Option<V>,
+    ) -> bool {
+        match ask(w, value.clone(), false).await {
+            Some(Reply::Changed(new)) => {
+                *value = new;
+                return true;
+            }
+            // It changed nothing, or failed, on a value that is not
+            // committed yet: decide on the committed one instead.
+            Some(Reply::Unchanged | Reply::Failed) => {}
+            None => return false,
+        }
+        let input = match self.input(g, committed, w.create) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = w.tx.send(ToWaiter::Done(Err(e)));
+                return false;
+            }
+        };
+        if let Some(Reply::Changed(_)) = ask(w, input, true).await {
+            // It wants to write after all, on the committed value: it goes
+            // to the next batch, which starts from what this one commits.
+            let _ = w.tx.send(ToWaiter::Requeue);
+        }
+        false
+    }
+}
+
+/// Sends `value` to waiter `w`; `None` when it is gone.
+async fn ask<V>(w: &Waiter<V>, value: V, committed: bool) -> Option<Reply<V>> {
+    let (reply, answer) = oneshot::channel();
+    w.tx.send(ToWaiter::Apply {
+        value,
+        committed,
+        reply,
+    })
+    .ok()?;
+    answer.await.ok()
 }

@@ -22,6 +22,9 @@ pub(crate) struct Cached<V> {
     pub(crate) validated: Instant,
     /// Encoded size of the document, for the byte bound.
     pub(crate) size: usize,
+    /// Set by [`Cache::clear`] on an entry in use: its next read
+    /// revalidates, whatever `validated` says.
+    pub(crate) must_revalidate: bool,
     referenced: bool,
 }
 
@@ -32,6 +35,7 @@ impl<V> Cached<V> {
             etag,
             validated,
             size,
+            must_revalidate: false,
             referenced: false,
         }
     }
@@ -109,10 +113,22 @@ impl<K: Eq + Hash + Clone, V> Cache<K, V> {
         }
     }
 
-    pub(crate) fn clear(&mut self) {
-        self.map.clear();
-        self.ring.clear();
-        self.bytes = 0;
+    /// Drops every entry whose key is idle; entries of busy keys (locked
+    /// or awaited: a guard may be reading them) stay, marked so that their
+    /// next read revalidates.
+    pub(crate) fn clear(&mut self, busy: impl Fn(&K) -> bool) {
+        let mut bytes = 0;
+        self.map.retain(|k, c| {
+            let keep = busy(k);
+            if keep {
+                c.must_revalidate = true;
+                bytes += c.size;
+            }
+            keep
+        });
+        self.bytes = bytes;
+        let map = &self.map;
+        self.ring.retain(|k| map.contains_key(k));
     }
 
     /// Inserts or replaces `key`'s entry, then evicts idle entries while over

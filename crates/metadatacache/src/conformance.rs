@@ -3,7 +3,10 @@
 //! Available with the cargo feature `conformance`. Each function takes a
 //! storage and a directory to work in (so one storage can host several runs)
 //! and panics with a message naming the case when the backend misbehaves.
-//! [`run_all`] runs every case.
+//! [`run_all`] runs every case that the backend's
+//! [`capabilities`](Storage::capabilities) call for: what a backend declares
+//! is checked, and what it does not declare must be refused, never done
+//! half-way.
 //!
 //! ```
 //! # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
@@ -27,6 +30,7 @@ use crate::store::{Options, Store};
 /// Runs every case below in directory `dir` of `storage`.
 pub async fn run_all(storage: Arc<dyn Storage>, dir: &str) {
     let s = storage.as_ref();
+    let caps = s.capabilities();
     init_idempotent(s, dir).await;
     create_only(s, dir).await;
     if_match(s, dir).await;
@@ -34,13 +38,26 @@ pub async fn run_all(storage: Arc<dyn Storage>, dir: &str) {
     if_unmodified_since(s, dir).await;
     not_modified(s, dir).await;
     not_found(s, dir).await;
-    delete_if_match(s, dir).await;
+    if caps.conditional_delete {
+        delete_if_match(s, dir).await;
+    } else {
+        conditional_delete_refused(s, dir).await;
+    }
+    if caps.unique_etags {
+        unique_etags(s, dir).await;
+    }
+    if caps.write_tokens {
+        write_tokens(s, dir).await;
+    }
     list_dir(s, dir).await;
     make_dir_idempotent(s, dir).await;
     stat(s, dir).await;
     invalid_paths(s, dir).await;
     simple_forms(s, dir).await;
     race_raw_cas(Arc::clone(&storage), dir, 8, 50).await;
+    if caps.conditional_delete {
+        race_remove_recreate(Arc::clone(&storage), dir, 4, 50).await;
+    }
     race_stores(storage, dir, 2, 4, 50).await;
 }
 
@@ -252,6 +269,61 @@ pub async fn delete_if_match(s: &dyn Storage, dir: &str) {
     );
 }
 
+/// A backend without atomic conditional deletes refuses them: the document
+/// is kept (a read followed by an unconditional delete would delete a
+/// version written in between).
+pub async fn conditional_delete_refused(s: &dyn Storage, dir: &str) {
+    let path = p(dir, "delete-refused.json");
+    let v = s.simple_upload(&path, "1".into()).await.expect("upload");
+    assert!(
+        s.delete_if_match(&path, Some(&v.etag)).await.is_err(),
+        "a backend without conditional deletes must refuse them"
+    );
+    assert_eq!(s.simple_download(&path).await.expect("kept"), "1");
+}
+
+/// Every version gets an etag never seen before: also for unchanged
+/// content, and after a delete and a re-create.
+pub async fn unique_etags(s: &dyn Storage, dir: &str) {
+    let path = p(dir, "unique.json");
+    let mut seen = HashSet::new();
+    for _ in 0..3 {
+        let v = s.simple_upload(&path, "same".into()).await.expect("upload");
+        assert!(seen.insert(v.etag), "an unchanged rewrite reused an etag");
+    }
+    s.delete(&path).await.expect("delete");
+    let v = s
+        .simple_upload(&path, "same".into())
+        .await
+        .expect("re-create");
+    assert!(seen.insert(v.etag), "a re-created document reused an etag");
+}
+
+/// The write token of the write that made a version comes back with it.
+pub async fn write_tokens(s: &dyn Storage, dir: &str) {
+    let path = p(dir, "token.json");
+    for _ in 0..2 {
+        let token = crate::storage::new_write_token();
+        let put = s
+            .upload(UploadRequest {
+                write_token: Some(token.clone()),
+                ..UploadRequest::new(path.clone(), "x")
+            })
+            .await
+            .expect("upload with a token");
+        let got = s
+            .download(DownloadRequest::new(&path))
+            .await
+            .expect("download");
+        assert_eq!(got.etag, put.etag);
+        assert_eq!(
+            got.write_token.as_deref(),
+            Some(token.as_str()),
+            "stored token"
+        );
+    }
+}
+
 /// Listing shows direct children only, sorted; a missing dir is empty.
 pub async fn list_dir(s: &dyn Storage, dir: &str) {
     let base = p(dir, "list");
@@ -391,6 +463,97 @@ pub async fn race_raw_cas(storage: Arc<dyn Storage>, dir: &str, tasks: usize, pe
         total,
         (tasks * per_task).to_string(),
         "raw CAS race lost updates"
+    );
+}
+
+/// `writers` tasks each add 1 to a counter `per_writer` times with raw
+/// compare-and-swap, while another task keeps reading `(etag, value)`,
+/// deleting with `if_match` that etag and re-creating the same value. No
+/// acknowledged increment may be lost: a delete must never remove a version
+/// written after the etag it names (a read followed by an unconditional
+/// delete would).
+pub async fn race_remove_recreate(
+    storage: Arc<dyn Storage>,
+    dir: &str,
+    writers: usize,
+    per_writer: usize,
+) {
+    let path = p(dir, "race-remove.json");
+    storage
+        .simple_upload(&path, "0".into())
+        .await
+        .expect("seed counter");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let remover = {
+        let (storage, path, done) = (Arc::clone(&storage), path.clone(), Arc::clone(&done));
+        tokio::spawn(async move {
+            let mut recreated = 0u64;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let cur = match storage.download(DownloadRequest::new(&path)).await {
+                    Ok(cur) => cur,
+                    Err(e) => panic!("remover download: {e}"),
+                };
+                match storage.delete_if_match(&path, Some(&cur.etag)).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_conflict() => continue,
+                    Err(e) => panic!("remover delete_if_match: {e}"),
+                }
+                // Gone for a moment; only this task creates it.
+                let create = UploadRequest {
+                    if_none_match: vec!["*".into()],
+                    ..UploadRequest::new(path.clone(), cur.content)
+                };
+                storage.upload(create).await.expect("re-create");
+                recreated += 1;
+            }
+            recreated
+        })
+    };
+    let mut handles = Vec::new();
+    for _ in 0..writers {
+        let (storage, path) = (Arc::clone(&storage), path.clone());
+        handles.push(tokio::spawn(async move {
+            for _ in 0..per_writer {
+                loop {
+                    let cur = match storage.download(DownloadRequest::new(&path)).await {
+                        Ok(cur) => cur,
+                        // Between the remover's delete and re-create.
+                        Err(e) if e.kind() == ErrorKind::NotFound => {
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                        Err(e) => panic!("writer download: {e}"),
+                    };
+                    let n: u64 = std::str::from_utf8(&cur.content)
+                        .ok()
+                        .and_then(|t| t.parse().ok())
+                        .expect("counter is a number");
+                    let req = UploadRequest {
+                        if_match: Some(cur.etag),
+                        ..UploadRequest::new(path.clone(), (n + 1).to_string())
+                    };
+                    match storage.upload(req).await {
+                        Ok(_) => break,
+                        Err(e) if e.is_conflict() || e.kind() == ErrorKind::NotFound => {
+                            tokio::task::yield_now().await;
+                        }
+                        Err(e) => panic!("writer CAS: {e}"),
+                    }
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("writer");
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let recreated = remover.await.expect("remover");
+    assert!(recreated > 0, "the remover never got to delete");
+    let total = storage.simple_download(&path).await.expect("download");
+    assert_eq!(
+        total,
+        (writers * per_writer).to_string(),
+        "a conditional delete removed acknowledged increments ({recreated} deletes)"
     );
 }
 

@@ -8,13 +8,27 @@ use std::time::Instant;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::batch::Member;
+use bytes::Bytes;
+
+use crate::batch::Waiter;
 use crate::cache::Cached;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key_lock::KeyLockGuard;
 use crate::stats::bump;
-use crate::storage::{DownloadRequest, UploadRequest, parent};
+use crate::storage::{DownloadRequest, UploadRequest, new_write_token, parent};
 use crate::store::Store;
+
+/// How often a write whose reply was lost is sent again to fence it (see
+/// [`KeyGuard::settle_lost_write`]).
+const RESENDS: u32 = 3;
+
+/// What a write sent, to send it again after its reply was lost.
+struct Sent {
+    content: Bytes,
+    /// The `if_match` etag; `None` for a create.
+    over: Option<Arc<str>>,
+    token: Option<String>,
+}
 
 /// Exclusive access to one key of a [`Store`], obtained with
 /// [`Store::lock`]. Dropping the guard unlocks the key.
@@ -41,7 +55,7 @@ use crate::store::Store;
 /// ```
 pub struct KeyGuard<K: Eq + Hash + Clone, V> {
     store: Store<K, V>,
-    lock: KeyLockGuard<K, Member<V>>,
+    lock: KeyLockGuard<K, Waiter<V>>,
     path: String,
     staged: Option<Arc<V>>,
 }
@@ -61,7 +75,7 @@ where
     K: Eq + Hash + Clone + fmt::Display + Send + Sync + 'static,
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    pub(crate) fn new(store: Store<K, V>, lock: KeyLockGuard<K, Member<V>>, path: String) -> Self {
+    pub(crate) fn new(store: Store<K, V>, lock: KeyLockGuard<K, Waiter<V>>, path: String) -> Self {
         KeyGuard {
             store,
             lock,
@@ -114,6 +128,12 @@ where
     /// Storage errors; [`ErrorKind::Codec`] when the stored document cannot
     /// be decoded, in which case the cache keeps its last good value.
     pub async fn sync(&mut self) -> Result<()> {
+        self.sync_at().await.map(drop)
+    }
+
+    /// [`sync`](Self::sync); returns when the round trip began (storage
+    /// held what the cache now says at some moment after it).
+    pub(crate) async fn sync_at(&mut self) -> Result<Instant> {
         let inner = &self.store.inner;
         let cached_etag = inner.cache().get(self.key()).map(|c| Arc::clone(&c.etag));
         let req = DownloadRequest {
@@ -131,21 +151,23 @@ where
                 self.staged = None;
                 let size = resp.content.len();
                 self.commit(Arc::new(value), resp.etag.into(), start, size);
-                Ok(())
             }
             Err(e) if e.kind() == ErrorKind::NotModified => {
                 bump(&inner.counters.not_modified);
                 if let Some(c) = inner.cache().get_mut(self.key()) {
                     c.validated = c.validated.max(start);
+                    c.must_revalidate = false;
                 }
-                Ok(())
             }
             Err(e) if e.kind() == ErrorKind::NotFound => {
+                // Deleted elsewhere: a value set on this guard was meant
+                // for the version that is gone.
+                self.staged = None;
                 inner.cache().remove(self.key());
-                Ok(())
             }
-            Err(e) => Err(e),
+            Err(e) => return Err(e),
         }
+        Ok(start)
     }
 
     /// Writes the guard's value (the one [`set`](Self::set), else the cached
@@ -179,18 +201,30 @@ where
     /// (coalescing queued callers), or `allow_stale` and the entry is within
     /// `max_staleness`.
     pub(crate) async fn revalidate(&mut self, call: Instant, allow_stale: bool) -> Result<()> {
+        self.revalidate_at(call, allow_stale).await.map(drop)
+    }
+
+    /// [`revalidate`](Self::revalidate); returns when the round trip that
+    /// confirmed the cached state began.
+    pub(crate) async fn revalidate_at(
+        &mut self,
+        call: Instant,
+        allow_stale: bool,
+    ) -> Result<Instant> {
         let inner = &self.store.inner;
-        let fresh = inner.cache().get(self.key()).is_some_and(|c| {
-            c.validated > call
-                || (allow_stale
-                    && !inner.opts.max_staleness.is_zero()
-                    && c.validated.elapsed() <= inner.opts.max_staleness)
+        let fresh = inner.cache().get(self.key()).and_then(|c| {
+            let fresh = !c.must_revalidate
+                && (c.validated > call
+                    || (allow_stale
+                        && !inner.opts.max_staleness.is_zero()
+                        && c.validated.elapsed() <= inner.opts.max_staleness));
+            fresh.then_some(c.validated)
         });
-        if fresh {
+        if let Some(validated) = fresh {
             bump(&inner.counters.hits);
-            return Ok(());
+            return Ok(validated);
         }
-        self.sync().await
+        self.sync_at().await
     }
 
     /// The committed value and etag, if the key is cached.
@@ -220,6 +254,11 @@ where
 
     /// Compare-and-swap write of `value` over `etag` (create-only if `None`);
     /// commits to the cache on success only.
+    ///
+    /// A write whose reply is lost (`Unavailable`) is settled where the
+    /// backend allows it (see [`settle_lost_write`](Self::settle_lost_write)):
+    /// `Ok` only when it certainly landed, exactly once; otherwise the
+    /// `Unavailable` stands.
     pub(crate) async fn write(&mut self, value: Arc<V>, etag: Option<Arc<str>>) -> Result<()> {
         let inner = &self.store.inner;
         let storage = &inner.opts.storage;
@@ -254,11 +293,16 @@ where
                 req.if_none_match = vec!["*".to_owned()];
             }
         }
-        let token = storage
-            .stores_write_tokens()
-            .then(|| format!("{:032x}", fastrand::u128(..)));
-        req.write_token.clone_from(&token);
-        let size = req.content.len();
+        let caps = storage.capabilities();
+        if caps.write_tokens || caps.unique_etags {
+            req.write_token = Some(new_write_token());
+        }
+        let sent = Sent {
+            content: req.content.clone(),
+            over: etag.clone(),
+            token: req.write_token.clone(),
+        };
+        let size = sent.content.len();
         let start = Instant::now();
         bump(&inner.counters.uploads);
         match storage.upload(req).await {
@@ -266,21 +310,14 @@ where
                 self.commit(value, resp.etag.into(), start, size);
                 Ok(())
             }
-            Err(e) if e.kind() == ErrorKind::Unavailable && token.is_some() => {
-                let token = token.unwrap_or_default();
-                match self.resolve_lost_reply(&token, etag.as_deref()).await {
-                    Some(Ok(etag)) => {
+            Err(e) if e.kind() == ErrorKind::Unavailable => {
+                bump(&inner.counters.lost_replies);
+                match self.settle_lost_write(sent).await {
+                    Some(etag) => {
+                        bump(&inner.counters.lost_replies_settled);
                         self.commit(value, etag.into(), start, size);
                         Ok(())
                     }
-                    // Certainly not applied: a conflict kind, so the update
-                    // loop syncs and runs `f` again.
-                    Some(Err(())) => Err(Error::new(
-                        ErrorKind::Aborted,
-                        "the write's reply was lost and it did not land",
-                    )
-                    .with_path(&self.path)
-                    .with_source(e)),
                     None => Err(e),
                 }
             }
@@ -288,23 +325,56 @@ where
         }
     }
 
-    /// After a write whose reply was lost: `Some(Ok(etag))` if the stored
-    /// version carries our write token (it landed), `Some(Err(()))` if the
-    /// version we wrote over is still there (it did not), `None` when it
-    /// cannot be told (someone else wrote since, or storage is still
-    /// unreachable). Only for backends that store write tokens.
-    async fn resolve_lost_reply(
-        &self,
-        token: &str,
-        over: Option<&str>,
-    ) -> Option<Result<String, ()>> {
-        let storage = &self.store.inner.opts.storage;
+    /// After a write whose reply was lost: `Some(etag)` when it certainly
+    /// landed, exactly once; `None` when that cannot be told (the write may
+    /// or may not be applied, and may still land later).
+    ///
+    /// A read alone never proves that a write will not land later: it may
+    /// sit in a queue or a socket buffer. So the write is first *fenced*:
+    /// on a backend whose etags never repeat ([`Capabilities::unique_etags`](crate::Capabilities::unique_etags))
+    /// the very same write (same content, token and `if_match`) is sent
+    /// again. Of all its copies at most one can land, because the first to
+    /// land moves the etag away from `if_match` for good. A copy answered
+    /// `Ok` is the one that landed. A copy refused by its precondition means
+    /// the etag moved: if the stored version carries our token
+    /// ([`Capabilities::write_tokens`](crate::Capabilities::write_tokens)) one of our copies made it; if not,
+    /// another writer's version is there, and ours may have landed before it
+    /// or never: `None`.
+    ///
+    /// Creates are not resent: a document deleted meanwhile would let a
+    /// second copy land too. The stored version carrying our token proves
+    /// the one copy landed; otherwise `None`.
+    async fn settle_lost_write(&self, sent: Sent) -> Option<String> {
+        let inner = &self.store.inner;
+        let storage = &inner.opts.storage;
+        let caps = storage.capabilities();
+        let token = sent.token?;
+        if let Some(over) = sent.over.as_deref().filter(|_| caps.unique_etags) {
+            for resend in 1..=RESENDS {
+                let delay = inner.opts.retry_policy.delay(resend, None);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let req = UploadRequest {
+                    if_match: Some(over.to_owned()),
+                    write_token: Some(token.clone()),
+                    ..UploadRequest::new(self.path.clone(), sent.content.clone())
+                };
+                bump(&inner.counters.uploads);
+                match storage.upload(req).await {
+                    Ok(resp) => return Some(resp.etag),
+                    Err(e) if e.kind() == ErrorKind::Unavailable => {}
+                    // Refused: the etag moved away from `over`, so none of
+                    // the copies can land any more. Which one is stored?
+                    Err(_) => break,
+                }
+            }
+        }
+        if !caps.write_tokens {
+            return None;
+        }
         match storage.download(DownloadRequest::new(&self.path)).await {
-            Ok(d) if d.write_token.as_deref() == Some(token) => Some(Ok(d.etag)),
-            Ok(d) if Some(d.etag.as_str()) == over => Some(Err(())),
-            // A create that did not land (or landed and was deleted since:
-            // either way no version holds it now).
-            Err(e) if e.kind() == ErrorKind::NotFound && over.is_none() => Some(Err(())),
+            Ok(d) if d.write_token.as_deref() == Some(token.as_str()) => Some(d.etag),
             _ => None,
         }
     }

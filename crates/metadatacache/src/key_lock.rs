@@ -102,12 +102,36 @@ impl<K: Eq + Hash + Clone, Q> KeyLocks<K, Q> {
         })
     }
 
-    /// Takes everything queued for `key`'s lock holder, oldest first.
-    pub(crate) fn take_queue(&self, key: &K) -> Vec<Q> {
-        self.table()
-            .get_mut(key)
-            .map(|e| std::mem::take(&mut e.queue))
-            .unwrap_or_default()
+    /// Takes the items queued for `key`'s lock holder for which `take` is
+    /// true, oldest first; the others stay queued in their order.
+    pub(crate) fn take_queued(&self, key: &K, mut take: impl FnMut(&Q) -> bool) -> Vec<Q> {
+        let mut table = self.table();
+        let Some(entry) = table.get_mut(key) else {
+            return Vec::new();
+        };
+        let (taken, kept) = std::mem::take(&mut entry.queue)
+            .into_iter()
+            .partition(|q| take(q));
+        entry.queue = kept;
+        taken
+    }
+
+    /// The greatest `f(item)` over the items queued for `key`.
+    pub(crate) fn newest_queued<T: Ord>(&self, key: &K, f: impl Fn(&Q) -> T) -> Option<T> {
+        self.table().get(key)?.queue.iter().map(f).max()
+    }
+
+    /// Puts `items` back at the front of `key`'s queue (they were taken by
+    /// a holder that did not use them). Dropped if nobody holds or waits
+    /// for the lock any more.
+    pub(crate) fn requeue(&self, key: &K, items: Vec<Q>) {
+        if items.is_empty() {
+            return;
+        }
+        if let Some(entry) = self.table().get_mut(key) {
+            let rest = std::mem::replace(&mut entry.queue, items);
+            entry.queue.extend(rest);
+        }
     }
 
     async fn lock_inner(self: &Arc<Self>, key: K, item: Option<Q>) -> KeyLockGuard<K, Q> {

@@ -74,11 +74,17 @@
 //! - `Ok(())`: the change was applied exactly once (or `f` chose not to
 //!   persist).
 //! - [`ErrorKind::Unavailable`]: the storage did not answer; the change may
-//!   have been applied, at most once. When a write's reply is lost on a
-//!   backend that stores write tokens ([`Storage::stores_write_tokens`]:
-//!   memory, etcd), the store looks the token up and answers `Ok` (it landed) or
-//!   runs the update again (it did not); elsewhere equal content cannot tell
-//!   its write from another replica's, so it answers `Unavailable`.
+//!   have been applied, at most once (also if it lands later: a write whose
+//!   reply was lost is never run again).
+//!
+//!   Where the backend allows it, a store settles a lost reply instead: on
+//!   backends whose etags never repeat ([`Capabilities::unique_etags`]:
+//!   memory, etcd, PostgreSQL) it sends the very same write again, so that
+//!   of all copies at most one can land, and answers `Ok` when a copy is
+//!   acknowledged or the stored version carries its write token
+//!   ([`Capabilities::write_tokens`]). On disk and S3, whose etags are
+//!   content hashes, equal content cannot tell one replica's write from
+//!   another's: the answer stays `Unavailable`.
 //! - any other error: the change was not applied.
 //!
 //! # Consistency
@@ -107,7 +113,7 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use backend::disk::{DiskOptions, DiskStorage};
+pub use backend::disk::{DiskOptions, DiskStep, DiskStorage};
 #[cfg(feature = "etcd")]
 pub use backend::etcd::EtcdStorage;
 pub use backend::memory::MemoryStorage;
@@ -122,8 +128,8 @@ pub use guard::KeyGuard;
 pub use retry::RetryPolicy;
 pub use stats::Stats;
 pub use storage::{
-    DownloadRequest, DownloadResponse, EntryKind, FileInfo, MAX_PATH_LEN, MAX_SEGMENT_LEN, Storage,
-    UploadRequest, UploadResponse, check_delete_precondition, check_upload_preconditions, parent,
-    validate_path,
+    Capabilities, DownloadRequest, DownloadResponse, EntryKind, FileInfo, MAX_PATH_LEN,
+    MAX_SEGMENT_LEN, Storage, UploadRequest, UploadResponse, check_delete_precondition,
+    check_upload_preconditions, new_write_token, parent, validate_path,
 };
 pub use store::{Options, Store};

@@ -98,14 +98,26 @@ impl RetryPolicy {
     }
 
     /// The wait before retry `retry` (1-based) after a conflict of kind `kind`.
+    ///
+    /// Never panics and never exceeds `max_delay` (nor, for `TooEarly`,
+    /// `max(max_delay, too_early_delay)`), whatever the configured values.
     pub fn delay(&self, retry: u32, kind: Option<ErrorKind>) -> Duration {
-        let exp = self
-            .multiplier
-            .powi(i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX));
-        let base = self.initial_delay.as_secs_f64() * exp;
-        let cap = self.max_delay.as_secs_f64();
-        let d = if base.is_finite() { base.min(cap) } else { cap };
-        let jittered = Duration::from_secs_f64(d / 2.0 + fastrand::f64() * d / 2.0);
+        let jittered = if self.initial_delay.is_zero() || self.max_delay.is_zero() {
+            Duration::ZERO
+        } else {
+            let exp = self
+                .multiplier
+                .powi(i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX));
+            let base = self.initial_delay.as_secs_f64() * exp;
+            let cap = self.max_delay.as_secs_f64();
+            let d = if base.is_finite() { base.min(cap) } else { cap };
+            let secs = d / 2.0 + fastrand::f64() * d / 2.0;
+            // Rounding may carry `secs` just past the cap (or past what a
+            // Duration holds): the cap is the answer then.
+            Duration::try_from_secs_f64(secs)
+                .unwrap_or(self.max_delay)
+                .min(self.max_delay)
+        };
         if kind == Some(ErrorKind::TooEarly) {
             jittered.max(self.too_early_delay)
         } else {
@@ -122,7 +134,7 @@ impl RetryPolicy {
     ) -> Option<Duration> {
         let d = self.delay(retry, Some(err.kind()));
         match self.deadline {
-            Some(deadline) if elapsed + d > deadline => None,
+            Some(deadline) if elapsed.checked_add(d).is_none_or(|end| end > deadline) => None,
             _ => Some(d),
         }
     }
@@ -152,5 +164,51 @@ mod tests {
         let e = Error::new(ErrorKind::PreconditionFailed, "x");
         assert!(p.next_delay(1, &e, Duration::ZERO).is_some());
         assert!(p.next_delay(1, &e, Duration::from_millis(10)).is_none());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any configuration and any retry number: no panic, no overflow,
+        /// and the delay stays within its cap.
+        #[test]
+        fn never_panics_and_stays_capped(
+            initial in duration(),
+            max in duration(),
+            too_early in duration(),
+            multiplier in proptest::num::f64::ANY,
+            deadline in proptest::option::of(duration()),
+            elapsed in duration(),
+            retry in proptest::prelude::any::<u32>(),
+        ) {
+            let p = RetryPolicy::default()
+                .initial_delay(initial)
+                .max_delay(max)
+                .too_early_delay(too_early)
+                .multiplier(multiplier)
+                .deadline(deadline);
+            let d = p.delay(retry, None);
+            proptest::prop_assert!(d <= max);
+            let early = p.delay(retry, Some(ErrorKind::TooEarly));
+            proptest::prop_assert!(early <= max.max(too_early));
+            for kind in [ErrorKind::PreconditionFailed, ErrorKind::TooEarly] {
+                let err = Error::new(kind, "x");
+                if let (Some(d), Some(deadline)) = (p.next_delay(retry, &err, elapsed), deadline) {
+                    let end = elapsed.checked_add(d);
+                    proptest::prop_assert!(end.is_some_and(|end| end <= deadline));
+                }
+            }
+        }
+    }
+
+    /// Durations from zero to `Duration::MAX`, the edges included.
+    fn duration() -> impl proptest::strategy::Strategy<Value = Duration> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Duration::ZERO),
+            Just(Duration::MAX),
+            (0u64..10_000).prop_map(Duration::from_millis),
+            (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+        ]
     }
 }

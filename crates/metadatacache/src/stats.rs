@@ -20,6 +20,11 @@ pub struct Stats {
     pub retries: u64,
     /// Operations that ran out of attempts or time.
     pub give_ups: u64,
+    /// Writes whose reply was lost (the storage answered `Unavailable`).
+    pub lost_replies: u64,
+    /// Lost-reply writes shown to have landed exactly once (answered
+    /// `Ok`); the others were answered `Unavailable`.
+    pub lost_replies_settled: u64,
 }
 
 #[derive(Debug, Default)]
@@ -31,6 +36,8 @@ pub(crate) struct Counters {
     pub(crate) conflicts: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) give_ups: AtomicU64,
+    pub(crate) lost_replies: AtomicU64,
+    pub(crate) lost_replies_settled: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -48,6 +55,8 @@ impl Counters {
             conflicts: get(&self.conflicts),
             retries: get(&self.retries),
             give_ups: get(&self.give_ups),
+            lost_replies: get(&self.lost_replies),
+            lost_replies_settled: get(&self.lost_replies_settled),
         }
     }
 }

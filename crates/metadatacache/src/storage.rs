@@ -129,7 +129,8 @@ pub struct DownloadResponse {
     /// Its modification time.
     pub mtime: SystemTime,
     /// The [`UploadRequest::write_token`] of the write that made this
-    /// version, on backends that store one (memory, etcd); `None` elsewhere.
+    /// version, on backends that store one ([`Capabilities::write_tokens`]);
+    /// `None` elsewhere.
     pub write_token: Option<String>,
 }
 
@@ -189,6 +190,43 @@ impl FileInfo {
     pub fn is_dir(&self) -> bool {
         self.kind == EntryKind::Dir
     }
+}
+
+/// What a [`Storage`] can do beyond the operations every backend has.
+///
+/// A store and the conformance suite rely only on what a backend declares
+/// here. New fields may be added; build a value from
+/// [`Capabilities::default`] (nothing declared) and set what holds:
+///
+/// ```
+/// let mut caps = metadatacache::Capabilities::default();
+/// caps.unique_etags = true;
+/// assert!(!caps.write_tokens);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Every version gets an etag the path never had before, also after a
+    /// delete and a re-create: once the etag moved away from `e`, no write
+    /// with `if_match: e` can ever succeed again. Revision numbers (etcd,
+    /// NATS) and writer-chosen unique etags (memory, PostgreSQL) have this;
+    /// content hashes (disk, S3) do not, since equal content has an equal
+    /// etag. With it, a store may resend a write whose reply was lost: of
+    /// all copies, at most one can land.
+    pub unique_etags: bool,
+    /// The backend stores [`UploadRequest::write_token`] with the version
+    /// it writes and returns it in [`DownloadResponse::write_token`], so a
+    /// writer whose reply was lost can see that its write landed.
+    pub write_tokens: bool,
+    /// [`Storage::delete_if_match`] is checked by the server atomically
+    /// with the delete (never a read followed by an unconditional delete).
+    pub conditional_delete: bool,
+    /// The backend can report changes to documents as they happen.
+    pub notifications: bool,
+    /// Directories are stored: [`Storage::make_dir_if_not_exist`] creates
+    /// one that exists (and is listed) while empty. Elsewhere a directory
+    /// exists only while a document lies below it.
+    pub directories: bool,
 }
 
 /// A storage of byte documents at slash-separated paths, each with an etag that
@@ -267,13 +305,11 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// no directories.
     async fn make_dir_if_not_exist(&self, path: &str) -> Result<()>;
 
-    /// Whether this backend stores [`UploadRequest::write_token`] with each
-    /// version and returns it in [`DownloadResponse::write_token`], and gives
-    /// every version a distinct etag. A [`Store`](crate::Store) then tells,
-    /// after a write whose reply was lost, whether it landed (default
-    /// `false`: such writes answer [`ErrorKind::Unavailable`]).
-    fn stores_write_tokens(&self) -> bool {
-        false
+    /// What this backend can do beyond the required operations (see
+    /// [`Capabilities`]). The default declares nothing: a store then
+    /// answers a write whose reply was lost with [`ErrorKind::Unavailable`].
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
     }
 
     /// Writes `content` unconditionally.
@@ -284,6 +320,52 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Reads a document's content.
     async fn simple_download(&self, path: &str) -> Result<Bytes> {
         Ok(self.download(DownloadRequest::new(path)).await?.content)
+    }
+}
+
+/// A new [`UploadRequest::write_token`]: 32 hex digits, unique to this
+/// call across threads, processes and machines.
+///
+/// The first 64 bits are drawn from the operating system's random source
+/// once per process, and again in a child after `fork` (a child gets a copy
+/// of its parent's memory, so a generator seeded before the fork would
+/// repeat the parent's tokens there); the last 64 bits count the calls.
+pub fn new_write_token() -> String {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // (process id, random bits of that process).
+    static SEED: Mutex<(u32, u64)> = Mutex::new((0, 0));
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let pid = std::process::id();
+    let seed = {
+        let mut seed = SEED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seed.0 != pid {
+            // Without an OS random source, the time and the process id
+            // still set processes apart.
+            let random = getrandom::u64().unwrap_or_else(|_| {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                (nanos as u64) ^ (u64::from(pid) << 32)
+            });
+            *seed = (pid, random);
+        }
+        seed.1
+    };
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut out = String::with_capacity(32);
+    push_hex(&mut out, seed);
+    push_hex(&mut out, n);
+    out
+}
+
+/// Appends `v` as 16 lowercase hex digits.
+fn push_hex(out: &mut String, v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..16).rev() {
+        out.push(char::from(DIGITS[((v >> (4 * i)) & 0xf) as usize]));
     }
 }
 
@@ -468,6 +550,15 @@ mod tests {
         assert_eq!(parent("a"), "");
         assert_eq!(parent("a/b"), "a");
         assert_eq!(parent("a/b/c.json"), "a/b");
+    }
+
+    #[test]
+    fn write_tokens_differ() {
+        let a = new_write_token();
+        let b = new_write_token();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert_eq!(a[..16], b[..16], "one seed per process");
     }
 
     #[test]

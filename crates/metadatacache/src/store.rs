@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
-use crate::batch::Member;
+use crate::batch::Waiter;
 use crate::cache::{Cache, Capacity};
 use crate::codec::{Codec, JsonCodec};
 use crate::error::{Error, ErrorKind, Result};
@@ -176,7 +176,7 @@ pub struct Store<K, V> {
 
 pub(crate) struct Inner<K, V> {
     pub(crate) opts: Options<K, V>,
-    pub(crate) locks: Arc<KeyLocks<K, Member<V>>>,
+    pub(crate) locks: Arc<KeyLocks<K, Waiter<V>>>,
     pub(crate) cache: Mutex<Cache<K, V>>,
     pub(crate) counters: Counters,
 }
@@ -428,9 +428,13 @@ where
         self.inner.cache().bytes()
     }
 
-    /// Drops every cached value (the next read of each key downloads it).
+    /// Drops the cached values of all keys nobody holds or waits for (the
+    /// next read of each downloads it). A key in use keeps its entry, so
+    /// that a [`KeyGuard`] holding it is not pulled from under its feet,
+    /// but its next read revalidates.
     pub fn clear_cache(&self) {
-        self.inner.cache().clear();
+        let locks = &self.inner.locks;
+        self.inner.cache().clear(|k| locks.users(k) > 0);
     }
 
     pub(crate) fn init_value(&self, g: &KeyGuard<K, V>) -> Result<V> {

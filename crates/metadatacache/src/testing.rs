@@ -13,7 +13,8 @@ pub mod history;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest, UploadResponse,
+    Capabilities, DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest,
+    UploadResponse,
 };
 
 /// Wraps a storage and makes a seeded, reproducible fraction of calls fail.
@@ -24,6 +25,10 @@ use crate::storage::{
 ///   storage, then the caller gets [`ErrorKind::Unavailable`] (a lost reply);
 /// - [`conflicts`](Self::conflicts): an upload fails with
 ///   [`ErrorKind::Aborted`] without touching the inner storage;
+/// - [`delayed_apply`](Self::delayed_apply): an upload answers
+///   [`ErrorKind::Unavailable`] at once and reaches the inner storage only
+///   later, racing the caller's next calls (a request that timed out in a
+///   queue or a socket buffer and commits late);
 /// - [`latency`](Self::latency): added to every call.
 ///
 /// The same seed and the same sequence of calls give the same faults.
@@ -46,9 +51,13 @@ pub struct FaultyStorage {
     unavailable: f64,
     ambiguous: f64,
     conflicts: f64,
+    delayed: f64,
+    max_delay: Duration,
     latency: Duration,
     racy_cas: bool,
-    counts: FaultCounts,
+    counts: Arc<FaultCounts>,
+    /// Signalled whenever a delayed upload finishes.
+    settled: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +65,10 @@ struct FaultCounts {
     unavailable: AtomicU64,
     ambiguous: AtomicU64,
     conflicts: AtomicU64,
+    delayed: AtomicU64,
+    delayed_landed: AtomicU64,
+    /// Delayed uploads not finished yet.
+    in_flight: AtomicU64,
 }
 
 /// How many faults a [`FaultyStorage`] has injected so far.
@@ -67,6 +80,10 @@ pub struct Faults {
     pub ambiguous: u64,
     /// Uploads failed with a spurious `Aborted`.
     pub conflicts: u64,
+    /// Uploads answered `Unavailable` and sent to the inner storage later.
+    pub delayed: u64,
+    /// Delayed uploads that the inner storage accepted when they arrived.
+    pub delayed_landed: u64,
 }
 
 impl fmt::Debug for FaultyStorage {
@@ -76,6 +93,8 @@ impl fmt::Debug for FaultyStorage {
             .field("unavailable", &self.unavailable)
             .field("ambiguous", &self.ambiguous)
             .field("conflicts", &self.conflicts)
+            .field("delayed", &self.delayed)
+            .field("max_delay", &self.max_delay)
             .field("latency", &self.latency)
             .field("racy_cas", &self.racy_cas)
             .finish_non_exhaustive()
@@ -88,6 +107,7 @@ enum Fault {
     Unavailable,
     Ambiguous,
     Conflict,
+    Delayed,
 }
 
 impl FaultyStorage {
@@ -99,9 +119,12 @@ impl FaultyStorage {
             unavailable: 0.0,
             ambiguous: 0.0,
             conflicts: 0.0,
+            delayed: 0.0,
+            max_delay: Duration::ZERO,
             latency: Duration::ZERO,
             racy_cas: false,
-            counts: FaultCounts::default(),
+            counts: Arc::default(),
+            settled: Arc::default(),
         }
     }
 
@@ -128,6 +151,33 @@ impl FaultyStorage {
         self
     }
 
+    /// This fraction of uploads answers `Unavailable` at once and reaches
+    /// the inner storage only after a random delay of up to `max_delay`,
+    /// racing the caller's next calls: a request that timed out but still
+    /// commits, late. [`settle`](Self::settle) waits until all have arrived.
+    ///
+    /// Needs a tokio runtime with a timer (the delayed upload is a spawned
+    /// task).
+    #[must_use]
+    pub fn delayed_apply(mut self, p: f64, max_delay: Duration) -> Self {
+        self.delayed = p.clamp(0.0, 1.0);
+        self.max_delay = max_delay;
+        self
+    }
+
+    /// Waits until every delayed upload has reached the inner storage.
+    pub async fn settle(&self) {
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.counts.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Breaks compare-and-swap on purpose, to show that the checks catch it:
     /// preconditions are checked by a separate download, then (after a
     /// pause that invites a race) the write goes through unconditionally.
@@ -151,6 +201,8 @@ impl FaultyStorage {
             unavailable: c.unavailable.load(Ordering::Relaxed),
             ambiguous: c.ambiguous.load(Ordering::Relaxed),
             conflicts: c.conflicts.load(Ordering::Relaxed),
+            delayed: c.delayed.load(Ordering::Relaxed),
+            delayed_landed: c.delayed_landed.load(Ordering::Relaxed),
         }
     }
 
@@ -161,12 +213,19 @@ impl FaultyStorage {
             tokio::time::sleep(self.latency).await;
         }
         let x = self.rng.lock().unwrap_or_else(|p| p.into_inner()).f64();
-        let fault = if x < self.unavailable {
+        let mut bound = self.unavailable;
+        let mut next = |p: f64| {
+            bound += p;
+            x < bound
+        };
+        let fault = if next(0.0) {
             Fault::Unavailable
-        } else if upload && x < self.unavailable + self.ambiguous {
+        } else if upload && next(self.ambiguous) {
             Fault::Ambiguous
-        } else if upload && x < self.unavailable + self.ambiguous + self.conflicts {
+        } else if upload && next(self.conflicts) {
             Fault::Conflict
+        } else if upload && next(self.delayed) {
+            Fault::Delayed
         } else {
             Fault::None
         };
@@ -210,6 +269,33 @@ impl FaultyStorage {
     }
 }
 
+impl FaultyStorage {
+    /// Spawns the upload after a random delay; returns the caller's error.
+    fn send_later(&self, req: UploadRequest) -> Error {
+        let counts = Arc::clone(&self.counts);
+        counts.delayed.fetch_add(1, Ordering::Relaxed);
+        counts.in_flight.fetch_add(1, Ordering::SeqCst);
+        let fraction = self.rng.lock().unwrap_or_else(|p| p.into_inner()).f64();
+        let delay = self.max_delay.mul_f64(fraction);
+        let inner = Arc::clone(&self.inner);
+        let settled = Arc::clone(&self.settled);
+        let path = req.path.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if inner.upload(req).await.is_ok() {
+                counts.delayed_landed.fetch_add(1, Ordering::Relaxed);
+            }
+            counts.in_flight.fetch_sub(1, Ordering::SeqCst);
+            settled.notify_waiters();
+        });
+        injected(
+            ErrorKind::Unavailable,
+            "injected: no answer in time; the upload arrives later",
+            &path,
+        )
+    }
+}
+
 fn injected(kind: ErrorKind, msg: &'static str, path: &str) -> Error {
     Error::new(kind, msg).with_path(path).with_backend("faulty")
 }
@@ -220,10 +306,15 @@ impl Storage for FaultyStorage {
         self.inner.backend()
     }
 
-    fn stores_write_tokens(&self) -> bool {
-        // Spurious conflicts and lost replies never lose a stored token,
-        // but a racy compare-and-swap voids "distinct etags per version".
-        self.inner.stores_write_tokens() && !self.racy_cas
+    fn capabilities(&self) -> Capabilities {
+        // Faults never lose a stored token, but a racy compare-and-swap
+        // lets two copies of one write land.
+        let mut caps = self.inner.capabilities();
+        if self.racy_cas {
+            caps.unique_etags = false;
+            caps.write_tokens = false;
+        }
+        caps
     }
 
     async fn init(&self, name: &str) -> Result<()> {
@@ -234,6 +325,9 @@ impl Storage for FaultyStorage {
     async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {
         let fault = self.begin(true, &req.path).await?;
         let path = req.path.clone();
+        if fault == Fault::Delayed {
+            return Err(self.send_later(req));
+        }
         let req = if self.racy_cas {
             self.check_then_act(req).await?
         } else {

@@ -77,7 +77,7 @@ async fn create_only_if_match_and_strong_etags() {
         ..UploadRequest::new("a/doc.json", body)
     };
     let v1 = s.upload(create("{\"n\":1}")).await.unwrap();
-    assert_eq!(v1.etag.len(), 32);
+    assert_eq!(v1.etag.len(), 64);
     assert!(v1.etag.bytes().all(|b| b.is_ascii_hexdigit()));
     assert_eq!(
         kind(s.upload(create("{\"n\":2}")).await),
@@ -252,7 +252,7 @@ async fn list_dir_stat_and_make_dir() {
     assert_eq!(names, ["m/a", "m/c.json", "m/z.json"]);
     assert_eq!(listed[0].kind, EntryKind::Dir);
     assert!(listed[1].is_file() && listed[1].size == 5);
-    assert_eq!(listed[1].etag.as_deref().map(str::len), Some(32));
+    assert_eq!(listed[1].etag.as_deref().map(str::len), Some(64));
     assert!(listed[1].mtime.is_some());
     assert_eq!(s.read_dir("").await.unwrap(), ["m", "space"]);
     // A document is not a directory to list.
@@ -406,12 +406,10 @@ async fn default_permissions_are_0600_and_0700() {
     assert_eq!(mode_of(&root.join("made")), 0o700);
     assert_eq!(mode_of(&root.join(".mdcache")), 0o700);
     assert_eq!(mode_of(&root.join("a/b/doc.json")), 0o600);
-    // Rewriting keeps the mode; lock files are private too.
+    // Rewriting keeps the mode; the format marker is private too.
     s.simple_upload("a/b/doc.json", "[]".into()).await.unwrap();
     assert_eq!(mode_of(&root.join("a/b/doc.json")), 0o600);
-    for lock in std::fs::read_dir(root.join(".mdcache/locks")).unwrap() {
-        assert_eq!(mode_of(&lock.unwrap().path()), 0o600);
-    }
+    assert_eq!(mode_of(&root.join(".mdcache/format")), 0o600);
 }
 
 #[tokio::test]

@@ -367,7 +367,7 @@ async fn lost_replies_are_resolved_by_write_token() {
         return;
     };
     let inner = connect(&format!("etcd://{}/tokens", server.addr())).await;
-    assert!(inner.stores_write_tokens());
+    assert!(inner.capabilities().write_tokens && inner.capabilities().unique_etags);
     let faulty =
         Arc::new(metadatacache::testing::FaultyStorage::new(Arc::clone(&inner), 5).ambiguous(0.2));
     let store: Store<String, u64> = Store::new(

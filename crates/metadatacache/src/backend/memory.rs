@@ -9,8 +9,9 @@ use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest, UploadResponse,
-    check_delete_precondition, check_upload_preconditions, join, parent, validate_path,
+    Capabilities, DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest,
+    UploadResponse, check_delete_precondition, check_upload_preconditions, join, parent,
+    validate_path,
 };
 
 /// Storage kept in this process's memory.
@@ -108,8 +109,16 @@ impl Storage for MemoryStorage {
         BACKEND
     }
 
-    fn stores_write_tokens(&self) -> bool {
-        true
+    /// Version-counter etags, write tokens, atomic conditional deletes and
+    /// stored directories.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            unique_etags: true,
+            write_tokens: true,
+            conditional_delete: true,
+            directories: true,
+            ..Capabilities::default()
+        }
     }
 
     async fn init(&self, _name: &str) -> Result<()> {

@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest, UploadResponse,
+    Capabilities, DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest,
+    UploadResponse,
 };
 
 /// One recorded storage call.
@@ -182,8 +183,8 @@ impl Storage for RecordingStorage {
         self.inner.backend()
     }
 
-    fn stores_write_tokens(&self) -> bool {
-        self.inner.stores_write_tokens()
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
     }
 
     async fn init(&self, name: &str) -> Result<()> {

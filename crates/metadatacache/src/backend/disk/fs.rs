@@ -15,9 +15,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, RawMode, Stat};
 use rustix::io::Errno;
-use xxhash_rust::xxh3::xxh3_128;
 
-use super::{BACKEND, DiskOptions, Inner, is_internal, is_temp};
+use super::{BACKEND, DiskOptions, DiskStep, Inner, is_internal, is_temp};
 
 mod ops;
 use crate::error::{Error, ErrorKind, Result};
@@ -27,13 +26,11 @@ use crate::storage::{
 };
 
 pub(super) const INTERNAL_DIR: &str = ".mdcache";
-pub(super) const LOCKS_DIR: &str = "locks";
-/// How many lock files (and in-process lock slots) paths are spread over.
 /// Deepest directory the stale-temp sweep descends into (a path of at most
 /// 1024 bytes has at most 512 segments).
 const MAX_DEPTH: usize = 512;
 
-const DIR_FLAGS: OFlags = OFlags::RDONLY
+pub(super) const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);
@@ -99,10 +96,14 @@ pub(super) fn mode(bits: u32) -> Mode {
     Mode::from_bits_truncate(bits as RawMode)
 }
 
-/// The strong etag of `content`: its xxh3-128 hash as 32 hex digits.
+/// The strong etag of `content`: its BLAKE3 hash as 64 hex digits.
+///
+/// A cryptographic hash, so that nobody who can write documents can make
+/// one whose etag equals another version's and pass a compare-and-swap
+/// meant for that version.
 pub(super) fn etag(content: &[u8]) -> String {
-    let mut out = String::with_capacity(32);
-    push_hex(&mut out, &xxh3_128(content).to_be_bytes());
+    let mut out = String::with_capacity(64);
+    push_hex(&mut out, blake3::hash(content).as_bytes());
     out
 }
 
@@ -141,8 +142,9 @@ fn mtime(st: &Stat) -> SystemTime {
 }
 
 /// A directory opened by [`Inner::walk`]: the root itself (borrowed, so
-/// resolving a document at the top costs no `open`) or one beneath it.
-enum DirFd<'a> {
+/// resolving a document at the top costs no `open`) or one beneath it
+/// (opened for this operation alone).
+pub(super) enum DirFd<'a> {
     Root(BorrowedFd<'a>),
     Sub(OwnedFd),
 }
@@ -183,9 +185,9 @@ struct Doc {
     size: u64,
 }
 
-/// Creates the root (if missing) and the internal directories, and opens
-/// the root and the lock directory.
-pub(super) fn open_root(dir: &Path, shown: &str, opts: &DiskOptions) -> Result<(OwnedFd, OwnedFd)> {
+/// Creates the root (if missing) and the internal directory with its format
+/// marker, and opens the root.
+pub(super) fn open_root(dir: &Path, shown: &str, opts: &DiskOptions) -> Result<OwnedFd> {
     if !dir.exists() {
         DirBuilder::new()
             .recursive(true)
@@ -201,8 +203,8 @@ pub(super) fn open_root(dir: &Path, shown: &str, opts: &DiskOptions) -> Result<(
     )
     .map_err(|e| io_error(e, shown, "cannot open the storage directory"))?;
     let internal = make_dir_at(&root, INTERNAL_DIR, opts, shown)?;
-    let locks = make_dir_at(&internal, LOCKS_DIR, opts, shown)?;
-    Ok((root, locks))
+    super::lock::check_format(&internal, opts.file_mode, shown)?;
+    Ok(root)
 }
 
 /// Opens directory `name` in `dir`, creating it with the configured mode
@@ -416,17 +418,32 @@ impl Inner {
         Ok(Ok(cur))
     }
 
-    fn sync_dir(&self, dir: &DirFd<'_>, path: &str) -> Result<()> {
-        if self.opts.fsync {
-            rustix::fs::fsync(dir).map_err(|e| {
-                io_error(
-                    e,
-                    path,
-                    "done, but syncing its directory failed; it may be lost on power loss",
-                )
-            })?;
-        }
-        Ok(())
+    /// Syncs the directory a document was renamed into or removed from.
+    /// That change is visible already, so a failure here (or anything else
+    /// after it) is [`ErrorKind::Unavailable`]: the change may stand, or be
+    /// lost on power loss, but must not be taken as "not applied".
+    fn sync_dir(&self, dir: &DirFd<'_>, path: &str, step: DiskStep) -> Result<()> {
+        let synced = self.opts.fault(step, path).and_then(|()| {
+            if self.opts.fsync {
+                rustix::fs::fsync(dir)?;
+            }
+            Ok(())
+        });
+        synced.map_err(|e| {
+            let mut err = io_error(
+                e,
+                path,
+                "the change is visible, but syncing its directory failed: it may stand, or be \
+                 lost on power loss",
+            );
+            if err.kind() != ErrorKind::Unavailable {
+                err = Error::unavailable(err.message().to_owned())
+                    .with_path(path)
+                    .with_backend(BACKEND)
+                    .with_source(err);
+            }
+            err
+        })
     }
 
     /// Writes `req.content` to a new temp file in `dir`, mode and mtime set
@@ -475,8 +492,9 @@ impl Inner {
             }
             meta.modified()
         };
-        let mtime =
-            write(&mut file).map_err(|e| io_error(e, path, "cannot write the temp file"))?;
+        let mtime = write(&mut file)
+            .and_then(|mtime| self.opts.fault(DiskStep::TempWritten, path).map(|()| mtime))
+            .map_err(|e| io_error(e, path, "cannot write the temp file"))?;
         Ok((temp, mtime))
     }
 
@@ -571,7 +589,7 @@ mod tests {
     #[test]
     fn etags_and_temp_names_are_formatted_as_before() {
         for content in [&b""[..], b"{}", b"{\"count\":1}"] {
-            assert_eq!(etag(content), format!("{:032x}", xxh3_128(content)));
+            assert_eq!(etag(content), blake3::hash(content).to_hex().as_str());
         }
         let name = temp_name("doc.json");
         let prefix = format!(".doc.json.tmp.{}.", std::process::id());

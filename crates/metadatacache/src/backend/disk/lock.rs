@@ -1,147 +1,148 @@
-//! Compare-and-swap exclusion: 64 lock stripes, each an in-process mutex
-//! plus an `flock` on a lock file that the kernel releases if the process
-//! dies.
+//! Compare-and-swap exclusion: an `flock` on the directory that holds the
+//! document, which the kernel releases if the process dies, and the format
+//! marker that names this locking scheme.
+//!
+//! The lock's identity is the directory a document lives in, the very
+//! directory its new version is renamed into. Whatever anybody renames,
+//! two writers of one document always lock the same directory, and a writer
+//! that resolved a path before a rename locks the directory it will write
+//! into.
 
-use std::os::fd::OwnedFd;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use rustix::fs::{FlockOperation, OFlags};
+use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
-use xxhash_rust::xxh3::xxh3_64;
 
-use super::Inner;
-use super::fs::{io_error, mode};
-use crate::error::Result;
+use super::fs::{DIR_FLAGS, DirFd, io_error};
+use crate::error::{Error, Result};
 
-/// How many lock files a storage has; a path locks the one its hash picks.
-pub(super) const LOCK_STRIPES: usize = 64;
+/// The file in `<root>/.mdcache/` that names the on-disk format.
+pub(super) const FORMAT_FILE: &str = "format";
 
-/// The in-process side of the lock stripes: for each, a mutex holding the
-/// lock file's descriptor once it has been opened.
-///
-/// One open file description per stripe serves the whole process, so an
-/// operation does not open and close a lock file. An `flock` belongs to the
-/// description, so it does not exclude another thread using the same one:
-/// the mutex does that, and is always taken before the `flock`.
-#[derive(Debug)]
-pub(super) struct LockStripes([Mutex<Option<OwnedFd>>; LOCK_STRIPES]);
+/// What [`FORMAT_FILE`] holds for this version. Processes sharing a
+/// directory must lock alike; a directory marked otherwise is refused.
+pub(super) const FORMAT: &str =
+    "metadatacache disk storage\nformat 2\nlocking: flock on the directory of each document\n";
 
-impl LockStripes {
-    pub(super) fn new() -> Self {
-        LockStripes(std::array::from_fn(|_| Mutex::new(None)))
+/// An exclusive `flock` on a document's directory; dropping it unlocks.
+pub(super) struct DirLock<'a> {
+    fd: LockFd<'a>,
+}
+
+enum LockFd<'a> {
+    /// The descriptor the path walk opened for this operation alone.
+    Walked(BorrowedFd<'a>),
+    /// A descriptor of the root opened for this lock (the root descriptor
+    /// itself is shared by every operation of the storage).
+    Own(OwnedFd),
+}
+
+impl AsFd for LockFd<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            LockFd::Walked(fd) => *fd,
+            LockFd::Own(fd) => fd.as_fd(),
+        }
     }
 }
 
-/// An exclusive lock on one stripe, held in this process (the mutex) and
-/// across processes (the `flock`). Dropping it releases both.
-pub(super) struct StripeLock<'a> {
-    slot: MutexGuard<'a, Option<OwnedFd>>,
-}
-
-impl Drop for StripeLock<'_> {
+impl Drop for DirLock<'_> {
     fn drop(&mut self) {
-        // The `flock` is released before the mutex (a field, dropped after
-        // this body), so the next thread of this process takes a free lock.
-        if let Some(fd) = self.slot.as_ref()
-            && rustix::fs::flock(fd, FlockOperation::Unlock).is_err()
-        {
-            // Closing the descriptor releases the lock too; the next
-            // operation on this stripe opens the lock file again.
-            *self.slot = None;
+        // Closing the descriptor releases the lock too, so a failed unlock
+        // of a walked descriptor only lasts until the operation ends.
+        let _ = rustix::fs::flock(self.fd.as_fd(), FlockOperation::Unlock);
+    }
+}
+
+/// Takes the exclusive lock of directory `dir` (where document `path`
+/// lives). Blocks until it is free.
+///
+/// An `flock` belongs to an open file description and does not exclude
+/// another holder of the same description, so every lock is taken through a
+/// description of its own: the one the walk just opened, or a new one for
+/// the root.
+pub(super) fn lock_dir<'a>(dir: &'a DirFd<'_>, path: &str) -> Result<DirLock<'a>> {
+    let fd = match dir {
+        DirFd::Sub(fd) => LockFd::Walked(fd.as_fd()),
+        DirFd::Root(root) => LockFd::Own(
+            rustix::fs::openat(root, ".", DIR_FLAGS, Mode::empty())
+                .map_err(|e| io_error(e, path, "cannot open the storage root to lock it"))?,
+        ),
+    };
+    loop {
+        match rustix::fs::flock(fd.as_fd(), FlockOperation::LockExclusive) {
+            Ok(()) => return Ok(DirLock { fd }),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(io_error(e, path, "cannot lock the document's directory")),
         }
     }
 }
 
-impl Inner {
-    /// Takes the exclusive lock of `path`'s stripe: first the stripe's
-    /// in-process mutex, then an `flock` on its lock file, whose descriptor
-    /// is opened once and kept. Both are released when the returned guard is
-    /// dropped; the kernel releases the `flock` if the process dies.
-    pub(super) fn lock(&self, path: &str) -> Result<StripeLock<'_>> {
-        // The remainder is below 64, so the conversion is lossless.
-        let stripe = (xxh3_64(path.as_bytes()) % LOCK_STRIPES as u64) as usize;
-        let mut slot = self.stripes.0[stripe]
-            .lock()
-            // The mutex guards no data of its own: a panic elsewhere while
-            // holding it leaves nothing inconsistent.
-            .unwrap_or_else(PoisonError::into_inner);
-        loop {
-            let fd = match slot.take() {
-                Some(fd) => fd,
-                None => self.open_lock_file(stripe, path)?,
-            };
-            let fd = &*slot.insert(fd);
-            loop {
-                match rustix::fs::flock(fd, FlockOperation::LockExclusive) {
-                    Ok(()) => break,
-                    Err(Errno::INTR) => continue,
-                    Err(e) => return Err(io_error(e, path, "cannot lock")),
-                }
+/// Checks the format marker in `internal` (`<root>/.mdcache`), writing it
+/// if missing.
+///
+/// # Errors
+/// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming the
+/// marker when another format is recorded there.
+pub(super) fn check_format(internal: &OwnedFd, file_mode: u32, shown: &str) -> Result<()> {
+    let marker = format!("{shown}/.mdcache/{FORMAT_FILE}");
+    for _ in 0..100 {
+        match read_marker(internal, &marker)? {
+            Some(text) if text == FORMAT => return Ok(()),
+            // Another process opening the directory is writing it.
+            Some(text) if FORMAT.starts_with(&text) => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            // A lock file removed (or replaced) since it was opened is no
-            // longer the one other processes lock: close it (which releases
-            // the `flock`) and lock the file now under that name.
-            match rustix::fs::fstat(fd) {
-                Ok(st) if st.st_nlink > 0 => return Ok(StripeLock { slot }),
-                Ok(_) => *slot = None,
-                Err(e) => {
-                    *slot = None;
-                    return Err(io_error(e, path, "cannot stat the lock file"));
+            Some(text) => {
+                let found = text.lines().nth(1).unwrap_or("no format line");
+                return Err(Error::invalid_input(format!(
+                    "this directory was written by an incompatible metadatacache ({found:?}; \
+                     this version writes \"format 2\"); processes sharing a directory must \
+                     lock alike"
+                ))
+                .with_path(marker)
+                .with_backend(super::BACKEND));
+            }
+            None => {
+                if create_marker(internal, file_mode, &marker)? {
+                    return Ok(());
                 }
             }
         }
     }
-
-    /// Opens (creating if missing) lock file `stripe`, for locking `path`.
-    fn open_lock_file(&self, stripe: usize, path: &str) -> Result<OwnedFd> {
-        let name = format!("{stripe:02}");
-        let flags = OFlags::RDONLY | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-        rustix::fs::openat(&self.locks, name.as_str(), flags, mode(self.opts.file_mode))
-            .map_err(|e| io_error(e, path, "cannot open the lock file"))
-    }
+    Err(Error::unavailable("the format marker stays incomplete")
+        .with_path(marker)
+        .with_backend(super::BACKEND))
 }
 
-#[cfg(test)]
-mod tests {
-    use std::fs::File;
-    use std::os::unix::fs::MetadataExt;
+/// The marker's text; `None` when there is none.
+fn read_marker(internal: &OwnedFd, marker: &str) -> Result<Option<String>> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(internal, FORMAT_FILE, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(io_error(e, marker, "cannot open the format marker")),
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text)
+        .map_err(|e| io_error(e, marker, "cannot read the format marker"))?;
+    Ok(Some(text))
+}
 
-    use super::*;
-    use crate::DiskStorage;
-    use crate::backend::disk::fs::{INTERNAL_DIR, LOCKS_DIR};
-    use crate::storage::UploadRequest;
-
-    #[test]
-    fn a_removed_lock_file_is_opened_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = DiskStorage::open(dir.path()).unwrap();
-        let inner = &storage.inner;
-        let path = "a/doc.json";
-        let put = |body: &'static str| inner.upload(&UploadRequest::new(path, body)).unwrap();
-        put("1");
-        let stripe = (xxh3_64(path.as_bytes()) % LOCK_STRIPES as u64) as usize;
-        let lock_file = dir
-            .path()
-            .join(INTERNAL_DIR)
-            .join(LOCKS_DIR)
-            .join(format!("{stripe:02}"));
-        assert!(lock_file.exists());
-        std::fs::remove_file(&lock_file).unwrap();
-        // The kept descriptor is of a removed file: it is replaced by the
-        // file other processes now lock.
-        put("2");
-        assert!(lock_file.exists());
-        let held = inner.lock(path).unwrap();
-        let kept = rustix::fs::fstat(held.slot.as_ref().unwrap()).unwrap();
-        let named = std::fs::metadata(&lock_file).unwrap();
-        assert_eq!(kept.st_ino, named.ino());
-        // Held: another open file description cannot take it.
-        let other = File::open(&lock_file).unwrap();
-        assert_eq!(
-            rustix::fs::flock(&other, FlockOperation::NonBlockingLockExclusive),
-            Err(Errno::WOULDBLOCK)
-        );
-        drop(held);
-        rustix::fs::flock(&other, FlockOperation::NonBlockingLockExclusive).unwrap();
-    }
+/// Creates the marker exclusively: of several processes opening a new
+/// directory at once, one writes it. False when another one did.
+fn create_marker(internal: &OwnedFd, file_mode: u32, marker: &str) -> Result<bool> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(internal, FORMAT_FILE, flags, super::fs::mode(file_mode)) {
+        Ok(fd) => fd,
+        Err(Errno::EXIST) => return Ok(false),
+        Err(e) => return Err(io_error(e, marker, "cannot create the format marker")),
+    };
+    let mut file = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut file, FORMAT.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_error(e, marker, "cannot write the format marker"))?;
+    rustix::fs::fsync(internal)
+        .map_err(|e| io_error(e, marker, "cannot sync the format marker's directory"))?;
+    Ok(true)
 }

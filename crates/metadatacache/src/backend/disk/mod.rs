@@ -16,8 +16,8 @@ use async_trait::async_trait;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest, UploadResponse,
-    validate_path,
+    Capabilities, DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest,
+    UploadResponse, validate_path,
 };
 
 const BACKEND: &str = "disk";
@@ -43,7 +43,49 @@ pub struct DiskOptions {
     file_mode: u32,
     dir_mode: u32,
     stale_temp_grace: Duration,
+    #[cfg(feature = "testing")]
+    fault: Option<FaultHook>,
 }
+
+/// A point in a disk write where a test can make it fail (see
+/// [`DiskOptions::fault_hook`]; cargo feature `testing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DiskStep {
+    /// An upload's temp file is written and synced; nothing is visible yet.
+    TempWritten,
+    /// The new version was renamed into place (it is visible); its
+    /// directory is about to be synced.
+    Renamed,
+    /// The document was removed; its directory is about to be synced.
+    Removed,
+}
+
+/// What a fault hook is: called with the step and the document's path.
+#[cfg(feature = "testing")]
+type HookFn = dyn Fn(DiskStep, &str) -> std::io::Result<()> + Send + Sync;
+
+/// A test's fault hook, compared by identity.
+#[cfg(feature = "testing")]
+#[derive(Clone)]
+struct FaultHook(Arc<HookFn>);
+
+#[cfg(feature = "testing")]
+impl fmt::Debug for FaultHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FaultHook")
+    }
+}
+
+#[cfg(feature = "testing")]
+impl PartialEq for FaultHook {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+#[cfg(feature = "testing")]
+impl Eq for FaultHook {}
 
 impl Default for DiskOptions {
     fn default() -> Self {
@@ -52,6 +94,8 @@ impl Default for DiskOptions {
             file_mode: 0o600,
             dir_mode: 0o700,
             stale_temp_grace: Duration::from_secs(600),
+            #[cfg(feature = "testing")]
+            fault: None,
         }
     }
 }
@@ -107,6 +151,29 @@ impl DiskOptions {
         self
     }
 
+    /// Calls `hook` at each [`DiskStep`] of a write with the document's
+    /// path; an error it returns is taken as the failure of that step's
+    /// system call (cargo feature `testing`, for fault-injection tests).
+    #[cfg(feature = "testing")]
+    #[must_use]
+    pub fn fault_hook(
+        mut self,
+        hook: impl Fn(DiskStep, &str) -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.fault = Some(FaultHook(Arc::new(hook)));
+        self
+    }
+
+    /// Runs the fault hook, if any, for `step`.
+    fn fault(&self, step: DiskStep, path: &str) -> std::io::Result<()> {
+        #[cfg(feature = "testing")]
+        if let Some(hook) = &self.fault {
+            return (hook.0)(step, path);
+        }
+        let _ = (step, path);
+        Ok(())
+    }
+
     /// Opens (and creates, if missing) the storage directory `dir`.
     ///
     /// This does blocking I/O: it creates the directory and walks the tree
@@ -128,11 +195,9 @@ impl DiskOptions {
         if self.dir_mode & !0o7777 != 0 || self.dir_mode & 0o700 != 0o700 {
             return bad("directory mode must be at most 0o7777 and include 0o700");
         }
-        let (root, locks) = fs::open_root(dir, &shown, self)?;
+        let root = fs::open_root(dir, &shown, self)?;
         let inner = Inner {
             root,
-            locks,
-            stripes: lock::LockStripes::new(),
             dir: dir.to_path_buf(),
             opts: self.clone(),
         };
@@ -150,19 +215,30 @@ impl DiskOptions {
 /// Several processes on one host may share a directory:
 ///
 /// - **compare-and-swap** — preconditions are checked and the document
-///   replaced while holding an exclusive `flock` on one of 64 lock files in
-///   `<dir>/.mdcache/locks/` (chosen by a hash of the path). The kernel drops
-///   the lock if the process dies. A storage opens each lock file once and
-///   keeps it open; tasks of one process exclude each other with a mutex
-///   per lock file, taken before the `flock`. (A child forked without `exec`
-///   shares those lock file descriptions: it should open its own storage.)
+///   replaced while holding an exclusive `flock` on the directory that
+///   holds the document, through a descriptor opened for that one operation
+///   (so it excludes other tasks of the process too). The kernel drops the
+///   lock if the process dies. The lock is the very directory the new
+///   version is renamed into, so two writers of one document always share
+///   it, whatever is renamed meanwhile. Writes to documents of one
+///   directory take turns for the short check-and-rename; writing and
+///   syncing the new content happens before, outside the lock.
+/// - **format marker** — `<dir>/.mdcache/format` names this locking
+///   scheme; a directory whose marker names another is refused at open
+///   ([`ErrorKind::InvalidInput`]), so processes that lock differently
+///   never share one.
 /// - **atomic replace** — an upload writes a temp file in the document's
 ///   directory, fsyncs it, renames it over the document and fsyncs the
 ///   directory. Readers never take the lock and see the old or the new
 ///   version, never a torn or empty one, even if a writer is killed.
-/// - **strong etags** — the etag is the xxh3-128 hash of the content as 32
+/// - **strong etags** — the etag is the BLAKE3 hash of the content as 64
 ///   hex digits, so equal content has an equal etag (also across uploads
 ///   and processes), and `if_none_match` answers [`ErrorKind::NotModified`].
+///   A cryptographic hash: a user who can write documents cannot forge
+///   content with another version's etag to pass a compare-and-swap.
+/// - **point of no return** — once a new version is renamed into place (or
+///   a document unlinked), any later failure (syncing the directory) is
+///   [`ErrorKind::Unavailable`]: the change is visible and may stand.
 /// - **confinement** — paths are checked with [`validate_path`] and resolved
 ///   one component at a time from a descriptor of the root with
 ///   `O_NOFOLLOW`: a path through a symbolic link, or naming one, fails
@@ -196,11 +272,6 @@ pub struct DiskStorage {
 struct Inner {
     /// The storage root, opened once; every path is resolved beneath it.
     root: OwnedFd,
-    /// `<root>/.mdcache/locks`.
-    locks: OwnedFd,
-    /// The lock files' descriptors, each behind the mutex that serializes
-    /// this process's operations on the stripe.
-    stripes: lock::LockStripes,
     dir: PathBuf,
     opts: DiskOptions,
 }
@@ -312,6 +383,16 @@ fn check_path(path: &str, allow_root: bool) -> Result<()> {
 impl Storage for DiskStorage {
     fn backend(&self) -> &'static str {
         BACKEND
+    }
+
+    /// Conditional deletes under the document's lock, and real
+    /// directories. Etags are content hashes: they repeat.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            conditional_delete: true,
+            directories: true,
+            ..Capabilities::default()
+        }
     }
 
     /// Creates directory `name` below the root, like

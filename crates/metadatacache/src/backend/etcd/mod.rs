@@ -19,8 +19,8 @@ use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest, UploadResponse,
-    check_delete_precondition, check_upload_preconditions, join,
+    Capabilities, DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest,
+    UploadResponse, check_delete_precondition, check_upload_preconditions, join,
 };
 
 use call::{Conn, count_at, kvs_at};
@@ -185,10 +185,16 @@ impl Storage for EtcdStorage {
         BACKEND
     }
 
-    /// Tokens live in the metadata key, written in the same transaction as
-    /// the document; etags are mod revisions, distinct for every version.
-    fn stores_write_tokens(&self) -> bool {
-        true
+    /// Etags are mod revisions, which never repeat; write tokens live in
+    /// the metadata key, written in the same transaction as the document;
+    /// deletes compare the mod revision in their transaction.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            unique_etags: true,
+            write_tokens: true,
+            conditional_delete: true,
+            ..Capabilities::default()
+        }
     }
 
     /// Checks the name and that etcd answers; the key prefix needs no

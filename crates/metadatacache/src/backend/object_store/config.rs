@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
+use ::object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
 use ::object_store::{BackoffConfig, ClientConfigKey, ObjectStore, RetryConfig};
 
 use crate::backend::url::percent_decode;
@@ -126,7 +126,7 @@ impl S3Url {
 
     /// Builds the client from the environment plus this URL. `retries` is how
     /// often object_store itself retries an idempotent request.
-    pub(super) fn build(&self, url: &str, retries: usize) -> Result<Arc<dyn ObjectStore>> {
+    pub(super) fn build(&self, url: &str, retries: usize) -> Result<Arc<AmazonS3>> {
         let ms = |d: Duration| format!("{}ms", d.as_millis().max(1));
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&self.bucket)
@@ -165,14 +165,15 @@ impl S3Url {
 
     /// The store for reads, with a few retries.
     pub(super) fn build_read_store(&self, url: &str) -> Result<Arc<dyn ObjectStore>> {
-        self.build(url, READ_RETRIES)
+        Ok(self.build(url, READ_RETRIES)?)
     }
 
     /// The store for writes: no automatic retries, because a retried
     /// conditional put whose first attempt was applied would answer
     /// "precondition failed" for a write that succeeded, and a retried
     /// unconditional put or delete could undo a newer write made meanwhile.
-    pub(super) fn build_write_store(&self, url: &str) -> Result<Arc<dyn ObjectStore>> {
+    /// It also signs the conditional deletes.
+    pub(super) fn build_write_store(&self, url: &str) -> Result<Arc<AmazonS3>> {
         self.build(url, 0)
     }
 }

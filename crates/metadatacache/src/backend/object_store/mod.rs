@@ -1,6 +1,7 @@
 //! S3 and S3-compatible object storage through the `object_store` crate.
 
 mod config;
+mod delete;
 mod errors;
 mod write;
 
@@ -15,10 +16,12 @@ use async_trait::async_trait;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest, UploadResponse,
-    check_delete_precondition, validate_path,
+    Capabilities, DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest,
+    UploadResponse, check_delete_precondition, validate_path,
 };
+use ::object_store::signer::Signer;
 use config::S3Url;
+use delete::ConditionalDelete;
 use errors::{Op, map_error};
 
 /// Storage in an object store (S3 or S3-compatible such as MinIO, R2, Ceph;
@@ -84,9 +87,15 @@ use errors::{Op, map_error};
 ///   within the timeout.
 /// - Downloads with one `if_none_match` etag are conditional GETs: a 304
 ///   answer transfers no content.
-/// - `delete_if_match` reads the ETag, compares, then deletes:
-///   `object_store` 0.14 has no conditional delete, so a write landing between
-///   the HEAD and the DELETE can be deleted (a small race window).
+/// - `delete_if_match` with an etag is one `DELETE` with `If-Match`,
+///   checked by the server atomically with the delete (a version written
+///   meanwhile is kept: [`ErrorKind::PreconditionFailed`]). `object_store`
+///   0.14 cannot send that header, so this one request is presigned with the
+///   store's own signer (`If-Match` bound into the signature) and sent with
+///   a plain HTTP client without retries; see
+///   [`with_signer`](ObjectStoreStorage::with_signer). An unconditional
+///   delete reads first only to answer [`ErrorKind::NotFound`] for a
+///   missing object.
 /// - There are no directories: [`make_dir_if_not_exist`](Storage::make_dir_if_not_exist)
 ///   is a no-op and a "directory" exists while some document lies below it.
 /// - The server keeps the modification time (second resolution);
@@ -98,6 +107,8 @@ pub struct ObjectStoreStorage {
     store: Arc<dyn ObjectStore>,
     /// For writes: puts and deletes (configured without automatic retries).
     write_store: Arc<dyn ObjectStore>,
+    /// Sends `DELETE` with `If-Match`; `None` when no signer was given.
+    deleter: Option<ConditionalDelete>,
     /// "" or a normalised path without a trailing slash.
     prefix: String,
     backend: &'static str,
@@ -147,6 +158,7 @@ impl ObjectStoreStorage {
         }
         Ok(ObjectStoreStorage {
             write_store: Arc::clone(&store),
+            deleter: None,
             store,
             prefix: prefix.to_owned(),
             backend: backend_name,
@@ -165,9 +177,25 @@ impl ObjectStoreStorage {
         let parsed = S3Url::parse(url)?;
         let store = parsed.build_read_store(url)?;
         let write_store = parsed.build_write_store(url)?;
-        Ok(ObjectStoreStorage::new(store, &parsed.prefix, "s3")?
-            .with_write_store(write_store)
-            .with_timeout(parsed.timeout))
+        ObjectStoreStorage::new(store, &parsed.prefix, "s3")?
+            .with_write_store(write_store.clone())
+            .with_timeout(parsed.timeout)
+            .with_signer(write_store)
+    }
+
+    /// Enables conditional deletes: `delete_if_match` with an etag sends
+    /// one `DELETE` with `If-Match`, presigned by `signer` (the same bucket's
+    /// store, e.g. an `AmazonS3`) and checked by the server, never retried.
+    /// Without a signer, such deletes are refused: a read followed by an
+    /// unconditional delete could delete a version written in between.
+    /// Call it after [`with_timeout`](Self::with_timeout): the deletes use
+    /// the timeout set then.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Other`] when the HTTP client cannot be set up.
+    pub fn with_signer(mut self, signer: Arc<dyn Signer>) -> Result<Self> {
+        self.deleter = Some(ConditionalDelete::new(signer, self.timeout).map_err(|e| self.tag(e))?);
+        Ok(self)
     }
 
     /// Uses `store` (the same bucket and prefix, configured without
@@ -314,6 +342,15 @@ impl Storage for ObjectStoreStorage {
         self.backend
     }
 
+    /// Conditional deletes when a signer is set (always for `s3://` URLs).
+    /// Etags are content hashes: they repeat.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            conditional_delete: self.deleter.is_some(),
+            ..Capabilities::default()
+        }
+    }
+
     /// A no-op: object stores have no storage spaces to create, and the bucket
     /// must exist already. Only `name` is checked.
     async fn init(&self, name: &str) -> Result<()> {
@@ -352,8 +389,29 @@ impl Storage for ObjectStoreStorage {
     async fn delete_if_match(&self, path: &str, if_match: Option<&str>) -> Result<()> {
         validate_path(path, false).map_err(|e| self.tag(e))?;
         let key = self.key(path)?;
+        if let Some(etag) = if_match.filter(|e| *e != "*") {
+            let Some(deleter) = &self.deleter else {
+                return Err(self.tag(
+                    Error::new(
+                        ErrorKind::Other,
+                        "this object store has no conditional delete (see \
+                         ObjectStoreStorage::with_signer); nothing was deleted",
+                    )
+                    .with_path(path),
+                ));
+            };
+            return self
+                .timed(path, async {
+                    deleter
+                        .delete(&key, etag)
+                        .await
+                        .map_err(|e| self.tag(e.with_path(path)))
+                })
+                .await;
+        }
         self.timed(path, async {
-            // S3 deletes a missing key silently: look first.
+            // An unconditional delete. S3 deletes a missing key silently:
+            // look first, to answer NotFound.
             let current = self.head(path, &key).await?;
             let etag = current.map(|m| self.etag_of(path, m.e_tag)).transpose()?;
             check_delete_precondition(path, if_match, etag.as_deref()).map_err(|e| self.tag(e))?;

@@ -6,9 +6,7 @@ mod sql;
 mod write;
 
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -22,8 +20,8 @@ use self::conn::{Conn, Failure, Params, retry_read, to_error};
 use self::sql::{Sql, below};
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest, UploadResponse,
-    join, validate_path,
+    Capabilities, DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest,
+    UploadResponse, join, new_write_token, validate_path,
 };
 
 const BACKEND: &str = "postgres";
@@ -56,13 +54,17 @@ const BACKEND: &str = "postgres";
 /// NOTHING`, `if_match` is `UPDATE … WHERE etag = $etag`, `if_none_match`
 /// etags and `if_unmodified_since` are part of the `WHERE` clause.
 ///
-/// Etags are 128-bit values chosen by the writer: 64 random bits fixed per
-/// storage object (seeded by the OS) and a counter, so every write gets a new
-/// etag, also when the content is unchanged. Because an etag is unique to
-/// the write that made it, a write whose reply was lost is looked up once
-/// (time permitting): finding its etag stored proves it was applied.
+/// Etags are 128-bit values chosen by the writer, so every write gets a new
+/// etag, also when the content is unchanged: the request's
+/// [`write_token`](crate::UploadRequest::write_token) when it has one (a
+/// [`Store`](crate::Store) always sends one), else a fresh one made the same
+/// way ([`new_write_token`](crate::new_write_token)). A download reports the
+/// etag as the version's write token. Because an etag is unique to the
+/// write that made it, a write whose reply was lost is looked up once, with
+/// a fresh timeout: finding its etag stored proves it was applied.
 /// Otherwise such a write fails with [`ErrorKind::Unavailable`]: it may or
-/// may not have been applied.
+/// may not have been applied (and a [`Store`](crate::Store) then settles it
+/// by resending the same write).
 ///
 /// Directories are not stored: a directory exists while a document lies
 /// under it, and [`make_dir_if_not_exist`](Storage::make_dir_if_not_exist)
@@ -95,8 +97,6 @@ struct Inner {
     table: String,
     timeout: Duration,
     redacted_url: String,
-    writer_id: u64,
-    writes: AtomicU64,
 }
 
 impl fmt::Debug for PostgresStorage {
@@ -112,20 +112,6 @@ impl fmt::Debug for PostgresStorage {
 
 fn tag(e: Error, path: &str) -> Error {
     e.with_backend(BACKEND).with_path(path)
-}
-
-/// 64 bits that differ between processes and storage objects.
-fn random_writer_id() -> u64 {
-    // RandomState keys come from the OS's random source.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u64(fastrand::u64(..));
-    h.finish()
 }
 
 impl PostgresStorage {
@@ -168,8 +154,6 @@ impl PostgresStorage {
                 table: settings.table,
                 timeout: settings.timeout,
                 redacted_url: settings.redacted,
-                writer_id: random_writer_id(),
-                writes: AtomicU64::new(0),
             }),
         };
         storage.ensure_schema().await?;
@@ -196,8 +180,7 @@ impl PostgresStorage {
     }
 
     fn new_etag(&self) -> String {
-        let n = self.inner.writes.fetch_add(1, Ordering::Relaxed);
-        format!("{:016x}{n:016x}", self.inner.writer_id)
+        new_write_token()
     }
 
     async fn ensure_schema(&self) -> Result<()> {
@@ -260,6 +243,18 @@ impl Storage for PostgresStorage {
         BACKEND
     }
 
+    /// Etags are chosen by the writer, unique to each write: the write
+    /// token when the request has one (so it is stored with the version),
+    /// else a fresh value. Deletes check `if_match` in their statement.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            unique_etags: true,
+            write_tokens: true,
+            conditional_delete: true,
+            ..Capabilities::default()
+        }
+    }
+
     /// Ensures the table exists (idempotent). `name` is not used: the table
     /// comes from the URL, and paths are the only namespace inside it.
     ///
@@ -311,9 +306,10 @@ impl Storage for PostgresStorage {
         match decode() {
             Ok((etag, mtime, Some(content))) => Ok(DownloadResponse {
                 content: Bytes::from(content),
+                // The etag is the token of the write that made the version.
+                write_token: Some(etag.clone()),
                 etag,
                 mtime,
-                write_token: None,
             }),
             Ok((_, _, None)) => Err(tag(
                 Error::new(ErrorKind::NotModified, "etag unchanged"),

@@ -20,7 +20,13 @@ impl PostgresStorage {
         validate_path(&req.path, false).map_err(|e| e.with_backend(BACKEND))?;
         let deadline = self.deadline();
         let path = req.path.as_str();
-        let etag = self.new_etag();
+        // A write token becomes the version's etag: a resent copy of a
+        // write carries the same one, and the etag shows which write made
+        // the stored version.
+        let etag = match &req.write_token {
+            Some(token) => token.clone(),
+            None => self.new_etag(),
+        };
         let content: &[u8] = &req.content;
         let parents = ancestors(path);
         let (lo, hi) = below(path);
@@ -66,7 +72,9 @@ impl PostgresStorage {
                     return Err(e);
                 }
                 drop(conn);
-                return match self.find_own_write(deadline, path, &etag).await {
+                // The write's own deadline has passed: the look-up gets a
+                // fresh one.
+                return match self.find_own_write(self.deadline(), path, &etag).await {
                     Some(mtime) => Ok(UploadResponse { etag, mtime }),
                     None => Err(e),
                 };

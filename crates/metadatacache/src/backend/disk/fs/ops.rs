@@ -2,6 +2,7 @@
 //! reading and temp-file helpers of its parent module.
 
 use super::*;
+use crate::backend::disk::lock::lock_dir;
 
 impl Inner {
     pub(in crate::backend::disk) fn upload(&self, req: &UploadRequest) -> Result<UploadResponse> {
@@ -26,7 +27,7 @@ impl Inner {
         // The slow part (write + fsync) happens before taking the lock.
         let (mut temp, mtime) = self.write_temp(&dirfd, name, req)?;
         let needs_etag = req.if_match.is_some() || req.if_none_match.iter().any(|e| e != "*");
-        let lock = self.lock(path)?;
+        let lock = lock_dir(&dirfd, path)?;
         let current = match open_entry(dirfd.as_fd(), name, path, needs_etag)? {
             Entry::Missing => None,
             Entry::File(doc) => Some(doc),
@@ -43,7 +44,7 @@ impl Inner {
             .map_err(|e| io_error(e, path, "cannot rename the temp file into place"))?;
         temp.armed = false;
         drop(lock);
-        self.sync_dir(&dirfd, path)?;
+        self.sync_dir(&dirfd, path, DiskStep::Renamed)?;
         Ok(UploadResponse { etag, mtime })
     }
 
@@ -84,7 +85,7 @@ impl Inner {
             return check_delete_precondition(path, if_match, None);
         };
         let name = base(path);
-        let lock = self.lock(path)?;
+        let lock = lock_dir(&dirfd, path)?;
         match open_entry(dirfd.as_fd(), name, path, if_match.is_some())? {
             Entry::File(doc) => check_delete_precondition(path, if_match, Some(&doc.etag))?,
             Entry::Missing | Entry::Dir(_) => check_delete_precondition(path, if_match, None)?,
@@ -96,7 +97,7 @@ impl Inner {
         rustix::fs::unlinkat(&dirfd, name, AtFlags::empty())
             .map_err(|e| io_error(e, path, "cannot remove"))?;
         drop(lock);
-        self.sync_dir(&dirfd, path)
+        self.sync_dir(&dirfd, path, DiskStep::Removed)
     }
 
     pub(in crate::backend::disk) fn stat(&self, path: &str) -> Result<FileInfo> {
