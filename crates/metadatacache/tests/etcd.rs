@@ -402,3 +402,26 @@ async fn lost_replies_are_resolved_by_write_token() {
     assert!(faulty.faults().ambiguous > 10, "{:?}", faulty.faults());
     assert_eq!((ok, n), (400, 400));
 }
+
+/// Writes that time out and still land later (`delayed_apply`) are never
+/// applied twice: 1, 2 and 4 stores on one etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_landing_writes_keep_the_promise() {
+    let Some(server) = servers::etcd() else {
+        return;
+    };
+    let storage = connect(&format!("etcd://{}/late", server.addr())).await;
+    for (stores, tasks) in [(1, 4), (2, 2), (4, 2)] {
+        let path = format!("n-{stores}.json");
+        let run = support::counter::delayed_counter(
+            Arc::clone(&storage),
+            &path,
+            stores,
+            tasks,
+            50,
+            support::counter::Faults::default(),
+        )
+        .await;
+        eprintln!("etcd, {stores} stores: {run:?}");
+    }
+}

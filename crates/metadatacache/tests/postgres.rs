@@ -551,3 +551,26 @@ async fn prefix_ranges_use_the_primary_key() {
     let plan = plan.join("\n");
     assert!(plan.contains("planned_pkey"), "{plan}");
 }
+
+/// Writes that time out and still land later (`delayed_apply`) are never
+/// applied twice: 1, 2 and 4 stores on one PostgreSQL table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_landing_writes_keep_the_promise() {
+    let Some(server) = servers::postgres() else {
+        return;
+    };
+    let storage: Arc<dyn Storage> = Arc::new(connect(&server, "?table=late").await);
+    for (stores, tasks) in [(1, 4), (2, 2), (4, 2)] {
+        let path = format!("n-{stores}.json");
+        let run = support::counter::delayed_counter(
+            Arc::clone(&storage),
+            &path,
+            stores,
+            tasks,
+            50,
+            support::counter::Faults::default(),
+        )
+        .await;
+        eprintln!("postgres, {stores} stores: {run:?}");
+    }
+}
