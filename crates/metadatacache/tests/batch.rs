@@ -301,3 +301,302 @@ async fn lost_replies_without_tokens_are_unavailable_and_at_most_once() {
         "final {n}, ok {ok}, maybe {maybe}"
     );
 }
+
+/// Memory storage whose uploads wait at a gate: the test decides when they
+/// proceed, and whether the next ones are refused (not applied).
+#[derive(Debug)]
+struct Gate {
+    inner: MemoryStorage,
+    open: tokio::sync::Semaphore,
+    waiting: std::sync::atomic::AtomicUsize,
+    fail_next: std::sync::atomic::AtomicUsize,
+}
+
+impl Gate {
+    fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Lets every upload through from now on.
+    fn open(&self) {
+        self.open
+            .add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+    }
+}
+
+#[async_trait::async_trait]
+impl Storage for Gate {
+    fn backend(&self) -> &'static str {
+        "gate"
+    }
+    fn capabilities(&self) -> metadatacache::Capabilities {
+        self.inner.capabilities()
+    }
+    async fn init(&self, name: &str) -> metadatacache::Result<()> {
+        self.inner.init(name).await
+    }
+    async fn upload(
+        &self,
+        req: metadatacache::UploadRequest,
+    ) -> metadatacache::Result<metadatacache::UploadResponse> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.waiting.fetch_add(1, SeqCst);
+        let permit = self.open.acquire().await.unwrap();
+        permit.forget();
+        self.waiting.fetch_sub(1, SeqCst);
+        if self
+            .fail_next
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(Error::new(ErrorKind::Other, "gate: refused").with_path(req.path));
+        }
+        self.inner.upload(req).await
+    }
+    async fn download(
+        &self,
+        req: metadatacache::DownloadRequest,
+    ) -> metadatacache::Result<metadatacache::DownloadResponse> {
+        self.inner.download(req).await
+    }
+    async fn delete_if_match(&self, path: &str, m: Option<&str>) -> metadatacache::Result<()> {
+        self.inner.delete_if_match(path, m).await
+    }
+    async fn stat(&self, path: &str) -> metadatacache::Result<metadatacache::FileInfo> {
+        self.inner.stat(path).await
+    }
+    async fn list_dir(&self, path: &str) -> metadatacache::Result<Vec<metadatacache::FileInfo>> {
+        self.inner.list_dir(path).await
+    }
+    async fn make_dir_if_not_exist(&self, path: &str) -> metadatacache::Result<()> {
+        self.inner.make_dir_if_not_exist(path).await
+    }
+}
+
+/// Waits until `n` tasks hold or wait for `key`'s lock.
+async fn until_users<V>(store: &Store<String, V>, n: usize)
+where
+    V: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    while store.lock_users(&"k".to_string()) < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Never a speed bound: only detects a task that waits for something that
+/// will not happen before the test lets it.
+const HANG: Duration = Duration::from_secs(20);
+
+fn gated() -> (Arc<Gate>, Store<String, Doc>) {
+    let gate = Arc::new(Gate {
+        inner: MemoryStorage::new(),
+        open: tokio::sync::Semaphore::new(0),
+        waiting: Default::default(),
+        fail_next: Default::default(),
+    });
+    let store = store(Arc::clone(&gate) as Arc<dyn Storage>, true);
+    (gate, store)
+}
+
+/// A read-only update queued behind a writer returns `Ok` at once — while
+/// the batch's write is still in flight, and although that write is then
+/// refused — having read the committed value, not the writer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_member_returns_ok_without_waiting_for_the_write() {
+    let (gate, s) = gated();
+    gate.open.add_permits(1);
+    s.update("k".into(), true, |d| Ok((d, true))).await.unwrap();
+    let g = s.lock("k".into()).await;
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.update("k".into(), true, |mut d| {
+                d.insert("x".into(), 1);
+                Ok((d, true))
+            })
+            .await
+        })
+    };
+    until_users(&s, 2).await;
+    let reader = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let mut saw_x = None;
+            s.update("k".into(), false, |d| {
+                saw_x = Some(d.contains_key("x"));
+                Ok((d, false))
+            })
+            .await
+            .map(|()| saw_x)
+        })
+    };
+    until_users(&s, 3).await;
+    gate.fail_next.store(1, std::sync::atomic::Ordering::SeqCst);
+    drop(g);
+    let read = tokio::time::timeout(HANG, reader)
+        .await
+        .expect("the reader waited for the writer's write")
+        .unwrap();
+    assert_eq!(
+        read.unwrap(),
+        Some(false),
+        "the reader saw an uncommitted value"
+    );
+    // The gate is still closed: the write cannot have finished.
+    while gate.waiting() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    gate.open();
+    let e = writer.await.unwrap().unwrap_err();
+    assert_eq!(e.message(), "gate: refused");
+}
+
+/// A read-only leader returns at once too: the writers queued behind it
+/// lead their own batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_leader_does_not_wait_for_the_writers_behind_it() {
+    let (gate, s) = gated();
+    gate.open.add_permits(1);
+    s.update("k".into(), true, |d| Ok((d, true))).await.unwrap();
+    let g = s.lock("k".into()).await;
+    let reader = {
+        let s = s.clone();
+        tokio::spawn(async move { s.update("k".into(), false, |d| Ok((d, false))).await })
+    };
+    until_users(&s, 2).await;
+    let writers: Vec<_> = (0..3)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.update("k".into(), false, move |mut d| {
+                    d.insert(format!("w{i}"), i);
+                    Ok((d, true))
+                })
+                .await
+            })
+        })
+        .collect();
+    until_users(&s, 5).await;
+    drop(g);
+    tokio::time::timeout(HANG, reader)
+        .await
+        .expect("the read-only leader waited for the writers")
+        .unwrap()
+        .unwrap();
+    gate.open();
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    assert_eq!(stored(&(gate as Arc<dyn Storage>), "k").await.len(), 3);
+}
+
+/// An `f` that fails on a value an earlier member changed (not committed
+/// yet) runs again on the committed value: its error must come from
+/// committed state. Here the earlier member's write fails, so "x exists"
+/// would have been a lie; the update runs on and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_on_an_uncommitted_value_is_decided_again_on_the_committed_one() {
+    let (gate, s) = gated();
+    gate.open.add_permits(1);
+    s.update("k".into(), true, |d| Ok((d, true))).await.unwrap();
+    let g = s.lock("k".into()).await;
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.update("k".into(), true, |mut d| {
+                d.insert("x".into(), 1);
+                Ok((d, true))
+            })
+            .await
+        })
+    };
+    until_users(&s, 2).await;
+    let checker = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.update("k".into(), true, |mut d| {
+                if d.contains_key("x") {
+                    return Err(Error::new(ErrorKind::Other, "x exists"));
+                }
+                d.insert("y".into(), 1);
+                Ok((d, true))
+            })
+            .await
+        })
+    };
+    until_users(&s, 3).await;
+    gate.fail_next.store(1, std::sync::atomic::Ordering::SeqCst);
+    drop(g);
+    gate.open();
+    assert_eq!(
+        writer.await.unwrap().unwrap_err().message(),
+        "gate: refused"
+    );
+    checker
+        .await
+        .unwrap()
+        .expect("the error came from a value that was never committed");
+    let doc = stored(&(gate as Arc<dyn Storage>), "k").await;
+    assert_eq!(doc, Doc::from([("y".into(), 1)]));
+}
+
+/// A value that refuses to encode when it holds a negative number.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+struct Bag(BTreeMap<String, i64>);
+
+impl serde::Serialize for Bag {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.values().any(|v| *v < 0) {
+            return Err(serde::ser::Error::custom("negative values do not encode"));
+        }
+        self.0.serialize(s)
+    }
+}
+
+/// In one batch, a member whose `f` fails and a member whose value cannot
+/// be encoded get their own errors; every other member's update lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_members_error_never_fails_another() {
+    let inner: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let s: Store<String, Bag> = Store::new(
+        Options::new(Arc::clone(&inner), |k: &String| format!("{k}.json"))
+            .init(Bag::default)
+            .retries(1000),
+    );
+    let g = s.lock("k".into()).await;
+    let mut tasks = Vec::new();
+    for (i, action) in ["a", "fail", "b", "bad", "c"].into_iter().enumerate() {
+        let store = s.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .update("k".into(), true, move |mut bag| match action {
+                    "fail" => Err(Error::new(ErrorKind::Other, "mine")),
+                    "bad" => {
+                        bag.0.insert("bad".into(), -1);
+                        Ok((bag, true))
+                    }
+                    name => {
+                        bag.0.insert(name.into(), 1);
+                        Ok((bag, true))
+                    }
+                })
+                .await
+        }));
+        until_users(&s, i + 2).await;
+    }
+    drop(g);
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    assert!(
+        results[0].is_ok() && results[2].is_ok() && results[4].is_ok(),
+        "{results:?}"
+    );
+    let e = results[1].as_ref().unwrap_err();
+    assert_eq!((e.kind(), e.message()), (ErrorKind::Other, "mine"));
+    assert_eq!(results[3].as_ref().unwrap_err().kind(), ErrorKind::Codec);
+    let bag: BTreeMap<String, i64> =
+        serde_json::from_slice(&inner.simple_download("k.json").await.unwrap()).unwrap();
+    assert_eq!(bag.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert_eq!(s.locked_keys(), 0);
+}

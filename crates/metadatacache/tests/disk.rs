@@ -861,3 +861,145 @@ async fn writers_killed_at_random_never_tear_or_lose_documents() {
     assert!(temp_files(&root).is_empty());
     assert_eq!(final_counts(&s).await, finals);
 }
+
+/// A fault hook that fails `step` with `EINVAL` (which, before the point of
+/// no return, reads as "invalid input": certainly not applied).
+fn failing_at(step: metadatacache::DiskStep) -> DiskOptions {
+    DiskOptions::new().fault_hook(move |at, _| {
+        if at == step {
+            Err(std::io::Error::from_raw_os_error(22))
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// Once the new version is renamed into place (or the document unlinked),
+/// a failure is `Unavailable` — the change is visible — never an error
+/// that says "not applied". Before that point, nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_after_the_point_of_no_return_are_unavailable() {
+    use metadatacache::DiskStep;
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path())
+        .simple_upload("a/doc.json", "1".into())
+        .await
+        .unwrap();
+    let current = |s: &DiskStorage| {
+        let s = s.clone();
+        async move { s.simple_download("a/doc.json").await.unwrap() }
+    };
+
+    let s = failing_at(DiskStep::TempWritten).open(dir.path()).unwrap();
+    let e = s.simple_upload("a/doc.json", "2".into()).await.unwrap_err();
+    assert_ne!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert_eq!(current(&s).await, "1", "nothing visible before the rename");
+    assert!(
+        temp_files(dir.path()).is_empty(),
+        "the temp file is removed"
+    );
+
+    let s = failing_at(DiskStep::Renamed).open(dir.path()).unwrap();
+    let e = s.simple_upload("a/doc.json", "3".into()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert_eq!(current(&s).await, "3", "the renamed version is visible");
+
+    let s = failing_at(DiskStep::Removed).open(dir.path()).unwrap();
+    let e = s.delete("a/doc.json").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert_eq!(
+        kind(s.download(DownloadRequest::new("a/doc.json")).await),
+        ErrorKind::NotFound
+    );
+
+    // Through a store: the update is answered Unavailable and not re-run
+    // (disk etags are content hashes, so nothing can settle it).
+    let storage: Arc<dyn Storage> =
+        Arc::new(failing_at(DiskStep::Renamed).open(dir.path()).unwrap());
+    let store: metadatacache::Store<String, u64> = metadatacache::Store::new(
+        metadatacache::Options::new(storage, |k: &String| format!("{k}.json")).init(|| 0),
+    );
+    let mut runs = 0;
+    let e = store
+        .update("n".into(), true, |n| {
+            runs += 1;
+            Ok((n + 1, true))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!((e.kind(), runs), (ErrorKind::Unavailable, 1), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("n.json")).unwrap(),
+        "1"
+    );
+}
+
+/// Two storages on one directory, opened before and after its internal
+/// folder was renamed away, still exclude each other: the lock is the
+/// document's directory itself, not a file that can be renamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renaming_the_internal_folder_keeps_one_lock_per_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path());
+    a.simple_upload("n.json", "0".into()).await.unwrap();
+    a.simple_upload("sub/n.json", "0".into()).await.unwrap();
+    std::fs::rename(
+        dir.path().join(".mdcache"),
+        dir.path().join(".mdcache-moved"),
+    )
+    .unwrap();
+    let b = open(dir.path());
+    assert!(dir.path().join(".mdcache/format").exists());
+    for path in ["n.json", "sub/n.json"] {
+        let mut tasks = Vec::new();
+        for s in [&a, &b, &a, &b] {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..150 {
+                    loop {
+                        let cur = s.download(DownloadRequest::new(path)).await.unwrap();
+                        let n: u64 = std::str::from_utf8(&cur.content).unwrap().parse().unwrap();
+                        let req = UploadRequest {
+                            if_match: Some(cur.etag),
+                            ..UploadRequest::new(path, (n + 1).to_string())
+                        };
+                        match s.upload(req).await {
+                            Ok(_) => break,
+                            Err(e) if e.is_conflict() => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            a.simple_download(path).await.unwrap(),
+            "600",
+            "{path}: lost updates"
+        );
+    }
+}
+
+/// A directory marked with another on-disk format is refused with a line
+/// naming the marker; the marker of this version is accepted.
+#[test]
+fn a_foreign_format_marker_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let marker = dir.path().join(".mdcache/format");
+    let ours = std::fs::read_to_string(&marker).unwrap();
+    assert!(ours.contains("format 2"), "{ours}");
+    drop(open(dir.path()));
+    std::fs::write(&marker, "metadatacache disk storage\nformat 3\n").unwrap();
+    let e = DiskStorage::open(dir.path()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains(".mdcache/format") && text.contains("format 3"),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 1);
+}

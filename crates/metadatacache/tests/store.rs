@@ -427,6 +427,73 @@ async fn guard_set_is_invisible_until_persisted() {
     assert_eq!(store.stats().uploads, 2);
 }
 
+/// A value set on a guard was meant for the version it was set on: when a
+/// sync finds the document deleted elsewhere, the value is dropped, and
+/// persisting then has nothing to write (it never re-creates the
+/// document from a stale intention).
+#[tokio::test]
+async fn a_set_value_is_dropped_when_the_document_was_deleted_elsewhere() {
+    let storage = memory();
+    let a = store_on(Arc::clone(&storage));
+    let b = store_on(Arc::clone(&storage));
+    a.update("u".into(), true, insert("a", 1)).await.unwrap();
+    let mut g = a.lock("u".into()).await;
+    assert!(g.get().await.unwrap().is_some());
+    g.set(Doc::from([("a".into(), 2)]));
+    assert!(b.remove("u".into()).await.unwrap());
+    g.sync().await.unwrap();
+    assert!(!g.is_cached(), "nothing cached or set after the delete");
+    assert_eq!(g.get().await.unwrap(), None);
+    assert_eq!(g.persist().await.unwrap_err().kind(), ErrorKind::NotFound);
+    drop(g);
+    assert_eq!(stored(storage.as_ref(), "u").await, None);
+}
+
+/// Clearing the cache while a guard holds a key does not pull the entry
+/// from under the guard: its compare-and-swap still names the version it
+/// read. Idle keys are dropped; the held one is revalidated on its next
+/// read, even where a stale read would be allowed.
+#[tokio::test]
+async fn clearing_the_cache_leaves_held_keys_to_their_guards() {
+    let storage = memory();
+    let store: Store<String, Doc> = Store::new(
+        Options::new(Arc::clone(&storage), path)
+            .init(Doc::new)
+            .max_staleness(Duration::from_secs(3600)),
+    );
+    store
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap();
+    store
+        .update("idle".into(), true, insert("a", 1))
+        .await
+        .unwrap();
+    let mut g = store.lock("u".into()).await;
+    assert!(g.get().await.unwrap().is_some());
+    store.clear_cache();
+    assert_eq!(store.cached_keys(), 1, "only the held key stays cached");
+    g.set(Doc::from([("a".into(), 2)]));
+    g.persist().await.unwrap();
+    let round_trips = |s: &Store<String, Doc>| s.stats().not_modified + s.stats().downloads;
+    let before = round_trips(&store);
+    store.clear_cache();
+    drop(g);
+    store.get("u".into()).await.unwrap();
+    assert_eq!(
+        round_trips(&store),
+        before + 1,
+        "the held entry was revalidated"
+    );
+    store.get("u".into()).await.unwrap();
+    assert_eq!(
+        round_trips(&store),
+        before + 1,
+        "then stale reads are allowed again"
+    );
+    assert_eq!(stored(storage.as_ref(), "u").await.unwrap()["a"], 2);
+}
+
 #[tokio::test]
 async fn persist_with_nothing_is_not_found() {
     let store = store_on(memory());
