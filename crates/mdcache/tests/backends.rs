@@ -1,6 +1,6 @@
 //! `mdcache torture` with replica processes sharing each distributed
-//! backend, against real servers on 127.0.0.1 (skipped with a message when a
-//! server is missing, unless `MDCACHE_REQUIRE_SERVERS=1`).
+//! backend, against real servers on 127.0.0.1 (a missing server fails the
+//! test, naming what to install, unless `MDCACHE_SKIP_SERVERS=1`).
 
 #![allow(clippy::unwrap_used, dead_code, unused_imports)]
 

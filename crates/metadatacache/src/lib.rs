@@ -118,7 +118,7 @@ pub use backend::disk::{DiskOptions, DiskStep, DiskStorage};
 pub use backend::etcd::EtcdStorage;
 pub use backend::memory::MemoryStorage;
 #[cfg(feature = "s3")]
-pub use backend::object_store::ObjectStoreStorage;
+pub use backend::object_store::{ObjectStoreStorage, S3Config};
 #[cfg(feature = "postgres")]
 pub use backend::postgres::PostgresStorage;
 pub use backend::url::open;

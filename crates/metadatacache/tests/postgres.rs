@@ -15,7 +15,12 @@ use metadatacache::{
     DownloadRequest, Error, ErrorKind, Options, PostgresStorage, RetryPolicy, Storage, Store,
     UploadRequest,
 };
+use support::must_finish;
 use support::servers::{self, Server};
+
+/// The hang detector of calls that should end within their timeout: many
+/// times any timeout used here.
+const GUARD: Duration = Duration::from_secs(60);
 
 fn url(server: &Server, query: &str) -> String {
     format!("postgres://postgres@{}/postgres{query}", server.addr())
@@ -44,21 +49,25 @@ fn kind<T: std::fmt::Debug>(res: metadatacache::Result<T>) -> ErrorKind {
     }
 }
 
-/// Retries `op` for up to 10 s while the storage reconnects.
-async fn eventually<T, F, Fut>(what: &str, mut op: F) -> (T, Duration)
+/// Retries `op` while the storage reconnects; returns its value and how
+/// many attempts failed first. Fails the test if it is not back after
+/// [`GUARD`] (a hang detector, not a speed bound).
+async fn eventually<T, F, Fut>(what: &str, mut op: F) -> (T, usize)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = metadatacache::Result<T>>,
 {
     let start = Instant::now();
+    let mut failed = 0;
     loop {
         match op().await {
-            Ok(v) => return (v, start.elapsed()),
-            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+            Ok(v) => return (v, failed),
+            Err(e) if start.elapsed() < GUARD => {
                 eprintln!("{what}: still failing: {e}");
+                failed += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => panic!("{what}: not back after 10 s: {e}"),
+            Err(e) => panic!("{what}: not back after {GUARD:?}: {e}"),
         }
     }
 }
@@ -113,24 +122,31 @@ async fn unreachable_and_silent_servers_are_unavailable_within_the_timeout() {
         .local_addr()
         .unwrap()
         .port();
-    let start = Instant::now();
-    let e = PostgresStorage::connect(&format!("postgres://u@127.0.0.1:{port}/db?timeout_ms=500"))
-        .await
-        .unwrap_err();
+    let url = format!("postgres://u@127.0.0.1:{port}/db?timeout_ms=500");
+    let (res, _) = must_finish(
+        "connect to a closed port",
+        GUARD,
+        PostgresStorage::connect(&url),
+    )
+    .await;
+    let e = res.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
-    assert!(start.elapsed() < Duration::from_secs(2));
 
     // A peer that accepts connections and never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap();
-    let start = Instant::now();
-    let e = PostgresStorage::connect(&format!("postgres://u@{addr}/db?timeout_ms=500"))
-        .await
-        .unwrap_err();
-    let took = start.elapsed();
+    let url = format!("postgres://u@{addr}/db?timeout_ms=500");
+    let (res, took) = must_finish(
+        "connect to a silent server",
+        GUARD,
+        PostgresStorage::connect(&url),
+    )
+    .await;
+    let e = res.unwrap_err();
     eprintln!("silent server: {e} after {took:?}");
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
-    assert!(took < Duration::from_millis(2500), "{took:?}");
+    // Ended by the timeout (timers never fire early), not by a refusal.
+    assert!(took >= Duration::from_millis(500), "{took:?}");
     drop(silent);
 }
 
@@ -143,18 +159,22 @@ async fn outage_is_unavailable_then_the_same_storage_recovers() {
     let v1 = s.simple_upload("doc.json", "1".into()).await.unwrap();
 
     tokio::task::block_in_place(|| server.stop());
-    let start = Instant::now();
-    let up = s
-        .upload(UploadRequest {
+    let (up, up_took) = must_finish(
+        "upload during the outage",
+        GUARD,
+        s.upload(UploadRequest {
             if_match: Some(v1.etag.clone()),
             ..UploadRequest::new("doc.json", "2")
-        })
-        .await;
-    let up_took = start.elapsed();
+        }),
+    )
+    .await;
     assert_eq!(kind(up), ErrorKind::Unavailable);
-    let start = Instant::now();
-    let down = s.download(DownloadRequest::new("doc.json")).await;
-    let down_took = start.elapsed();
+    let (down, down_took) = must_finish(
+        "download during the outage",
+        GUARD,
+        s.download(DownloadRequest::new("doc.json")),
+    )
+    .await;
     assert_eq!(kind(down), ErrorKind::Unavailable);
     for op in ["list", "stat", "delete"] {
         let res = match op {
@@ -165,7 +185,6 @@ async fn outage_is_unavailable_then_the_same_storage_recovers() {
         assert_eq!(kind(res), ErrorKind::Unavailable, "{op}");
     }
     eprintln!("server down: upload Unavailable after {up_took:?}, download after {down_took:?}");
-    assert!(up_took < Duration::from_secs(3) && down_took < Duration::from_secs(3));
 
     tokio::task::block_in_place(|| server.start());
     let (v2, took) = eventually("upload after restart", || {
@@ -175,7 +194,7 @@ async fn outage_is_unavailable_then_the_same_storage_recovers() {
         })
     })
     .await;
-    eprintln!("server back: the same storage wrote again after {took:?}");
+    eprintln!("server back: the same storage wrote again after {took} failed attempts");
     let got = s.download(DownloadRequest::new("doc.json")).await.unwrap();
     assert_eq!((got.content.as_ref(), got.etag), (b"2".as_ref(), v2.etag));
 }
@@ -277,8 +296,12 @@ async fn killed_connections_are_replaced() {
         assert_eq!(got, i.to_string());
     }
     admin.query(kill, &[]).await.unwrap();
-    let (_, took) = eventually("write after kill", || s.simple_upload("k.json", "x".into())).await;
-    assert!(took < Duration::from_secs(1), "{took:?}");
+    let (_, failed) =
+        eventually("write after kill", || s.simple_upload("k.json", "x".into())).await;
+    assert!(
+        failed <= 1,
+        "a killed connection failed {failed} writes, not at most one"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -486,15 +509,12 @@ async fn a_write_stuck_past_the_timeout_or_cut_off_is_unavailable() {
         .batch_execute("BEGIN; SELECT 1 FROM stuck WHERE path = 'lock.json' FOR UPDATE")
         .await
         .unwrap();
-    let start = Instant::now();
-    let e = cas().await.unwrap_err();
-    let took = start.elapsed();
+    let (res, took) = must_finish("a write blocked on a row lock", GUARD, cas()).await;
+    let e = res.unwrap_err();
     eprintln!("write blocked on a lock: {e} after {took:?}");
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
-    assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
-        "{took:?}"
-    );
+    // Ended by the timeout (timers never fire early), not by a refusal.
+    assert!(took >= Duration::from_millis(900), "{took:?}");
     // The abandoned statement was cancelled, so it does not land later.
     tokio::time::sleep(Duration::from_millis(300)).await;
     admin.batch_execute("ROLLBACK").await.unwrap();

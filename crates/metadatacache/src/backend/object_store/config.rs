@@ -15,15 +15,49 @@ pub(super) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Retries of reads (GET, HEAD, LIST) within the call's timeout.
 const READ_RETRIES: usize = 3;
 
-/// What an `s3://` URL says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct S3Url {
+/// How to reach an S3 bucket: what an `s3://` URL says (see
+/// [`ObjectStoreStorage`](super::ObjectStoreStorage) for its form), plus
+/// credentials given in code. Everything left unset comes from the usual
+/// `AWS_*` environment variables.
+///
+/// `Debug` never shows the secret key.
+///
+/// ```
+/// use metadatacache::S3Config;
+/// let config = S3Config::from_url("s3://bucket/app?endpoint=http://127.0.0.1:9000&allow_http=true")?
+///     .credentials("AKIA-EXAMPLE", "secret-example");
+/// assert!(!format!("{config:?}").contains("secret-example"));
+/// # Ok::<_, metadatacache::Error>(())
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Config {
     pub(super) bucket: String,
     pub(super) prefix: String,
     pub(super) timeout: Duration,
     pub(super) endpoint: Option<String>,
     pub(super) region: Option<String>,
     pub(super) allow_http: Option<bool>,
+    /// Access key id and secret access key.
+    credentials: Option<(String, String)>,
+    /// The URL it came from, any user-info hidden, for messages.
+    url: String,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("allow_http", &self.allow_http)
+            .field(
+                "access_key_id",
+                &self.credentials.as_ref().map(|(id, _)| id),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 fn bad_url(url: &str, why: impl std::fmt::Display) -> Error {
@@ -48,9 +82,40 @@ pub(super) fn redact(url: &str) -> String {
     }
 }
 
-impl S3Url {
+impl S3Config {
+    /// Reads an `s3://` URL.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming
+    /// the URL (any user-info hidden) and what is wrong with it.
+    pub fn from_url(url: &str) -> Result<S3Config> {
+        Self::parse(url)
+    }
+
+    /// Uses these credentials instead of `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY`.
+    #[must_use]
+    pub fn credentials(
+        mut self,
+        access_key_id: impl Into<String>,
+        secret_access_key: impl Into<String>,
+    ) -> Self {
+        self.credentials = Some((access_key_id.into(), secret_access_key.into()));
+        self
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The key prefix ("" for none).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Parses `s3://bucket/prefix?timeout_ms=N&endpoint=…&region=…&allow_http=…`.
-    pub(super) fn parse(url: &str) -> Result<S3Url> {
+    fn parse(url: &str) -> Result<S3Config> {
         let parsed = url::Url::parse(url).map_err(|e| bad_url(url, e))?;
         if parsed.scheme() != "s3" {
             return Err(bad_url(url, "the scheme must be s3"));
@@ -75,13 +140,15 @@ impl S3Url {
             crate::storage::validate_path(&prefix, false)
                 .map_err(|e| bad_url(url, format!("bad prefix: {}", e.message())))?;
         }
-        let mut out = S3Url {
+        let mut out = S3Config {
             bucket: bucket.to_owned(),
             prefix,
             timeout: DEFAULT_TIMEOUT,
             endpoint: None,
             region: None,
             allow_http: None,
+            credentials: None,
+            url: redact(url),
         };
         for (key, value) in parsed.query_pairs() {
             match key.as_ref() {
@@ -126,7 +193,7 @@ impl S3Url {
 
     /// Builds the client from the environment plus this URL. `retries` is how
     /// often object_store itself retries an idempotent request.
-    pub(super) fn build(&self, url: &str, retries: usize) -> Result<Arc<AmazonS3>> {
+    pub(super) fn build(&self, retries: usize) -> Result<Arc<AmazonS3>> {
         let ms = |d: Duration| format!("{}ms", d.as_millis().max(1));
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&self.bucket)
@@ -157,15 +224,20 @@ impl S3Url {
         if let Some(allow) = self.allow_http {
             builder = builder.with_allow_http(allow);
         }
+        if let Some((id, secret)) = &self.credentials {
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret);
+        }
         let store = builder
             .build()
-            .map_err(|e| bad_url(url, "cannot configure the S3 client").with_source(e))?;
+            .map_err(|e| bad_url(&self.url, "cannot configure the S3 client").with_source(e))?;
         Ok(Arc::new(store))
     }
 
     /// The store for reads, with a few retries.
-    pub(super) fn build_read_store(&self, url: &str) -> Result<Arc<dyn ObjectStore>> {
-        Ok(self.build(url, READ_RETRIES)?)
+    pub(super) fn build_read_store(&self) -> Result<Arc<dyn ObjectStore>> {
+        Ok(self.build(READ_RETRIES)?)
     }
 
     /// The store for writes: no automatic retries, because a retried
@@ -173,8 +245,8 @@ impl S3Url {
     /// "precondition failed" for a write that succeeded, and a retried
     /// unconditional put or delete could undo a newer write made meanwhile.
     /// It also signs the conditional deletes.
-    pub(super) fn build_write_store(&self, url: &str) -> Result<Arc<AmazonS3>> {
-        self.build(url, 0)
+    pub(super) fn build_write_store(&self) -> Result<Arc<AmazonS3>> {
+        self.build(0)
     }
 }
 
@@ -185,12 +257,12 @@ mod tests {
 
     #[test]
     fn parses() {
-        let u = S3Url::parse("s3://bkt/a/b%20c/?timeout_ms=1500&region=eu-west-1").unwrap();
+        let u = S3Config::parse("s3://bkt/a/b%20c/?timeout_ms=1500&region=eu-west-1").unwrap();
         assert_eq!(u.bucket, "bkt");
         assert_eq!(u.prefix, "a/b c");
         assert_eq!(u.timeout, Duration::from_millis(1500));
         assert_eq!(u.region.as_deref(), Some("eu-west-1"));
-        let u = S3Url::parse("s3://bkt?endpoint=http://127.0.0.1:9000&allow_http=true").unwrap();
+        let u = S3Config::parse("s3://bkt?endpoint=http://127.0.0.1:9000&allow_http=true").unwrap();
         assert_eq!(u.prefix, "");
         assert_eq!(u.timeout, DEFAULT_TIMEOUT);
         assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
@@ -221,7 +293,7 @@ mod tests {
             "s3://b/%ff",
             "gs://b/x",
         ] {
-            let e = S3Url::parse(bad).unwrap_err();
+            let e = S3Config::parse(bad).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
             assert!(e.to_string().contains(&redact(bad)), "{e} names {bad}");
             assert!(!e.to_string().contains("secret"), "{e}");

@@ -20,7 +20,7 @@ use crate::storage::{
     UploadResponse, check_delete_precondition, validate_path,
 };
 use ::object_store::signer::Signer;
-use config::S3Url;
+pub use config::S3Config;
 use delete::ConditionalDelete;
 use errors::{Op, map_error};
 
@@ -174,12 +174,21 @@ impl ObjectStoreStorage {
     /// [`ErrorKind::InvalidInput`] naming the URL when it is malformed or the
     /// client cannot be configured from it and the environment.
     pub async fn from_url(url: &str) -> Result<ObjectStoreStorage> {
-        let parsed = S3Url::parse(url)?;
-        let store = parsed.build_read_store(url)?;
-        let write_store = parsed.build_write_store(url)?;
-        ObjectStoreStorage::new(store, &parsed.prefix, "s3")?
+        Self::from_config(S3Config::from_url(url)?).await
+    }
+
+    /// Opens an S3 bucket as `config` describes it. Nothing is sent to the
+    /// server yet.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] naming the URL the config came from when
+    /// the client cannot be configured.
+    pub async fn from_config(config: S3Config) -> Result<ObjectStoreStorage> {
+        let store = config.build_read_store()?;
+        let write_store = config.build_write_store()?;
+        ObjectStoreStorage::new(store, &config.prefix, "s3")?
             .with_write_store(write_store.clone())
-            .with_timeout(parsed.timeout)
+            .with_timeout(config.timeout)
             .with_signer(write_store)
     }
 
