@@ -1,6 +1,7 @@
 //! Shared helpers of the integration tests.
 
 pub mod counter;
+pub mod proxy;
 pub mod servers;
 
 use std::future::Future;
