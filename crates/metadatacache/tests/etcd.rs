@@ -431,3 +431,84 @@ async fn late_landing_writes_keep_the_promise() {
         eprintln!("etcd, {stores} stores: {run:?}");
     }
 }
+
+/// A document whose every write carries a marker the proxy can spot.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Marked {
+    marker: String,
+    ids: Vec<u64>,
+}
+
+/// A real network's late commit: a loopback proxy holds a transaction's
+/// request past the client's timeout and lets it through just ahead of the
+/// client's next write (the store's resend, or — without fencing — the
+/// re-run of its update). Every update must land at most once, and exactly
+/// once when it answered `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_stalled_past_the_timeout_lands_once() {
+    use support::proxy::Proxy;
+    const MARKER: &str = "stall-this-write";
+    let Some(server) = servers::etcd() else {
+        return;
+    };
+    let proxy = Proxy::start(server.addr()).await;
+    let url = format!("etcd://{}/stalled?timeout_ms=500", proxy.addr());
+    let direct = connect(&format!("etcd://{}/stalled", server.addr())).await;
+    let store: Store<String, Marked> = Store::new(
+        Options::new(connect(&url).await, |k: &String| format!("{k}.json"))
+            .init(|| Marked {
+                marker: MARKER.into(),
+                ids: Vec::new(),
+            })
+            .retry_policy(RetryPolicy::default().max_delay(Duration::from_millis(5))),
+    );
+    store
+        .update("doc".into(), true, |d| Ok((d, true)))
+        .await
+        .unwrap();
+    let (mut ok, mut unavailable) = (Vec::new(), Vec::new());
+    for id in 0..10u64 {
+        // The first write of each update is held past the timeout.
+        proxy.stall_writes(MARKER.as_bytes(), 1, Duration::from_secs(20));
+        let res = store
+            .update("doc".into(), false, |mut d| {
+                d.ids.push(id);
+                Ok((d, true))
+            })
+            .await;
+        match res {
+            Ok(()) => ok.push(id),
+            Err(e) if e.kind() == ErrorKind::Unavailable => unavailable.push(id),
+            Err(e) => panic!("update {id}: {e}"),
+        }
+    }
+    let counts = proxy.counts();
+    let stored: Marked =
+        serde_json::from_slice(&direct.simple_download("doc.json").await.unwrap()).unwrap();
+    eprintln!(
+        "stalled writes: {counts:?}; ok {} unavailable {:?}; stored {:?}; stats {:?}",
+        ok.len(),
+        unavailable,
+        stored.ids,
+        store.stats()
+    );
+    assert_eq!(
+        counts.stalls, 10,
+        "every update's first write was stalled: {counts:?}"
+    );
+    let mut seen = std::collections::HashSet::new();
+    for id in &stored.ids {
+        assert!(
+            seen.insert(*id),
+            "update {id} was applied twice: {:?}",
+            stored.ids
+        );
+        assert!(
+            ok.contains(id) || unavailable.contains(id),
+            "{id} failed yet landed"
+        );
+    }
+    for id in &ok {
+        assert!(seen.contains(id), "update {id} answered Ok but is missing");
+    }
+}
