@@ -114,10 +114,12 @@ impl<K, V> Options<K, V> {
 
     /// Group commit (default on): updates of one key that queue up while an
     /// update holds its lock are applied one after another to the same value
-    /// and written with a single compare-and-swap. Each caller still gets its
-    /// own result; a failing `f` is left out without sinking the others; a
-    /// conflict re-runs the whole batch on the fresh value. Off, every update
-    /// writes on its own.
+    /// and written with a single compare-and-swap. Each caller gets its own
+    /// outcome: an `f` that changes nothing or fails decides on the
+    /// committed value and returns at once (`Ok` or its own error), never
+    /// with another caller's error; the callers that changed the value share
+    /// the write's outcome; a conflict re-runs the batch on the fresh value.
+    /// Off, every update writes on its own.
     #[must_use]
     pub fn batching(mut self, on: bool) -> Self {
         self.batching = on;
