@@ -433,25 +433,7 @@ pub async fn race_raw_cas(storage: Arc<dyn Storage>, dir: &str, tasks: usize, pe
         let path = path.clone();
         handles.push(tokio::spawn(async move {
             for _ in 0..per_task {
-                loop {
-                    let cur = storage
-                        .download(DownloadRequest::new(&path))
-                        .await
-                        .expect("download counter");
-                    let n: u64 = std::str::from_utf8(&cur.content)
-                        .ok()
-                        .and_then(|t| t.parse().ok())
-                        .expect("counter is a number");
-                    let req = UploadRequest {
-                        if_match: Some(cur.etag),
-                        ..UploadRequest::new(path.clone(), (n + 1).to_string())
-                    };
-                    match storage.upload(req).await {
-                        Ok(_) => break,
-                        Err(e) if e.is_conflict() => tokio::task::yield_now().await,
-                        Err(e) => panic!("raw CAS increment: {e}"),
-                    }
-                }
+                cas_increment(storage.as_ref(), &path, false).await;
             }
         }));
     }
@@ -514,32 +496,9 @@ pub async fn race_remove_recreate(
         let (storage, path) = (Arc::clone(&storage), path.clone());
         handles.push(tokio::spawn(async move {
             for _ in 0..per_writer {
-                loop {
-                    let cur = match storage.download(DownloadRequest::new(&path)).await {
-                        Ok(cur) => cur,
-                        // Between the remover's delete and re-create.
-                        Err(e) if e.kind() == ErrorKind::NotFound => {
-                            tokio::task::yield_now().await;
-                            continue;
-                        }
-                        Err(e) => panic!("writer download: {e}"),
-                    };
-                    let n: u64 = std::str::from_utf8(&cur.content)
-                        .ok()
-                        .and_then(|t| t.parse().ok())
-                        .expect("counter is a number");
-                    let req = UploadRequest {
-                        if_match: Some(cur.etag),
-                        ..UploadRequest::new(path.clone(), (n + 1).to_string())
-                    };
-                    match storage.upload(req).await {
-                        Ok(_) => break,
-                        Err(e) if e.is_conflict() || e.kind() == ErrorKind::NotFound => {
-                            tokio::task::yield_now().await;
-                        }
-                        Err(e) => panic!("writer CAS: {e}"),
-                    }
-                }
+                // The document may be gone for a moment between the
+                // remover's delete and re-create.
+                cas_increment(storage.as_ref(), &path, true).await;
             }
         }));
     }
@@ -555,6 +514,38 @@ pub async fn race_remove_recreate(
         (writers * per_writer).to_string(),
         "a conditional delete removed acknowledged increments ({recreated} deletes)"
     );
+}
+
+/// Adds 1 to the counter at `path` with download + `if_match` upload,
+/// retrying on conflict (and, with `may_vanish`, while the document is
+/// absent).
+async fn cas_increment(storage: &dyn Storage, path: &str, may_vanish: bool) {
+    loop {
+        let cur = match storage.download(DownloadRequest::new(path)).await {
+            Ok(cur) => cur,
+            Err(e) if may_vanish && e.kind() == ErrorKind::NotFound => {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            Err(e) => panic!("download counter: {e}"),
+        };
+        let n: u64 = std::str::from_utf8(&cur.content)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .expect("counter is a number");
+        let req = UploadRequest {
+            if_match: Some(cur.etag),
+            ..UploadRequest::new(path, (n + 1).to_string())
+        };
+        match storage.upload(req).await {
+            Ok(_) => return,
+            Err(e) if e.is_conflict() => tokio::task::yield_now().await,
+            Err(e) if may_vanish && e.kind() == ErrorKind::NotFound => {
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("raw CAS increment: {e}"),
+        }
+    }
 }
 
 /// `replicas` independent [`Store`]s over one storage, `tasks` tasks each,
