@@ -119,9 +119,9 @@ pub use backend::etcd::EtcdStorage;
 pub use backend::memory::MemoryStorage;
 #[cfg(feature = "s3")]
 pub use backend::object_store::{ObjectStoreStorage, S3Config};
+pub use backend::open::open;
 #[cfg(feature = "postgres")]
 pub use backend::postgres::PostgresStorage;
-pub use backend::url::open;
 pub use codec::{Codec, JsonCodec};
 pub use error::{Error, ErrorKind, Result};
 pub use guard::KeyGuard;

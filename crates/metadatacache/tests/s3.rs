@@ -236,7 +236,7 @@ async fn s3_bad_urls_are_invalid_input() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     assert!(!e.to_string().contains("hunter2"), "{e}");
-    assert!(e.to_string().contains("s3://***@bucket/p"), "{e}");
+    assert!(e.to_string().contains("s3://key:***@bucket/p"), "{e}");
 }
 
 // ------------------------------------------------------------------- outage

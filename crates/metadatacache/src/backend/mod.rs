@@ -6,6 +6,7 @@ pub(crate) mod etcd;
 pub(crate) mod memory;
 #[cfg(feature = "s3")]
 pub(crate) mod object_store;
+pub(crate) mod open;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
-pub(crate) mod url;
+pub(crate) mod util;

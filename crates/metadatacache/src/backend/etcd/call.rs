@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, Txn, TxnOpResponse, TxnResponse};
 
+use crate::backend::util::no_answer;
 use crate::error::{Error, ErrorKind, Result};
 
 use super::BACKEND;
@@ -97,7 +98,7 @@ impl Conn {
     /// A call that times out or loses its connection is
     /// [`ErrorKind::Unavailable`]: for a write that means it may have been
     /// applied.
-    pub(super) async fn txn(&self, path: &str, txn: Txn) -> Result<TxnResponse> {
+    pub(super) async fn txn(&self, path: &str, txn: Txn, write: bool) -> Result<TxnResponse> {
         let attempt = async {
             // A rejected token means the request was not executed, so it is
             // safe to sign in again and resend it, once.
@@ -125,10 +126,7 @@ impl Conn {
         };
         match tokio::time::timeout(self.timeout, attempt).await {
             Ok(res) => res,
-            Err(_) => Err(Error::unavailable(format!(
-                "no answer from etcd within {} ms",
-                self.timeout.as_millis()
-            ))),
+            Err(_) => Err(no_answer(self.timeout, write)),
         }
         .map_err(|e| e.with_backend(BACKEND).with_path(path))
     }

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::backend::url::percent_decode;
-use crate::error::{Error, Result};
+use crate::backend::util::{bad_url, parse_millis, percent_decode};
+use crate::error::Result;
 use crate::storage::validate_path;
 
 use super::layout::check_not_reserved;
@@ -40,10 +40,7 @@ impl fmt::Debug for Config {
 impl Config {
     /// Parses `etcd://[user[:password]@]host:port[,host:port...][/prefix][?timeout_ms=N&user=U&password=P]`.
     pub(super) fn parse(url: &str) -> Result<Config> {
-        let bad = |why: &str| {
-            Error::invalid_input(format!("bad etcd URL {:?}: {why}", redact(url)))
-                .with_backend("etcd")
-        };
+        let bad = |why: &str| bad_url("etcd", url, why);
         let rest = if let Some(rest) = url.strip_prefix("etcd://") {
             rest
         } else if url.starts_with("etcds://") {
@@ -90,12 +87,8 @@ impl Config {
         for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
             match &*key {
                 "timeout_ms" => {
-                    let ms: u64 = value
-                        .parse()
-                        .ok()
-                        .filter(|ms| *ms > 0)
+                    timeout = parse_millis(&value)
                         .ok_or_else(|| bad("timeout_ms must be a positive integer"))?;
-                    timeout = Duration::from_millis(ms);
                 }
                 "user" => user = Some(value.into_owned()),
                 "password" => password = Some(value.into_owned()),
@@ -153,54 +146,6 @@ fn endpoint(host: &str) -> Option<String> {
     Some(format!("http://{name}:{port}"))
 }
 
-/// The URL with any password replaced by `***`, for messages.
-pub(super) fn redact(url: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((head, query)) => (head, Some(query)),
-        None => (url, None),
-    };
-    let mut out = String::with_capacity(url.len());
-    // user:password@ in the authority
-    match head.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = match rest.find('/') {
-                Some(i) => rest.split_at(i),
-                None => (rest, ""),
-            };
-            out.push_str(scheme);
-            out.push_str("://");
-            match authority.rsplit_once('@') {
-                Some((userinfo, hosts)) => {
-                    match userinfo.split_once(':') {
-                        Some((user, _)) => {
-                            out.push_str(user);
-                            out.push_str(":***");
-                        }
-                        None => out.push_str(userinfo),
-                    }
-                    out.push('@');
-                    out.push_str(hosts);
-                }
-                None => out.push_str(authority),
-            }
-            out.push_str(path);
-        }
-        None => out.push_str(head),
-    }
-    if let Some(query) = query {
-        out.push('?');
-        let parts: Vec<String> = query
-            .split('&')
-            .map(|kv| match kv.split_once('=') {
-                Some((k, _)) if k == "password" => format!("{k}=***"),
-                _ => kv.to_owned(),
-            })
-            .collect();
-        out.push_str(&parts.join("&"));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -252,7 +197,11 @@ mod tests {
         ] {
             let e = Config::parse(url).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{url}");
-            assert!(e.to_string().contains(&redact(url)), "{url}: {e}");
+            assert!(
+                e.to_string()
+                    .contains(&crate::backend::util::redact_url(url)),
+                "{url}: {e}"
+            );
         }
     }
 

@@ -128,7 +128,7 @@ impl EtcdStorage {
     pub async fn connect(url: &str) -> Result<EtcdStorage> {
         let config = Config::parse(url)?;
         let conn = Conn::new(&config).await.map_err(|e| {
-            let redacted = config::redact(url);
+            let redacted = crate::backend::util::redact_url(url);
             let message = format!("{}: {redacted}", e.message());
             e.with_message(message).with_backend(BACKEND)
         })?;
@@ -158,7 +158,7 @@ impl EtcdStorage {
             ),
             TxnOp::get(self.layout.meta(path), None),
         ]);
-        let mut ops = self.conn.txn(path, txn).await?.op_responses();
+        let mut ops = self.conn.txn(path, txn, false).await?.op_responses();
         let doc = kvs_at(&mut ops, 0).into_iter().next();
         let meta = kvs_at(&mut ops, 1).into_iter().next();
         Ok(doc.map(|d| (d, meta)))
@@ -207,7 +207,7 @@ impl Storage for EtcdStorage {
         check_path(name, true).map_err(tag)?;
         let count = GetOptions::new().with_prefix().with_count_only();
         let txn = Txn::new().and_then([TxnOp::get(self.layout.under(name), Some(count))]);
-        self.conn.txn(name, txn).await.map(drop)
+        self.conn.txn(name, txn, false).await.map(drop)
     }
 
     async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {
@@ -285,7 +285,7 @@ impl Storage for EtcdStorage {
                 .when(when)
                 .and_then(writes.clone())
                 .or_else(on_failure.clone());
-            let resp = self.conn.txn(path, txn).await?;
+            let resp = self.conn.txn(path, txn, true).await?;
             if resp.succeeded() {
                 // Written, but without the revision there is no etag to
                 // return: report the outcome as unknown.
@@ -349,7 +349,7 @@ impl Storage for EtcdStorage {
             TxnOp::get(doc_key.as_str(), None),
             TxnOp::get(self.layout.meta(path), None),
         ]);
-        let resp = self.conn.txn(path, txn).await?;
+        let resp = self.conn.txn(path, txn, false).await?;
         if !resp.succeeded() {
             return Err(tag(
                 Error::new(ErrorKind::NotModified, "etag unchanged").with_path(path)
@@ -389,7 +389,7 @@ impl Storage for EtcdStorage {
                 doc_key.as_str(),
                 Some(GetOptions::new().with_keys_only()),
             )]);
-        let resp = self.conn.txn(path, txn).await?;
+        let resp = self.conn.txn(path, txn, true).await?;
         if resp.succeeded() {
             return Ok(());
         }
@@ -419,7 +419,7 @@ impl Storage for EtcdStorage {
                 Some(GetOptions::new().with_prefix().with_count_only()),
             ),
         ]);
-        let mut ops = self.conn.txn(path, txn).await?.op_responses();
+        let mut ops = self.conn.txn(path, txn, false).await?.op_responses();
         if let Some(doc) = kvs_at(&mut ops, 0).first() {
             let meta = kvs_at(&mut ops, 1).into_iter().next();
             return Ok(file_info(path.to_owned(), doc, meta.as_ref()));
@@ -446,7 +446,7 @@ impl Storage for EtcdStorage {
             TxnOp::get(under.as_str(), Some(docs)),
             TxnOp::get(meta_under.as_str(), Some(GetOptions::new().with_prefix())),
         ]);
-        let mut ops = self.conn.txn(path, txn).await?.op_responses();
+        let mut ops = self.conn.txn(path, txn, false).await?.op_responses();
         let metas: HashMap<Vec<u8>, KeyValue> = kvs_at(&mut ops, 1)
             .into_iter()
             .filter_map(|kv| {
@@ -489,7 +489,7 @@ impl Storage for EtcdStorage {
                 .map(|p| TxnOp::get(self.layout.doc(p), Some(GetOptions::new().with_keys_only())))
                 .collect::<Vec<_>>(),
         );
-        let mut ops = self.conn.txn(path, txn).await?.op_responses();
+        let mut ops = self.conn.txn(path, txn, false).await?.op_responses();
         for (i, p) in chain.iter().enumerate() {
             if !kvs_at(&mut ops, i).is_empty() {
                 return Err(tag(Error::new(

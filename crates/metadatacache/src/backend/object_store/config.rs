@@ -6,7 +6,7 @@ use std::time::Duration;
 use ::object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
 use ::object_store::{BackoffConfig, ClientConfigKey, ObjectStore, RetryConfig};
 
-use crate::backend::url::percent_decode;
+use crate::backend::util::{self, parse_millis, percent_decode, redact_url};
 use crate::error::{Error, Result};
 
 /// Default bound on every call.
@@ -60,26 +60,16 @@ impl std::fmt::Debug for S3Config {
     }
 }
 
+/// A bad `s3://` URL, with the form that is expected.
 fn bad_url(url: &str, why: impl std::fmt::Display) -> Error {
-    let url = redact(url);
-    Error::invalid_input(format!(
-        "invalid S3 storage URL {url:?}: {why}; expected \
-         s3://BUCKET[/PREFIX][?timeout_ms=N&endpoint=URL&region=R&allow_http=true]"
-    ))
-    .with_backend("s3")
-}
-
-/// `url` with any user-info (`user:secret@`) replaced by `***@`, so that an
-/// error message never repeats a secret.
-pub(super) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
-        Some(at) => format!("{scheme}://***{}", &rest[at..]),
-        None => url.to_owned(),
-    }
+    util::bad_url(
+        "s3",
+        url,
+        format!(
+            "{why}; expected \
+             s3://BUCKET[/PREFIX][?timeout_ms=N&endpoint=URL&region=R&allow_http=true]"
+        ),
+    )
 }
 
 impl S3Config {
@@ -148,17 +138,13 @@ impl S3Config {
             region: None,
             allow_http: None,
             credentials: None,
-            url: redact(url),
+            url: redact_url(url),
         };
         for (key, value) in parsed.query_pairs() {
             match key.as_ref() {
                 "timeout_ms" => {
-                    let ms: u64 = value
-                        .parse()
-                        .ok()
-                        .filter(|ms| *ms > 0)
+                    out.timeout = parse_millis(&value)
                         .ok_or_else(|| bad_url(url, "timeout_ms must be a positive integer"))?;
-                    out.timeout = Duration::from_millis(ms);
                 }
                 "endpoint" => {
                     let ep = url::Url::parse(&value)
@@ -270,13 +256,6 @@ mod tests {
     }
 
     #[test]
-    fn redacts() {
-        assert_eq!(redact("s3://u:pw@b/x?y=1"), "s3://***@b/x?y=1");
-        assert_eq!(redact("s3://b/x@y"), "s3://b/x@y");
-        assert_eq!(redact("memory:"), "memory:");
-    }
-
-    #[test]
     fn rejects() {
         for bad in [
             "s3://",
@@ -295,7 +274,7 @@ mod tests {
         ] {
             let e = S3Config::parse(bad).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
-            assert!(e.to_string().contains(&redact(bad)), "{e} names {bad}");
+            assert!(e.to_string().contains(&redact_url(bad)), "{e} names {bad}");
             assert!(!e.to_string().contains("secret"), "{e}");
         }
     }

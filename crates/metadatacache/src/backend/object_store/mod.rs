@@ -14,6 +14,7 @@ use ::object_store::path::Path as ObjectPath;
 use ::object_store::{GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, UpdateVersion};
 use async_trait::async_trait;
 
+use crate::backend::util::no_answer;
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
     Capabilities, DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest,
@@ -270,16 +271,15 @@ impl ObjectStoreStorage {
     }
 
     /// Runs `fut` within the timeout.
-    async fn timed<T>(&self, path: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+    async fn timed<T>(
+        &self,
+        path: &str,
+        write: bool,
+        fut: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(res) => res,
-            Err(_) => Err(self.tag(
-                Error::unavailable(format!(
-                    "no answer within {:?}; a write may or may not have been applied",
-                    self.timeout
-                ))
-                .with_path(path),
-            )),
+            Err(_) => Err(self.tag(no_answer(self.timeout, write).with_path(path))),
         }
     }
 
@@ -371,7 +371,7 @@ impl Storage for ObjectStoreStorage {
         let key = self.key(&req.path)?;
         let path = req.path.as_str();
         let plain = req.if_none_match.is_empty() && req.if_unmodified_since.is_none();
-        self.timed(path, async {
+        self.timed(path, true, async {
             if req.is_create_only() {
                 self.put(path, &key, &req, PutMode::Create).await
             } else if plain && req.if_match.is_none() {
@@ -392,7 +392,8 @@ impl Storage for ObjectStoreStorage {
     async fn download(&self, req: DownloadRequest) -> Result<DownloadResponse> {
         validate_path(&req.path, false).map_err(|e| self.tag(e))?;
         let key = self.key(&req.path)?;
-        self.timed(&req.path, self.download_inner(&req, &key)).await
+        self.timed(&req.path, false, self.download_inner(&req, &key))
+            .await
     }
 
     async fn delete_if_match(&self, path: &str, if_match: Option<&str>) -> Result<()> {
@@ -410,7 +411,7 @@ impl Storage for ObjectStoreStorage {
                 ));
             };
             return self
-                .timed(path, async {
+                .timed(path, true, async {
                     deleter
                         .delete(&key, etag)
                         .await
@@ -418,7 +419,7 @@ impl Storage for ObjectStoreStorage {
                 })
                 .await;
         }
-        self.timed(path, async {
+        self.timed(path, true, async {
             // An unconditional delete. S3 deletes a missing key silently:
             // look first, to answer NotFound.
             let current = self.head(path, &key).await?;
@@ -438,7 +439,7 @@ impl Storage for ObjectStoreStorage {
             return Ok(FileInfo::dir(String::new()));
         }
         let key = self.key(path)?;
-        self.timed(path, async {
+        self.timed(path, false, async {
             if let Some(meta) = self.head(path, &key).await? {
                 return Ok(self.file_info(path, meta));
             }
@@ -459,7 +460,7 @@ impl Storage for ObjectStoreStorage {
     async fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
         validate_path(path, true).map_err(|e| self.tag(e))?;
         let key = self.key(path)?;
-        self.timed(path, async {
+        self.timed(path, false, async {
             let prefix = (!key.as_ref().is_empty()).then_some(&key);
             let listed = self
                 .store

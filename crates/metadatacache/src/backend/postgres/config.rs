@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use tokio_postgres::config::SslMode;
 
-use crate::error::{Error, Result};
+use crate::backend::util::{bad_url, parse_millis, redact_url};
+use crate::error::Result;
 
 /// Table used when the URL names none.
 pub(super) const DEFAULT_TABLE: &str = "metadatacache";
@@ -30,8 +31,8 @@ pub(super) struct Settings {
 /// Parses `postgres://user:pass@host:port/db?table=NAME&timeout_ms=N&pool_size=N`
 /// (or `postgresql://`). Other query parameters go to the driver unchanged.
 pub(super) fn parse(url: &str) -> Result<Settings> {
-    let redacted = redact(url);
-    let bad = |why: String| Error::invalid_input(format!("postgres URL {redacted:?}: {why}"));
+    let redacted = redact_url(url);
+    let bad = |why: String| bad_url("postgres", url, why);
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(bad("expected postgres://user@host:port/db".into()));
     }
@@ -56,9 +57,9 @@ pub(super) fn parse(url: &str) -> Result<Settings> {
                 }
                 table = value.into_owned();
             }
-            "timeout_ms" => match value.parse::<u64>() {
-                Ok(ms) if ms > 0 => timeout = Duration::from_millis(ms),
-                _ => {
+            "timeout_ms" => match parse_millis(&value) {
+                Some(t) => timeout = t,
+                None => {
                     return Err(bad(format!(
                         "timeout_ms {value:?} is not a positive integer"
                     )));
@@ -115,33 +116,6 @@ fn is_identifier(s: &str) -> bool {
         && s.len() <= 63
 }
 
-/// The URL with the password of its user-info (and a `password=` query
-/// parameter) replaced by `***`.
-pub(super) fn redact(url: &str) -> String {
-    let mut out = url.to_owned();
-    if let Some(start) = out.find("://").map(|i| i + 3) {
-        let rest = &out[start..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@')
-            && let Some(colon) = rest[..at].find(':')
-        {
-            out.replace_range(start + colon + 1..start + at, "***");
-        }
-    }
-    if let Some(q) = out.find('?') {
-        let (head, query) = out.split_at(q + 1);
-        let query: Vec<String> = query
-            .split('&')
-            .map(|p| match p.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                _ => p.to_owned(),
-            })
-            .collect();
-        out = format!("{head}{}", query.join("&"));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -149,7 +123,7 @@ mod tests {
     use super::*;
     use crate::ErrorKind;
 
-    fn parse_err(url: &str) -> Error {
+    fn parse_err(url: &str) -> crate::Error {
         match parse(url) {
             Ok(_) => panic!("{url} parsed"),
             Err(e) => e,
@@ -213,10 +187,8 @@ mod tests {
         let e = parse_err("postgres://u:hunter2@h/db?table=no-no");
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert_eq!(
-            redact("postgres://h/db?user=u&password=hunter2"),
+            redact_url("postgres://h/db?user=u&password=hunter2"),
             "postgres://h/db?user=u&password=***"
         );
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact("postgres://u:p:q@h/db"), "postgres://u:***@h/db");
     }
 }

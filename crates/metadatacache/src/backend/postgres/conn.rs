@@ -1,11 +1,14 @@
 //! Connections from the pool, deadlines, and the one mapping of driver
 //! errors to [`ErrorKind`]s.
 
+use std::time::Duration;
+
 use deadpool_postgres::{Object, Pool, PoolError};
 use tokio::time::{Instant, timeout_at};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use crate::backend::util::no_answer;
 use crate::error::{Error, ErrorKind};
 
 /// Statement parameters.
@@ -84,7 +87,7 @@ pub(super) fn classify(failure: &Failure, write_in_flight: bool) -> ErrorKind {
 }
 
 /// A message for a failure of `kind`.
-pub(super) fn to_error(failure: Failure, write_in_flight: bool, timeout_ms: u128) -> Error {
+pub(super) fn to_error(failure: Failure, write_in_flight: bool, timeout: Duration) -> Error {
     let kind = classify(&failure, write_in_flight);
     let ambiguous = if write_in_flight && kind == ErrorKind::Unavailable {
         "; the write may or may not have been applied"
@@ -92,10 +95,7 @@ pub(super) fn to_error(failure: Failure, write_in_flight: bool, timeout_ms: u128
         ""
     };
     match failure {
-        Failure::Timeout => Error::new(
-            kind,
-            format!("no answer within the {timeout_ms} ms timeout{ambiguous}"),
-        ),
+        Failure::Timeout => no_answer(timeout, write_in_flight),
         Failure::Pool(e) => Error::new(kind, "cannot get a database connection").with_source(e),
         Failure::Pg(e) => {
             let message = match e.as_db_error() {

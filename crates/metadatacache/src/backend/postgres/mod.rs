@@ -175,7 +175,7 @@ impl PostgresStorage {
     }
 
     fn fail(&self, failure: Failure, write_in_flight: bool, path: &str) -> Error {
-        let e = to_error(failure, write_in_flight, self.inner.timeout.as_millis());
+        let e = to_error(failure, write_in_flight, self.inner.timeout);
         tag(e, path)
     }
 
@@ -202,7 +202,7 @@ impl PostgresStorage {
                 Ok(())
             }
             Err(f) => {
-                let e = to_error(f, false, self.inner.timeout.as_millis());
+                let e = to_error(f, false, self.inner.timeout);
                 let message = format!(
                     "{} (table {:?} at {})",
                     e.message(),

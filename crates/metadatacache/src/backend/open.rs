@@ -104,23 +104,3 @@ async fn open_disk(path: &str, url: &str) -> Result<Arc<dyn Storage>> {
         ),
     }
 }
-
-/// Decodes `%XX` escapes (no `+` → space: that is for query strings only);
-/// `None` for a malformed escape or invalid UTF-8.
-#[cfg_attr(not(any(feature = "etcd", feature = "s3")), allow(dead_code))]
-pub(crate) fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}

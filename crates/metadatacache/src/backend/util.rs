@@ -1,0 +1,139 @@
+//! What every backend needs alike: hiding secrets in URLs, reading the
+//! parts of a storage URL, and the errors that say a URL is bad or a call
+//! got no answer.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// `url` with the password of its user-info and the value of any
+/// `password` query parameter replaced by `***`, for messages and `Debug`.
+///
+/// ```text
+/// etcd://u:hunter2@h:2379/p?password=x  →  etcd://u:***@h:2379/p?password=***
+/// ```
+pub(crate) fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(start) = out.find("://").map(|i| i + 3) {
+        let rest = &out[start..];
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            out.replace_range(start + colon + 1..start + at, "***");
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
+}
+
+/// Decodes the `%XX` escapes of a URL part (no `+` → space: that is for
+/// query strings only). `None` for a malformed escape or invalid UTF-8.
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let well_formed = bytes.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || (bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
+    }
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
+/// A positive whole number of milliseconds, as `timeout_ms=` takes it.
+pub(crate) fn parse_millis(value: &str) -> Option<Duration> {
+    value
+        .parse::<u64>()
+        .ok()
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+}
+
+/// The one-line error for a bad storage URL: names the backend and the URL
+/// (secrets hidden) and says what is wrong with it.
+pub(crate) fn bad_url(backend: &'static str, url: &str, why: impl fmt::Display) -> Error {
+    Error::invalid_input(format!(
+        "invalid {backend} storage URL {:?}: {why}",
+        redact_url(url)
+    ))
+    .with_backend(backend)
+}
+
+/// The error of a call that got no answer within `timeout`; for a write,
+/// it says the write may have been applied.
+pub(crate) fn no_answer(timeout: Duration, write: bool) -> Error {
+    let ms = timeout.as_millis();
+    Error::unavailable(if write {
+        format!("no answer within the {ms} ms timeout; the write may or may not have been applied")
+    } else {
+        format!("no answer within the {ms} ms timeout")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        for (url, shown) in [
+            (
+                "etcd://u:hunter2@h:x/p?password=hunter3",
+                "etcd://u:***@h:x/p?password=***",
+            ),
+            ("postgres://u:p:q@h/db", "postgres://u:***@h/db"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            (
+                "postgres://h/db?user=u&Password=hunter2",
+                "postgres://h/db?user=u&Password=***",
+            ),
+            ("s3://key:hunter2@b/x@y?z=1", "s3://key:***@b/x@y?z=1"),
+            ("memory:", "memory:"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b%2Fc").as_deref(), Some("a b/c"));
+        assert_eq!(percent_decode("plain+x").as_deref(), Some("plain+x"));
+        for bad in ["%", "%z1", "%1", "a%zz", "%ff"] {
+            assert_eq!(percent_decode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn millis() {
+        assert_eq!(parse_millis("250"), Some(Duration::from_millis(250)));
+        for bad in ["0", "-1", "soon", "", "1.5"] {
+            assert_eq!(parse_millis(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_url_names_the_url_without_secrets() {
+        let e = bad_url("etcd", "etcd://u:pw@h/x", "why");
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidInput);
+        assert_eq!(
+            e.to_string(),
+            "etcd: invalid etcd storage URL \"etcd://u:***@h/x\": why"
+        );
+    }
+}
