@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 
 mod table;
 
-use table::{assert_rows, row};
+use table::{assert_rows, failures, row};
 
 fn mdcache(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     mdcache_env(dir, args, stdin, &[])
@@ -36,6 +36,27 @@ fn mdcache_env(dir: &Path, args: &[&str], stdin: Option<&str>, env: &[(&str, &st
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `mdcache torture ARGS` in a new directory: the output and its table.
+fn torture(args: &[&str]) -> (Output, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = mdcache(dir.path(), &[&["torture"], args].concat(), None);
+    let text = stdout(&out);
+    (out, text)
+}
+
+/// A torture run that failed for exactly one reason, starting with `reason`;
+/// returns its table.
+#[track_caller]
+fn fails_for(args: &[&str], reason: &str) -> String {
+    let (out, text) = torture(args);
+    assert!(!out.status.success(), "expected failure: {out:?}");
+    let why = failures(&text);
+    assert_eq!(why.len(), 1, "one reason expected:\n{text}");
+    assert!(why[0].starts_with(reason), "{:?} in:\n{text}", why[0]);
+    assert_rows(&text, &[("result", "FAILED")]);
+    text
 }
 
 /// A failed command: non-zero exit and exactly one line on stderr, with no
@@ -356,15 +377,20 @@ fn two_hundred_kills_tear_and_lose_nothing() {
 }
 
 #[test]
-fn torture_history_check_is_clean_and_catches_a_broken_storage() {
+fn torture_history_check_is_clean() {
     let dir = tempfile::tempdir().unwrap();
     let args = ["torture", "--check", "--replicas", "3", "--updates", "150"];
     let out = mdcache(dir.path(), &args, None);
     let text = stdout(&out);
     assert!(out.status.success(), "{out:?}");
-    assert_rows(&text, &[("history: violations", "0")]);
+    assert_rows(&text, &[("history: violations", "0"), ("result", "OK")]);
     assert_ne!(row(&text, "history: writes checked"), "0");
+    assert_eq!(failures(&text), Vec::<&str>::new());
+}
 
+#[cfg(feature = "faults")]
+#[test]
+fn torture_history_check_catches_a_broken_storage() {
     // Compare-and-swap broken on purpose: the history check must say so.
     let dir = tempfile::tempdir().unwrap();
     let args = [
@@ -383,6 +409,13 @@ fn torture_history_check_is_clean_and_catches_a_broken_storage() {
     assert!(!out.status.success(), "{text}");
     let violations: usize = row(&text, "history: violations").parse().unwrap();
     assert!(violations > 0, "{text}");
+    let why = failures(&text);
+    assert!(
+        why.iter().any(|l| l.starts_with(&format!(
+            "history: {violations} violations of one etag chain per key"
+        ))),
+        "{text}"
+    );
 }
 
 /// One hot key, 4 replica processes × 8 tasks, default retry policy: every
@@ -419,4 +452,212 @@ fn torture_refuses_memory_storage() {
         None,
     ));
     assert!(err.contains("memory:"), "{err}");
+}
+
+/// `--kill` with a pause before the first kill (at least six minutes) far
+/// longer than the run: no kill happens, and the run must not pass as a
+/// kill test.
+#[test]
+fn torture_kill_without_a_kill_fails() {
+    let args = [
+        "--kill",
+        "--kill-every",
+        "3600000",
+        "--replicas",
+        "2",
+        "--tasks",
+        "2",
+        "--updates",
+        "20",
+    ];
+    let text = fails_for(&args, "no kill: --kill was given but the run ended");
+    assert_rows(
+        &text,
+        &[("kills", "0"), ("lost", "0"), ("acknowledged", "40")],
+    );
+}
+
+/// One attempt per update, no group commit, no backoff, four processes on
+/// one key: conflicts exhaust the budget, and a give-up fails the run.
+#[test]
+fn torture_give_ups_fail_the_run() {
+    let args = [
+        "--max-attempts",
+        "1",
+        "--no-batching",
+        "--no-backoff",
+        "--replicas",
+        "4",
+        "--tasks",
+        "4",
+        "--keys",
+        "1",
+        "--updates",
+        "300",
+    ];
+    let text = fails_for(&args, "give-ups: ");
+    let why = failures(&text)[0];
+    assert!(
+        why.contains("ran out of attempts (--max-attempts 1)")
+            && why.contains("gave up after 1 attempt"),
+        "{why}"
+    );
+    let give_ups: u64 = row(&text, "give-ups").parse().unwrap();
+    assert!(give_ups > 0, "{text}");
+    assert_rows(
+        &text,
+        &[("retries", "0"), ("lost", "0"), ("applied twice", "0")],
+    );
+}
+
+#[test]
+fn torture_refuses_options_that_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = one_line_error(&mdcache(
+        dir.path(),
+        &["torture", "--max-attempts", "0"],
+        None,
+    ));
+    assert!(err.contains("--max-attempts"), "{err}");
+    let err = one_line_error(&mdcache(
+        dir.path(),
+        &["torture", "--kill", "--kills", "0"],
+        None,
+    ));
+    assert!(err.contains("--kills"), "{err}");
+}
+
+/// The default (release) build has no fault injection; the history check,
+/// which is evidence and not a fault, stays.
+#[cfg(not(feature = "faults"))]
+#[test]
+fn default_build_has_no_fault_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = mdcache(dir.path(), &["torture", "--help"], None);
+    assert!(out.status.success(), "{out:?}");
+    let help = stdout(&out);
+    assert!(
+        help.contains("--check") && help.contains("--max-attempts"),
+        "{help}"
+    );
+    for flag in ["--racy-cas", "--fault-"] {
+        assert!(!help.contains(flag), "{flag} in:\n{help}");
+    }
+    // Rejected, not merely hidden (with `--help` after it, an accepted flag
+    // would print the help and succeed).
+    let out = mdcache(dir.path(), &["torture", "--racy-cas", "--help"], None);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--racy-cas"), "{err}");
+}
+
+#[cfg(feature = "faults")]
+#[test]
+fn faults_build_shows_fault_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = stdout(&mdcache(dir.path(), &["torture", "--help"], None));
+    for flag in [
+        "--check",
+        "--racy-cas",
+        "--fault-unavailable",
+        "--fault-ambiguous",
+        "--fault-conflict",
+        "--fault-error",
+        "--fault-applied-conflict",
+    ] {
+        assert!(help.contains(flag), "{flag} missing in:\n{help}");
+    }
+}
+
+/// Storage errors of kind `Other` (not applied, not ambiguous): an update
+/// may not fail that way, so the run fails, counting them by kind.
+#[cfg(feature = "faults")]
+#[test]
+fn torture_errors_other_than_unavailable_fail_the_run() {
+    let args = [
+        "--fault-error",
+        "0.2",
+        "--replicas",
+        "2",
+        "--tasks",
+        "2",
+        "--updates",
+        "50",
+        "--seed",
+        "1",
+    ];
+    let text = fails_for(&args, "error Other: ");
+    let why = failures(&text)[0];
+    assert!(why.contains("injected: storage error"), "{why}");
+    let failed = row(&text, "failed: Other");
+    assert_ne!(failed, "0");
+    assert!(
+        why.starts_with(&format!("error Other: {failed} updates failed with Other")),
+        "{why}"
+    );
+    assert_rows(
+        &text,
+        &[
+            ("failed (not applied)", failed),
+            ("lost", "0"),
+            ("applied twice", "0"),
+        ],
+    );
+}
+
+/// A storage that applies an upload and then answers "conflict": the
+/// retried update lands twice, above acknowledged + unavailable.
+#[cfg(feature = "faults")]
+#[test]
+fn torture_updates_applied_twice_fail_the_run() {
+    let args = [
+        "--fault-applied-conflict",
+        "0.2",
+        "--replicas",
+        "1",
+        "--tasks",
+        "1",
+        "--keys",
+        "1",
+        "--updates",
+        "50",
+        "--seed",
+        "1",
+    ];
+    let text = fails_for(
+        &args,
+        "applied twice: the final counts exceed acknowledged + unavailable by ",
+    );
+    let twice: u64 = row(&text, "applied twice").parse().unwrap();
+    assert!(twice > 0, "{text}");
+    assert_rows(&text, &[("acknowledged", "50"), ("lost", "0")]);
+}
+
+/// `Unavailable` answers (lost replies, refused calls) are what the promise
+/// allows: such a run passes, its final count within the bound.
+#[cfg(feature = "faults")]
+#[test]
+fn torture_unavailable_answers_are_allowed() {
+    let args = [
+        "--fault-ambiguous",
+        "0.3",
+        "--fault-unavailable",
+        "0.1",
+        "--replicas",
+        "2",
+        "--tasks",
+        "2",
+        "--updates",
+        "100",
+        "--seed",
+        "5",
+    ];
+    let (out, text) = torture(&args);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(failures(&text), Vec::<&str>::new());
+    assert_ne!(row(&text, "unavailable (maybe applied)"), "0");
+    assert_rows(
+        &text,
+        &[("lost", "0"), ("applied twice", "0"), ("result", "OK")],
+    );
 }

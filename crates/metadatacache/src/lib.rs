@@ -110,7 +110,7 @@ mod retry;
 mod stats;
 mod storage;
 mod store;
-#[cfg(feature = "testing")]
+#[cfg(any(feature = "history", feature = "testing"))]
 pub mod testing;
 
 pub use backend::disk::{DiskOptions, DiskStep, DiskStorage};

@@ -797,3 +797,33 @@ async fn byte_capacity_bounds_cached_documents() {
     assert!(store.cached_bytes() <= 10_000, "{}", store.cached_bytes());
     assert_eq!(store.cached_keys(), 100);
 }
+
+#[tokio::test]
+async fn injected_errors_and_applied_conflicts() {
+    // `errors`: the call fails with `Other` and never reaches the storage.
+    let inner = memory();
+    let faulty = FaultyStorage::new(Arc::clone(&inner), 3).errors(1.0);
+    let err = faulty
+        .upload(UploadRequest::new("users/e.json", "{}"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Other);
+    assert!(!err.is_conflict());
+    assert_eq!(stored(inner.as_ref(), "e").await, None);
+    assert_eq!(faulty.faults().errors, 1);
+
+    // `applied_conflicts`: the upload lands, yet the caller hears "conflict";
+    // an update that believes it and runs again is applied twice.
+    let inner = memory();
+    let faulty = Arc::new(FaultyStorage::new(Arc::clone(&inner), 3).applied_conflicts(1.0));
+    let err = faulty
+        .upload(UploadRequest::new("users/c.json", r#"{"a":1}"#))
+        .await
+        .unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    assert_eq!(
+        stored(inner.as_ref(), "c").await,
+        Some(Doc::from([("a".into(), 1)]))
+    );
+    assert_eq!(faulty.faults().applied_conflicts, 1);
+}

@@ -3,15 +3,16 @@
 //!
 //! Each replica process runs `tasks` tasks that increment counters in `keys`
 //! shared documents. It reports every operation on its standard output, one
-//! line each: `S k` before an update of key `k` starts, then `A k`
-//! (acknowledged: `Ok`), `U k` (`Unavailable`: maybe applied), `G k` (gave up
-//! after conflicts: not applied) or `E k` (another error: not applied). The
-//! parent counts these, optionally kills and restarts replicas, and at the end
-//! checks for each key that
+//! line each (see [`protocol`]). The parent counts these, optionally kills
+//! and restarts replicas, and at the end checks for each key that
 //! `acknowledged ≤ final − initial ≤ acknowledged + maybe`,
-//! where `maybe` counts `U` answers and updates cut short by a kill.
+//! where `maybe` counts `Unavailable` answers and updates cut short by a
+//! kill. The run fails, with one line per reason, when that bound is broken,
+//! when an update failed with anything but `Unavailable` or gave up, when
+//! `--kill` killed nothing, or when the history check (`--check`) found a
+//! violation.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -21,14 +22,19 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use metadatacache::testing::FaultyStorage;
 use metadatacache::testing::history::{self, Initial, RecordingStorage};
 use metadatacache::{DownloadRequest, Error, ErrorKind, Options, RetryPolicy, Store};
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "faults")]
+mod faults;
 mod parent;
+mod protocol;
 mod replica;
 mod report;
+
+#[cfg(feature = "faults")]
+use faults::FaultArgs;
 
 use parent::orchestrate;
 pub use replica::replica;
@@ -52,7 +58,8 @@ pub struct TortureArgs {
     #[arg(long, default_value_t = 1000)]
     updates: usize,
     /// SIGKILL replicas at random moments and restart them; after the last
-    /// kill the remaining replicas are killed too and the run is checked.
+    /// kill the remaining replicas are killed too and the run is checked. A
+    /// run that ends before the first kill fails.
     #[arg(long)]
     kill: bool,
     /// How many kills with --kill.
@@ -71,14 +78,17 @@ pub struct TortureArgs {
     /// Retry conflicts at once instead of backing off.
     #[arg(long)]
     no_backoff: bool,
+    /// Attempts per update before it gives up on conflicts (a give-up fails
+    /// the run).
+    #[arg(long, default_value_t = DEFAULT_ATTEMPTS, value_name = "N")]
+    max_attempts: usize,
     /// Record every storage call of every replica and check the history:
     /// one etag chain per key, no stale reads.
     #[arg(long, conflicts_with = "kill")]
     check: bool,
-    /// Test aid: break compare-and-swap in the replicas (check, pause, write)
-    /// to see the checks fail.
-    #[arg(long, hide = true)]
-    racy_cas: bool,
+    #[cfg(feature = "faults")]
+    #[command(flatten)]
+    faults: FaultArgs,
     /// Where replicas record their history (set by `run` for --check).
     #[arg(skip)]
     history_dir: Option<std::path::PathBuf>,
@@ -98,8 +108,10 @@ impl TortureArgs {
             seed: None,
             no_batching: false,
             no_backoff: false,
+            max_attempts: DEFAULT_ATTEMPTS,
             check: false,
-            racy_cas: false,
+            #[cfg(feature = "faults")]
+            faults: FaultArgs::default(),
             history_dir: None,
         }
     }
@@ -132,12 +144,19 @@ pub struct ReplicaArgs {
     no_batching: bool,
     #[arg(long)]
     no_backoff: bool,
+    #[arg(long, default_value_t = DEFAULT_ATTEMPTS)]
+    max_attempts: usize,
     /// Record storage calls into this file.
     #[arg(long)]
     history: Option<std::path::PathBuf>,
-    #[arg(long)]
-    racy_cas: bool,
+    #[cfg(feature = "faults")]
+    #[command(flatten)]
+    faults: FaultArgs,
 }
+
+/// Attempts per update unless `--max-attempts` says otherwise (the
+/// library's default).
+const DEFAULT_ATTEMPTS: usize = 100;
 
 /// A torture document.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -153,6 +172,7 @@ fn counter_store(
     storage: Arc<dyn metadatacache::Storage>,
     batching: bool,
     backoff: bool,
+    attempts: usize,
 ) -> Store<usize, Counter> {
     let policy = if backoff {
         RetryPolicy::default()
@@ -163,6 +183,7 @@ fn counter_store(
         Options::new(storage, key_path)
             .init(Counter::default)
             .batching(batching)
+            .retries(attempts)
             .retry_policy(policy),
     )
 }
@@ -245,13 +266,16 @@ pub(crate) async fn run(
             "torture needs a storage shared between processes; memory: lives inside one process",
         ));
     }
-    if args.replicas == 0 || args.keys == 0 || args.tasks == 0 {
+    if args.replicas == 0 || args.keys == 0 || args.tasks == 0 || args.max_attempts == 0 {
         return Err(Error::invalid_input(
-            "--replicas, --tasks and --keys must be at least 1",
+            "--replicas, --tasks, --keys and --max-attempts must be at least 1",
         ));
     }
+    if args.kill && args.kills == 0 {
+        return Err(Error::invalid_input("--kill needs --kills of at least 1"));
+    }
     let storage = metadatacache::open(&url).await?;
-    let checker = counter_store(Arc::clone(&storage), true, true);
+    let checker = counter_store(Arc::clone(&storage), true, true, DEFAULT_ATTEMPTS);
     let initial = read_counts(&checker, args.keys).await?;
     let history_dir = if args.check {
         let dir = temp_dir("mdcache-history-")?;
@@ -284,6 +308,7 @@ pub(crate) async fn run(
     Ok((run, finals))
 }
 
+/// What the replicas said about one key.
 #[derive(Debug, Default, Clone, Copy)]
 struct KeyTally {
     started: u64,
@@ -299,12 +324,41 @@ impl KeyTally {
     }
 }
 
+/// Updates that failed with one error kind (other than `Unavailable` and
+/// give-ups).
+#[derive(Debug, Default, Clone)]
+struct KindTally {
+    count: u64,
+    /// The first such error, as the replica printed it.
+    first: String,
+}
+
+/// A replica incarnation that exited on its own without reporting an
+/// outcome for every update it was given.
+#[derive(Debug, Clone, Copy)]
+struct ShortReport {
+    replica: usize,
+    incarnation: usize,
+    reported: usize,
+    planned: usize,
+}
+
 pub(crate) struct RunResult {
     keys: usize,
     replicas: usize,
     tasks: usize,
+    max_attempts: usize,
     initial: Vec<u64>,
     tally: Vec<KeyTally>,
+    /// Failed updates (`E` lines) by error kind.
+    failures: BTreeMap<String, KindTally>,
+    /// The first give-up error a replica reported.
+    first_give_up: Option<String>,
+    /// Replica lines the parent could not read, and the first of them.
+    unreadable: (u64, Option<String>),
+    short_reports: Vec<ShortReport>,
+    /// Whether `--kill` was given.
+    kill: bool,
     kills: usize,
     elapsed: Duration,
     conflicts: u64,

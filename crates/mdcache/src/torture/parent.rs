@@ -1,14 +1,15 @@
 //! The parent side: starting, watching, killing and restarting replicas.
 
+use std::collections::HashSet;
+
+use super::protocol::Report;
 use super::*;
 
-/// Sent by a reader thread when its replica's output ends.
-const EOF: &str = "EOF";
-
+/// A line a replica printed; `None` when its output has ended.
 struct Line {
     replica: usize,
     incarnation: usize,
-    text: String,
+    text: Option<String>,
 }
 
 struct Replica {
@@ -30,16 +31,19 @@ fn spawn_replica(
     let exe = std::env::current_exe().map_err(|e| {
         Error::new(ErrorKind::Other, "cannot find the mdcache binary").with_source(e)
     })?;
-    let mut child = Command::new(exe)
-        .args(["--storage", url, "replica"])
+    let mut cmd = Command::new(exe);
+    cmd.args(["--storage", url, "replica"])
         .args(["--id", &id.to_string()])
         .args(["--tasks", &args.tasks.to_string()])
         .args(["--keys", &args.keys.to_string()])
         .args(["--ops", &ops.to_string()])
         .args(["--seed", &(seed ^ (incarnation as u64) << 16).to_string()])
+        .args(["--max-attempts", &args.max_attempts.to_string()])
         .args(args.no_batching.then_some("--no-batching"))
-        .args(args.no_backoff.then_some("--no-backoff"))
-        .args(args.racy_cas.then_some("--racy-cas"))
+        .args(args.no_backoff.then_some("--no-backoff"));
+    #[cfg(feature = "faults")]
+    cmd.args(args.faults.to_args());
+    let mut child = cmd
         .args(args.history_dir.iter().flat_map(|dir| {
             let file = dir.join(format!("history-{id}-{incarnation}.jsonl"));
             [std::ffi::OsString::from("--history"), file.into_os_string()]
@@ -58,7 +62,7 @@ fn spawn_replica(
         let lines = BufReader::new(stdout)
             .lines()
             .map_while(std::io::Result::ok);
-        for text in lines.chain(std::iter::once(EOF.to_owned())) {
+        for text in lines.map(Some).chain(std::iter::once(None)) {
             let line = Line {
                 replica: id,
                 incarnation,
@@ -105,6 +109,11 @@ pub(super) fn orchestrate(
     let mut books = Books {
         rx,
         tally: vec![KeyTally::default(); args.keys],
+        failures: BTreeMap::new(),
+        first_give_up: None,
+        unreadable: (0, None),
+        short_reports: Vec::new(),
+        ended: HashSet::new(),
         stats: HashMap::new(),
         replicas,
         bar,
@@ -157,26 +166,47 @@ pub(super) fn orchestrate(
                 }
             }
         }
-        for slot in books.replicas.iter_mut() {
-            let exited = match slot.as_mut() {
-                Some(r) => match r.child.try_wait() {
-                    Ok(Some(status)) => {
-                        if !status.success() {
-                            result = Err(Error::new(
-                                ErrorKind::Other,
-                                format!("a replica process exited with {status}"),
-                            ));
-                        }
-                        true
-                    }
-                    Ok(None) => false,
-                    Err(_) => true,
-                },
-                None => false,
+        for id in 0..books.replicas.len() {
+            let Some(r) = books.replicas[id].as_mut() else {
+                continue;
             };
-            if exited {
-                *slot = None;
-                live -= 1;
+            let status = match r.child.try_wait() {
+                Ok(Some(status)) => Ok(status),
+                Ok(None) => continue,
+                Err(e) => Err(e),
+            };
+            let incarnation = r.incarnation;
+            books.drain_until_eof(id, incarnation);
+            live -= 1;
+            let Some(r) = books.replicas[id].take() else {
+                continue;
+            };
+            match status {
+                Ok(status) if status.success() => {
+                    // It ended on its own: it must have answered for every
+                    // update it was given.
+                    if r.done != r.planned {
+                        books.short_reports.push(ShortReport {
+                            replica: id,
+                            incarnation,
+                            reported: r.done,
+                            planned: r.planned,
+                        });
+                    }
+                }
+                Ok(status) => {
+                    result = Err(Error::new(
+                        ErrorKind::Other,
+                        format!("replica {id} exited with {status}"),
+                    ));
+                }
+                Err(e) => {
+                    result = Err(Error::new(
+                        ErrorKind::Other,
+                        format!("cannot wait for replica {id}"),
+                    )
+                    .with_source(e));
+                }
             }
         }
     }
@@ -195,8 +225,14 @@ pub(super) fn orchestrate(
         keys: args.keys,
         replicas: args.replicas,
         tasks: args.tasks,
+        max_attempts: args.max_attempts,
         initial,
         tally: books.tally,
+        failures: books.failures,
+        first_give_up: books.first_give_up,
+        unreadable: books.unreadable,
+        short_reports: books.short_reports,
+        kill: args.kill,
         kills,
         elapsed: start.elapsed(),
         conflicts,
@@ -210,6 +246,12 @@ pub(super) fn orchestrate(
 struct Books {
     rx: mpsc::Receiver<Line>,
     tally: Vec<KeyTally>,
+    failures: BTreeMap<String, KindTally>,
+    first_give_up: Option<String>,
+    unreadable: (u64, Option<String>),
+    short_reports: Vec<ShortReport>,
+    /// Replica incarnations whose output has ended.
+    ended: HashSet<(usize, usize)>,
     /// Last reported (conflicts, retries, give-ups) per replica incarnation.
     stats: HashMap<(usize, usize), (u64, u64, u64)>,
     replicas: Vec<Option<Replica>>,
@@ -233,46 +275,74 @@ impl Books {
     /// Handles lines until the reader of `(id, incarnation)` reports the end
     /// of that process's output, so nothing a killed replica said is missed.
     fn drain_until_eof(&mut self, id: usize, incarnation: usize) {
-        while let Ok(line) = self.rx.recv_timeout(Duration::from_secs(5)) {
-            if line.text == EOF && line.replica == id && line.incarnation == incarnation {
+        while !self.ended.contains(&(id, incarnation)) {
+            let Ok(line) = self.rx.recv_timeout(Duration::from_secs(5)) else {
                 return;
-            }
+            };
             self.handle(&line);
         }
     }
 
     fn handle(&mut self, line: &Line) {
-        let mut parts = line.text.split_whitespace();
-        let tag = parts.next();
-        if tag == Some("T") {
-            let nums: Vec<u64> = parts.filter_map(|p| p.parse().ok()).collect();
-            if let [c, r, g] = nums[..] {
-                self.stats
-                    .insert((line.replica, line.incarnation), (c, r, g));
-            }
-            return;
-        }
-        let Some(k) = parts.next().and_then(|p| p.parse::<usize>().ok()) else {
+        let Some(text) = &line.text else {
+            self.ended.insert((line.replica, line.incarnation));
             return;
         };
-        let Some(t) = self.tally.get_mut(k) else {
+        let Some(report) = Report::parse(text) else {
+            self.unreadable(text);
             return;
         };
-        match tag {
-            Some("S") => t.started += 1,
-            Some("A") => t.acked += 1,
-            Some("U") => t.unavailable += 1,
-            Some("G") => t.gave_up += 1,
-            Some("E") => t.failed += 1,
-            _ => return,
-        }
-        if tag != Some("S") {
-            self.bar.inc(1);
-            if let Some(Some(r)) = self.replicas.get_mut(line.replica)
-                && r.incarnation == line.incarnation
-            {
-                r.done += 1;
+        let key = match &report {
+            Report::Stats {
+                conflicts,
+                retries,
+                give_ups,
+            } => {
+                self.stats.insert(
+                    (line.replica, line.incarnation),
+                    (*conflicts, *retries, *give_ups),
+                );
+                return;
             }
+            Report::Start(k) | Report::Acked(k) | Report::Unavailable(k) => *k,
+            Report::GaveUp { key, .. } | Report::Failed { key, .. } => *key,
+        };
+        let Some(t) = self.tally.get_mut(key) else {
+            self.unreadable(text);
+            return;
+        };
+        match report {
+            Report::Start(_) => {
+                t.started += 1;
+                return;
+            }
+            Report::Acked(_) => t.acked += 1,
+            Report::Unavailable(_) => t.unavailable += 1,
+            Report::GaveUp { message, .. } => {
+                t.gave_up += 1;
+                self.first_give_up.get_or_insert(message);
+            }
+            Report::Failed { kind, message, .. } => {
+                t.failed += 1;
+                let k = self.failures.entry(kind).or_default();
+                if k.count == 0 {
+                    k.first = message;
+                }
+                k.count += 1;
+            }
+            Report::Stats { .. } => return,
         }
+        self.bar.inc(1);
+        if let Some(Some(r)) = self.replicas.get_mut(line.replica)
+            && r.incarnation == line.incarnation
+        {
+            r.done += 1;
+        }
+    }
+
+    /// Counts a line that is not a report (or names no torture key).
+    fn unreadable(&mut self, text: &str) {
+        self.unreadable.0 += 1;
+        self.unreadable.1.get_or_insert_with(|| text.to_owned());
     }
 }

@@ -1,17 +1,24 @@
 //! The replica side: one process of a torture run.
 
+use super::protocol::Report;
 use super::*;
 
 /// Runs in each replica process.
 pub async fn replica(url: &str, args: ReplicaArgs) -> Result<ExitCode> {
     let mut storage = metadatacache::open(url).await?;
-    if args.racy_cas {
-        storage = Arc::new(FaultyStorage::new(storage, args.seed).racy_cas(true));
+    #[cfg(feature = "faults")]
+    {
+        storage = args.faults.wrap(storage, args.seed);
     }
     if let Some(file) = &args.history {
         storage = Arc::new(RecordingStorage::to_file(storage, file)?);
     }
-    let store = counter_store(storage, !args.no_batching, !args.no_backoff);
+    let store = counter_store(
+        storage,
+        !args.no_batching,
+        !args.no_backoff,
+        args.max_attempts,
+    );
     let remaining = Arc::new(AtomicUsize::new(args.ops));
     let mut tasks = Vec::new();
     for t in 0..args.tasks.max(1) {
@@ -26,22 +33,14 @@ pub async fn replica(url: &str, args: ReplicaArgs) -> Result<ExitCode> {
                 .is_ok()
             {
                 let k = rng.usize(..keys);
-                println!("S {k}");
+                println!("{}", Report::Start(k));
                 let res = store
                     .update(k, true, |mut c| {
                         c.count += 1;
                         Ok((c, true))
                     })
                     .await;
-                match res {
-                    Ok(()) => println!("A {k}"),
-                    Err(e) if e.kind() == ErrorKind::Unavailable => println!("U {k}"),
-                    Err(e) if e.is_conflict() => println!("G {k}"),
-                    Err(e) => {
-                        println!("E {k}");
-                        eprintln!("replica {}: {e}", std::process::id());
-                    }
-                }
+                println!("{}", Report::outcome(k, &res));
             }
         }));
     }
@@ -65,5 +64,10 @@ pub async fn replica(url: &str, args: ReplicaArgs) -> Result<ExitCode> {
 
 fn print_stats(store: &Store<usize, Counter>) {
     let s = store.stats();
-    println!("T {} {} {}", s.conflicts, s.retries, s.give_ups);
+    let stats = Report::Stats {
+        conflicts: s.conflicts,
+        retries: s.retries,
+        give_ups: s.give_ups,
+    };
+    println!("{stats}");
 }

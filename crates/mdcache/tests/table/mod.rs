@@ -19,3 +19,10 @@ pub fn assert_rows(text: &str, rows: &[(&str, &str)]) {
         assert_eq!(row(text, name), *want, "row {name:?} in:\n{text}");
     }
 }
+
+/// The reasons a run failed: the lines after `FAIL `, in order.
+pub fn failures(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("FAIL "))
+        .collect()
+}
