@@ -98,16 +98,9 @@
 #![warn(missing_docs)]
 
 mod backend;
-mod batch;
-mod cache;
-mod codec;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod error;
-mod guard;
-mod key_lock;
-mod retry;
-mod stats;
 mod storage;
 mod store;
 #[cfg(any(feature = "history", feature = "testing"))]
@@ -115,21 +108,17 @@ pub mod testing;
 
 pub use backend::disk::{DiskOptions, DiskStep, DiskStorage};
 #[cfg(feature = "etcd")]
-pub use backend::etcd::EtcdStorage;
+pub use backend::etcd::{EtcdConfig, EtcdStorage};
 pub use backend::memory::MemoryStorage;
 #[cfg(feature = "s3")]
 pub use backend::object_store::{ObjectStoreStorage, S3Config};
 pub use backend::open::open;
 #[cfg(feature = "postgres")]
-pub use backend::postgres::PostgresStorage;
-pub use codec::{Codec, JsonCodec};
+pub use backend::postgres::{PostgresConfig, PostgresStorage};
 pub use error::{Error, ErrorKind, Result};
-pub use guard::KeyGuard;
-pub use retry::RetryPolicy;
-pub use stats::Stats;
 pub use storage::{
     Capabilities, DownloadRequest, DownloadResponse, EntryKind, FileInfo, MAX_PATH_LEN,
     MAX_SEGMENT_LEN, Storage, UploadRequest, UploadResponse, check_delete_precondition,
     check_upload_preconditions, new_write_token, parent, validate_path,
 };
-pub use store::{Options, Store};
+pub use store::{Codec, JsonCodec, KeyGuard, Options, RetryPolicy, Stats, Store};

@@ -6,7 +6,9 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::error::{Error, ErrorKind, Result};
+#[cfg(doc)]
+use crate::error::ErrorKind;
+use crate::error::Result;
 
 /// A write of `content` at `path`, with optional preconditions.
 ///
@@ -323,243 +325,18 @@ pub trait Storage: Send + Sync + fmt::Debug {
     }
 }
 
-/// A new [`UploadRequest::write_token`]: 32 hex digits, unique to this
-/// call across threads, processes and machines.
-///
-/// The first 64 bits are drawn from the operating system's random source
-/// once per process, and again in a child after `fork` (a child gets a copy
-/// of its parent's memory, so a generator seeded before the fork would
-/// repeat the parent's tokens there); the last 64 bits count the calls.
-pub fn new_write_token() -> String {
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    // (process id, random bits of that process).
-    static SEED: Mutex<(u32, u64)> = Mutex::new((0, 0));
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let pid = std::process::id();
-    let seed = {
-        let mut seed = SEED
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if seed.0 != pid {
-            // Without an OS random source, the time and the process id
-            // still set processes apart.
-            let random = getrandom::u64().unwrap_or_else(|_| {
-                let nanos = std::time::SystemTime::now()
-                    .duration_since(std::time::SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos());
-                (nanos as u64) ^ (u64::from(pid) << 32)
-            });
-            *seed = (pid, random);
-        }
-        seed.1
-    };
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut out = String::with_capacity(32);
-    push_hex(&mut out, seed);
-    push_hex(&mut out, n);
-    out
-}
+mod path;
+mod precondition;
+mod token;
 
-/// Appends `v` as 16 lowercase hex digits.
-fn push_hex(out: &mut String, v: u64) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for i in (0..16).rev() {
-        out.push(char::from(DIGITS[((v >> (4 * i)) & 0xf) as usize]));
-    }
-}
-
-/// Longest accepted storage path in bytes.
-pub const MAX_PATH_LEN: usize = 1024;
-/// Longest accepted path segment in bytes.
-pub const MAX_SEGMENT_LEN: usize = 255;
-
-/// Checks that `path` is a relative, normalised, slash-separated path.
-///
-/// Rejected with [`ErrorKind::InvalidInput`]: absolute paths, `.` and `..`
-/// segments, empty segments (`a//b`, a trailing `/`), backslashes, NUL and
-/// other control characters, paths longer than [`MAX_PATH_LEN`] and segments
-/// longer than [`MAX_SEGMENT_LEN`]. The empty path (the root) is accepted only
-/// when `allow_root` is true.
-///
-/// Every backend calls this before touching anything, so a bad path never
-/// creates or reads anything.
-///
-/// # Errors
-/// [`ErrorKind::InvalidInput`] naming the path and what is wrong with it.
-pub fn validate_path(path: &str, allow_root: bool) -> Result<()> {
-    let bad = |why: &'static str| Err(Error::invalid_input(why).with_path(path));
-    if path.is_empty() {
-        return if allow_root {
-            Ok(())
-        } else {
-            bad("empty path")
-        };
-    }
-    if path.len() > MAX_PATH_LEN {
-        return bad("path longer than 1024 bytes");
-    }
-    if path.starts_with('/') {
-        return bad("absolute path; paths are relative to the storage root");
-    }
-    // Printable ASCII without backslashes (the usual case) needs no char
-    // scan.
-    let plain = path
-        .bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && b != b'\\');
-    if !plain && let Some(c) = path.chars().find(|c| c.is_control() || *c == '\\') {
-        return if c == '\\' {
-            bad("backslash in path")
-        } else {
-            bad("control character in path")
-        };
-    }
-    for segment in path.split('/') {
-        match segment {
-            "" => return bad("empty path segment"),
-            "." | ".." => return bad("'.' or '..' segment in path"),
-            s if s.len() > MAX_SEGMENT_LEN => return bad("path segment longer than 255 bytes"),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// The parent directory of `path` ("" for a top-level path).
-pub fn parent(path: &str) -> &str {
-    path.rfind('/').map_or("", |i| &path[..i])
-}
-
-/// Joins a directory and a child name ("" is the root).
-pub(crate) fn join(dir: &str, name: &str) -> String {
-    if dir.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{dir}/{name}")
-    }
-}
-
-/// Checks the preconditions of `req` against the current state of the
-/// document (`None` when absent). Backends that can read and write under one
-/// lock use this so they all answer alike.
-///
-/// # Errors
-/// The precondition error a backend must return.
-pub fn check_upload_preconditions(
-    req: &UploadRequest,
-    current: Option<(&str, SystemTime)>,
-) -> Result<()> {
-    if req.is_create_only() {
-        if current.is_some() {
-            return Err(
-                Error::new(ErrorKind::AlreadyExists, "document already exists")
-                    .with_path(&req.path),
-            );
-        }
-        return Ok(());
-    }
-    if let Some(want) = &req.if_match {
-        match current {
-            None => {
-                return Err(Error::not_found("if-match on a missing document").with_path(&req.path));
-            }
-            Some((etag, _)) if etag != want && want != "*" => {
-                return Err(Error::new(
-                    ErrorKind::PreconditionFailed,
-                    format!("etag is {etag:?}, not {want:?}"),
-                )
-                .with_path(&req.path));
-            }
-            Some(_) => {}
-        }
-    }
-    if let Some((etag, _)) = current
-        && req.if_none_match.iter().any(|e| e == etag)
-    {
-        return Err(Error::new(
-            ErrorKind::PreconditionFailed,
-            format!("etag is {etag:?}, which if-none-match excludes"),
-        )
-        .with_path(&req.path));
-    }
-    if let (Some(since), Some((_, mtime))) = (req.if_unmodified_since, current)
-        && mtime > since
-    {
-        return Err(Error::new(
-            ErrorKind::PreconditionFailed,
-            "document modified after if-unmodified-since",
-        )
-        .with_path(&req.path));
-    }
-    Ok(())
-}
-
-/// Checks a delete's `if_match` against the current etag (`None` when absent).
-///
-/// # Errors
-/// [`ErrorKind::NotFound`] when absent, [`ErrorKind::PreconditionFailed`] on a
-/// different etag.
-pub fn check_delete_precondition(
-    path: &str,
-    if_match: Option<&str>,
-    current: Option<&str>,
-) -> Result<()> {
-    match (current, if_match) {
-        (None, _) => Err(Error::not_found("no such document").with_path(path)),
-        (Some(etag), Some(want)) if etag != want && want != "*" => Err(Error::new(
-            ErrorKind::PreconditionFailed,
-            format!("etag is {etag:?}, not {want:?}"),
-        )
-        .with_path(path)),
-        _ => Ok(()),
-    }
-}
+pub(crate) use self::path::join;
+pub use self::path::{MAX_PATH_LEN, MAX_SEGMENT_LEN, parent, validate_path};
+pub use self::precondition::{check_delete_precondition, check_upload_preconditions};
+pub use self::token::new_write_token;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn paths() {
-        for ok in ["a", "a/b.json", "users/ä ö/x", "a.b/c-d_e"] {
-            validate_path(ok, false).unwrap();
-        }
-        validate_path("", true).unwrap();
-        for bad in [
-            "",
-            "/a",
-            "a/../b",
-            "..",
-            ".",
-            "a//b",
-            "a/",
-            "a\0b",
-            "a\\b",
-            "a\nb",
-            &"x".repeat(256),
-            &"a/".repeat(600),
-        ] {
-            let e = validate_path(bad, false).unwrap_err();
-            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad:?}");
-            assert_eq!(e.path(), Some(bad));
-        }
-    }
-
-    #[test]
-    fn parent_of() {
-        assert_eq!(parent("a"), "");
-        assert_eq!(parent("a/b"), "a");
-        assert_eq!(parent("a/b/c.json"), "a/b");
-    }
-
-    #[test]
-    fn write_tokens_differ() {
-        let a = new_write_token();
-        let b = new_write_token();
-        assert_eq!(a.len(), 32);
-        assert_ne!(a, b);
-        assert_eq!(a[..16], b[..16], "one seed per process");
-    }
 
     #[test]
     fn debug_hides_content() {

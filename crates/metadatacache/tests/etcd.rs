@@ -21,7 +21,7 @@ use support::{must_finish, servers};
 const GUARD: Duration = Duration::from_secs(60);
 
 async fn connect(url: &str) -> Arc<dyn Storage> {
-    Arc::new(EtcdStorage::connect(url).await.unwrap())
+    Arc::new(EtcdStorage::from_url(url).await.unwrap())
 }
 
 /// A raw etcd client, to look at the keys the backend writes.
@@ -68,7 +68,7 @@ async fn bad_urls_are_invalid_input_naming_the_url() {
         "etcd://127.0.0.1:2379/x?unknown=1",
         "etcds://127.0.0.1:2379/x",
     ] {
-        let e = EtcdStorage::connect(url).await.unwrap_err();
+        let e = EtcdStorage::from_url(url).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidInput, "{url}: {e}");
         assert!(e.to_string().contains(url), "{url}: {e}");
         let e = metadatacache::open(url).await.unwrap_err();
@@ -76,11 +76,11 @@ async fn bad_urls_are_invalid_input_naming_the_url() {
         assert!(e.to_string().contains(url), "{url}: {e}");
     }
     // Passwords stay out of messages and Debug.
-    let e = EtcdStorage::connect("etcd://u:hunter2@h:1/x?password=hunter2&bogus=1")
+    let e = EtcdStorage::from_url("etcd://u:hunter2@h:1/x?password=hunter2&bogus=1")
         .await
         .unwrap_err();
     assert!(!e.to_string().contains("hunter2"), "{e}");
-    let s = EtcdStorage::connect("etcd://u:hunter2@127.0.0.1:1/x")
+    let s = EtcdStorage::from_url("etcd://u:hunter2@127.0.0.1:1/x")
         .await
         .unwrap();
     assert!(!format!("{s:?}").contains("hunter2"), "{s:?}");

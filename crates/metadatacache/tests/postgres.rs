@@ -27,7 +27,9 @@ fn url(server: &Server, query: &str) -> String {
 }
 
 async fn connect(server: &Server, query: &str) -> PostgresStorage {
-    PostgresStorage::connect(&url(server, query)).await.unwrap()
+    PostgresStorage::from_url(&url(server, query))
+        .await
+        .unwrap()
 }
 
 /// A plain driver connection, for what the storage API cannot do.
@@ -99,14 +101,14 @@ async fn bad_urls_are_invalid_input_naming_the_url() {
         "postgres://u@127.0.0.1:1/db?sslmode=require",
         "postgres://u@127.0.0.1:notaport/db",
     ] {
-        let e = PostgresStorage::connect(bad).await.unwrap_err();
+        let e = PostgresStorage::from_url(bad).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}: {e}");
         assert_eq!(e.backend(), Some("postgres"), "{bad}: {e}");
         assert!(e.to_string().contains(bad), "{bad}: {e}");
         let e = metadatacache::open(bad).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}: {e}");
     }
-    let e = PostgresStorage::connect("postgres://u:hunter2@127.0.0.1:1/db?table=a-b")
+    let e = PostgresStorage::from_url("postgres://u:hunter2@127.0.0.1:1/db?table=a-b")
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
@@ -126,7 +128,7 @@ async fn unreachable_and_silent_servers_are_unavailable_within_the_timeout() {
     let (res, _) = must_finish(
         "connect to a closed port",
         GUARD,
-        PostgresStorage::connect(&url),
+        PostgresStorage::from_url(&url),
     )
     .await;
     let e = res.unwrap_err();
@@ -139,7 +141,7 @@ async fn unreachable_and_silent_servers_are_unavailable_within_the_timeout() {
     let (res, took) = must_finish(
         "connect to a silent server",
         GUARD,
-        PostgresStorage::connect(&url),
+        PostgresStorage::from_url(&url),
     )
     .await;
     let e = res.unwrap_err();
@@ -386,7 +388,7 @@ async fn etags_tables_and_debug() {
     let Some(server) = servers::postgres() else {
         return;
     };
-    let s = PostgresStorage::connect(&format!(
+    let s = PostgresStorage::from_url(&format!(
         "postgres://postgres:hunter2@{}/postgres?table=one",
         server.addr()
     ))
@@ -437,7 +439,7 @@ async fn concurrent_connects_create_the_table_once() {
     let handles: Vec<_> = (0..8)
         .map(|_| {
             let url = url.clone();
-            tokio::spawn(async move { PostgresStorage::connect(&url).await })
+            tokio::spawn(async move { PostgresStorage::from_url(&url).await })
         })
         .collect();
     for h in handles {
@@ -459,13 +461,13 @@ async fn refused_logins_and_privileges_are_permission_denied() {
         .await
         .unwrap();
     let locked = format!("postgres://locked@{}/postgres?table=guarded", server.addr());
-    let e = PostgresStorage::connect(&locked).await.unwrap_err();
+    let e = PostgresStorage::from_url(&locked).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
     let outsider = format!(
         "postgres://outsider@{}/postgres?table=guarded",
         server.addr()
     );
-    match PostgresStorage::connect(&outsider).await {
+    match PostgresStorage::from_url(&outsider).await {
         // The table exists, so connecting may succeed; using it may not.
         Ok(s) => {
             assert_eq!(
@@ -479,7 +481,7 @@ async fn refused_logins_and_privileges_are_permission_denied() {
         }
         Err(e) => assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}"),
     }
-    let e = PostgresStorage::connect(&format!("postgres://postgres@{}/nosuchdb", server.addr()))
+    let e = PostgresStorage::from_url(&format!("postgres://postgres@{}/nosuchdb", server.addr()))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Other, "{e}");

@@ -194,7 +194,7 @@ mod etcd {
         };
         let proxy = Proxy::start(server.addr()).await;
         let url = format!("etcd://{}/stall?timeout_ms=1000", proxy.addr());
-        let storage = EtcdStorage::connect(&url).await.unwrap();
+        let storage = EtcdStorage::from_url(&url).await.unwrap();
         let direct = etcd_client::Client::connect([format!("http://{}", server.addr())], None)
             .await
             .unwrap();
@@ -362,11 +362,11 @@ mod postgres {
         // One pooled connection, so the held one is the one the write uses.
         let query = "/postgres?table=held&timeout_ms=2000&pool_size=1";
         let storage =
-            PostgresStorage::connect(&format!("postgres://postgres@{}{query}", proxy.addr()))
+            PostgresStorage::from_url(&format!("postgres://postgres@{}{query}", proxy.addr()))
                 .await
                 .unwrap();
         let direct =
-            PostgresStorage::connect(&format!("postgres://postgres@{}{query}", server.addr()))
+            PostgresStorage::from_url(&format!("postgres://postgres@{}{query}", server.addr()))
                 .await
                 .unwrap();
         storage.simple_upload("doc.json", "1".into()).await.unwrap();

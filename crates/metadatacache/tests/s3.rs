@@ -32,7 +32,7 @@ const GUARD: Duration = Duration::from_secs(60);
 /// never changed: tests run on threads.
 async fn from_url(url: &str) -> Result<ObjectStoreStorage, Error> {
     let config = S3Config::from_url(url)?.credentials("test", "test-secret-key");
-    ObjectStoreStorage::from_config(config).await
+    ObjectStoreStorage::new(config).await
 }
 
 fn url(addr: &str, bucket_and_prefix: &str, extra: &str) -> String {
@@ -80,11 +80,12 @@ async fn s3_passes_the_conformance_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn object_store_wrapper_passes_the_suite_on_in_memory_store() {
     let inner = Arc::new(object_store::memory::InMemory::new());
-    let storage = ObjectStoreStorage::new(inner, "/pre/fix/", "object-store-memory").unwrap();
+    let storage =
+        ObjectStoreStorage::from_store(inner, "/pre/fix/", "object-store-memory").unwrap();
     assert_eq!(storage.prefix(), "pre/fix");
     assert_eq!(storage.backend(), "object-store-memory");
     metadatacache::conformance::run_all(Arc::new(storage), "suite").await;
-    let bad = ObjectStoreStorage::new(
+    let bad = ObjectStoreStorage::from_store(
         Arc::new(object_store::memory::InMemory::new()),
         "a/../b",
         "x",

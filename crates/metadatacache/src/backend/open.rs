@@ -42,7 +42,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
         Some("etcd" | "etcds") => {
             #[cfg(feature = "etcd")]
             return Ok(Arc::new(
-                crate::backend::etcd::EtcdStorage::connect(url).await?,
+                crate::backend::etcd::EtcdStorage::from_url(url).await?,
             ));
             #[cfg(not(feature = "etcd"))]
             return Err(feature_missing(url, "etcd"));
@@ -50,7 +50,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
         Some("postgres" | "postgresql") => {
             #[cfg(feature = "postgres")]
             return Ok(Arc::new(
-                crate::backend::postgres::PostgresStorage::connect(url).await?,
+                crate::backend::postgres::PostgresStorage::from_url(url).await?,
             ));
             #[cfg(not(feature = "postgres"))]
             return Err(feature_missing(url, "postgres"));

@@ -2,6 +2,12 @@
 //! parts of a storage URL, and the errors that say a URL is bad or a call
 //! got no answer.
 
+// Only the networked backends (cargo features) read URLs.
+#![cfg_attr(
+    not(any(feature = "etcd", feature = "postgres", feature = "s3")),
+    allow(dead_code)
+)]
+
 use std::fmt;
 use std::time::Duration;
 

@@ -5,30 +5,21 @@
 //! lead outside it.
 
 use std::borrow::Cow;
-use std::fs::{DirBuilder, File, Metadata, Permissions};
-use std::io::Write;
+use std::fs::{DirBuilder, Permissions};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, RawMode, Stat};
 use rustix::io::Errno;
 
-use super::{BACKEND, DiskOptions, DiskStep, Inner, is_internal, is_temp};
+use super::{BACKEND, DiskOptions, Inner};
 
-mod ops;
 use crate::error::{Error, ErrorKind, Result};
-use crate::storage::{
-    DownloadRequest, DownloadResponse, EntryKind, FileInfo, UploadRequest, UploadResponse,
-    check_delete_precondition, check_upload_preconditions, join, parent, validate_path,
-};
+use crate::storage::{EntryKind, FileInfo};
 
 pub(super) const INTERNAL_DIR: &str = ".mdcache";
-/// Deepest directory the stale-temp sweep descends into (a path of at most
-/// 1024 bytes has at most 512 segments).
-const MAX_DEPTH: usize = 512;
 
 pub(super) const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
@@ -36,7 +27,7 @@ pub(super) const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::CLOEXEC);
 /// `NONBLOCK` and `NOCTTY` so that a planted FIFO or device cannot hang or
 /// hijack the process; such entries are rejected after `fstat`.
-const READ_FLAGS: OFlags = OFlags::RDONLY
+pub(super) const READ_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC)
     .union(OFlags::NONBLOCK)
@@ -84,7 +75,7 @@ pub(super) fn io_error(
 }
 
 /// The error for a path that runs into a symbolic link at `at`.
-fn symlink_error(path: &str, at: &str) -> Error {
+pub(super) fn symlink_error(path: &str, at: &str) -> Error {
     io_error(
         Errno::LOOP,
         path,
@@ -110,7 +101,7 @@ pub(super) fn etag(content: &[u8]) -> String {
 /// Appends `bytes` as lowercase hex digits, two per byte: what `{:0Nx}`
 /// formats, without the formatting machinery (an update formats three
 /// etags).
-fn push_hex(out: &mut String, bytes: &[u8]) {
+pub(super) fn push_hex(out: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
         out.push(char::from(DIGITS[usize::from(b >> 4)]));
@@ -118,16 +109,8 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
     }
 }
 
-/// The last status change time; unlike mtime, no caller can set it.
-fn ctime(meta: &Metadata) -> SystemTime {
-    let secs = u64::try_from(meta.ctime()).unwrap_or(0);
-    let nanos = u32::try_from(meta.ctime_nsec()).unwrap_or(0);
-    SystemTime::UNIX_EPOCH + Duration::new(secs, nanos)
-}
-
-/// The modification time in `st`, as [`Metadata::modified`] gives it
 /// (times before 1970 included).
-fn mtime(st: &Stat) -> SystemTime {
+pub(super) fn mtime(st: &Stat) -> SystemTime {
     // The field types differ between architectures.
     #[allow(clippy::unnecessary_cast)]
     let (secs, nanos) = (st.st_mtime as i64, st.st_mtime_nsec as u64);
@@ -159,7 +142,7 @@ impl AsFd for DirFd<'_> {
 }
 
 /// Why a directory could not be opened without creating anything.
-enum Blocked {
+pub(super) enum Blocked {
     /// A component does not exist.
     Missing,
     /// The component at this path is a document (or another non-directory).
@@ -167,7 +150,7 @@ enum Blocked {
 }
 
 /// What is at a path.
-enum Entry {
+pub(super) enum Entry {
     Missing,
     File(Doc),
     Dir(SystemTime),
@@ -176,13 +159,13 @@ enum Entry {
     Special,
 }
 
-struct Doc {
+pub(super) struct Doc {
     /// Empty unless the content was asked for.
-    content: Vec<u8>,
+    pub(super) content: Vec<u8>,
     /// Empty unless the content was asked for.
-    etag: String,
-    mtime: SystemTime,
-    size: u64,
+    pub(super) etag: String,
+    pub(super) mtime: SystemTime,
+    pub(super) size: u64,
 }
 
 /// Creates the root (if missing) and the internal directory with its format
@@ -209,7 +192,12 @@ pub(super) fn open_root(dir: &Path, shown: &str, opts: &DiskOptions) -> Result<O
 
 /// Opens directory `name` in `dir`, creating it with the configured mode
 /// first if it is missing; `InvalidInput` when a non-directory is there.
-fn make_dir_at(dir: &OwnedFd, name: &str, opts: &DiskOptions, path: &str) -> Result<OwnedFd> {
+pub(super) fn make_dir_at(
+    dir: &OwnedFd,
+    name: &str,
+    opts: &DiskOptions,
+    path: &str,
+) -> Result<OwnedFd> {
     match open_dir_at(dir.as_fd(), name, name, true, opts, path)? {
         Ok(fd) => Ok(fd),
         Err(_) => Err(
@@ -223,7 +211,7 @@ fn make_dir_at(dir: &OwnedFd, name: &str, opts: &DiskOptions, path: &str) -> Res
 /// Opens the directory `name` in `dir` without following a symbolic link;
 /// `at` is its storage path, for messages. With `create`, a missing
 /// directory is created (mode set exactly, parent fsynced if configured).
-fn open_dir_at(
+pub(super) fn open_dir_at(
     dir: BorrowedFd<'_>,
     name: &str,
     at: &str,
@@ -259,7 +247,13 @@ fn open_dir_at(
 }
 
 /// Explains why opening `name` in `dir` as a directory failed with `err`.
-fn classify(dir: BorrowedFd<'_>, name: &str, at: &str, err: Errno, path: &str) -> Result<Blocked> {
+pub(super) fn classify(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    at: &str,
+    err: Errno,
+    path: &str,
+) -> Result<Blocked> {
     if err == Errno::NOENT {
         return Ok(Blocked::Missing);
     }
@@ -278,7 +272,7 @@ fn classify(dir: BorrowedFd<'_>, name: &str, at: &str, err: Errno, path: &str) -
 
 /// The names in directory `dir` with their types (`Unknown` where the file
 /// system does not say), without `.`, `..` and names that are not UTF-8.
-fn read_names(dir: BorrowedFd<'_>) -> std::io::Result<Vec<(String, FileType)>> {
+pub(super) fn read_names(dir: BorrowedFd<'_>) -> std::io::Result<Vec<(String, FileType)>> {
     let mut out = Vec::new();
     for entry in Dir::read_from(dir)? {
         let entry = entry?;
@@ -294,7 +288,7 @@ fn read_names(dir: BorrowedFd<'_>) -> std::io::Result<Vec<(String, FileType)>> {
 
 /// Reads the entry `name` of `dir` (storage path `path`) without following
 /// a symbolic link; with `hash`, a document's content and etag too.
-fn open_entry(dir: BorrowedFd<'_>, name: &str, path: &str, hash: bool) -> Result<Entry> {
+pub(super) fn open_entry(dir: BorrowedFd<'_>, name: &str, path: &str, hash: bool) -> Result<Entry> {
     let fd = match rustix::fs::openat(dir, name, READ_FLAGS, Mode::empty()) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Ok(Entry::Missing),
@@ -341,7 +335,7 @@ fn open_entry(dir: BorrowedFd<'_>, name: &str, path: &str, hash: bool) -> Result
 /// so a document takes one `read`. A read that returns less than `size`
 /// (a signal, say) or fills the buffer (the file grew anyway) is followed by
 /// more until one returns 0.
-fn read_all(fd: BorrowedFd<'_>, size: u64) -> std::io::Result<Vec<u8>> {
+pub(super) fn read_all(fd: BorrowedFd<'_>, size: u64) -> std::io::Result<Vec<u8>> {
     let room = usize::try_from(size).map_or(0, |s| s.saturating_add(1));
     let mut buf = Vec::with_capacity(room);
     loop {
@@ -358,38 +352,6 @@ fn read_all(fd: BorrowedFd<'_>, size: u64) -> std::io::Result<Vec<u8>> {
     }
 }
 
-/// A temp file that is removed when dropped, unless renamed into place.
-struct Temp<'a> {
-    dir: BorrowedFd<'a>,
-    name: String,
-    armed: bool,
-}
-
-impl Drop for Temp<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            // Best effort: a leftover is removed by the next open's sweep.
-            let _ = rustix::fs::unlinkat(self.dir, self.name.as_str(), AtFlags::empty());
-        }
-    }
-}
-
-/// The name of a new temp file for document `name`: `.{name}.tmp.{pid}.{random}`,
-/// with `name` shortened to keep within the 255-byte limit of a file name.
-fn temp_name(name: &str) -> String {
-    let mut end = name.len().min(200);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    let pid = std::process::id().to_string();
-    let mut temp = String::with_capacity(end + pid.len() + 23);
-    for part in [".", &name[..end], ".tmp.", &pid, "."] {
-        temp.push_str(part);
-    }
-    push_hex(&mut temp, &fastrand::u64(..).to_be_bytes());
-    temp
-}
-
 impl Inner {
     /// Opens directory `dir` (a validated storage path, "" for the root)
     /// beneath the root, one component at a time, never following a
@@ -397,7 +359,7 @@ impl Inner {
     ///
     /// The walk starts from the root descriptor itself, and the root is
     /// returned borrowed: nothing is opened for a document at the top.
-    fn walk(
+    pub(super) fn walk(
         &self,
         dir: &str,
         create: bool,
@@ -417,145 +379,14 @@ impl Inner {
         }
         Ok(Ok(cur))
     }
-
-    /// Syncs the directory a document was renamed into or removed from.
-    /// That change is visible already, so a failure here (or anything else
-    /// after it) is [`ErrorKind::Unavailable`]: the change may stand, or be
-    /// lost on power loss, but must not be taken as "not applied".
-    fn sync_dir(&self, dir: &DirFd<'_>, path: &str, step: DiskStep) -> Result<()> {
-        let synced = self.opts.fault(step, path).and_then(|()| {
-            if self.opts.fsync {
-                rustix::fs::fsync(dir)?;
-            }
-            Ok(())
-        });
-        synced.map_err(|e| {
-            let mut err = io_error(
-                e,
-                path,
-                "the change is visible, but syncing its directory failed: it may stand, or be \
-                 lost on power loss",
-            );
-            if err.kind() != ErrorKind::Unavailable {
-                err = Error::unavailable(err.message().to_owned())
-                    .with_path(path)
-                    .with_backend(BACKEND)
-                    .with_source(err);
-            }
-            err
-        })
-    }
-
-    /// Writes `req.content` to a new temp file in `dir`, mode and mtime set
-    /// and (if configured) fsynced. Returns the file and its mtime.
-    fn write_temp<'a>(
-        &self,
-        dir: &'a DirFd<'_>,
-        name: &str,
-        req: &UploadRequest,
-    ) -> Result<(Temp<'a>, SystemTime)> {
-        let path = req.path.as_str();
-        let flags =
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let mut attempt = 0;
-        let (fd, temp) = loop {
-            let temp = temp_name(name);
-            match rustix::fs::openat(dir, temp.as_str(), flags, mode(self.opts.file_mode)) {
-                Ok(fd) => break (fd, temp),
-                Err(Errno::EXIST) if attempt < 8 => attempt += 1,
-                Err(e) => return Err(io_error(e, path, "cannot create a temp file")),
-            }
-        };
-        let temp = Temp {
-            dir: dir.as_fd(),
-            name: temp,
-            armed: true,
-        };
-        let mut file = File::from(fd);
-        let write = |file: &mut File| -> std::io::Result<SystemTime> {
-            file.write_all(&req.content)?;
-            if let Some(mtime) = req.mtime {
-                file.set_modified(mtime)?;
-            }
-            // The mode is set exactly whatever the umask, but `fchmod` only
-            // when the file did not get it at creation: the `fstat` that
-            // reads the mtime shows the mode the umask (or a default ACL)
-            // left, and the write (which clears set-user-ID and
-            // set-group-ID bits) has happened. Neither chmod nor fsync
-            // changes the mtime, and the fsync below covers the mode too.
-            let meta = file.metadata()?;
-            if meta.mode() & 0o7777 != self.opts.file_mode {
-                file.set_permissions(Permissions::from_mode(self.opts.file_mode))?;
-            }
-            if self.opts.fsync {
-                file.sync_all()?;
-            }
-            meta.modified()
-        };
-        let mtime = write(&mut file)
-            .and_then(|mtime| self.opts.fault(DiskStep::TempWritten, path).map(|()| mtime))
-            .map_err(|e| io_error(e, path, "cannot write the temp file"))?;
-        Ok((temp, mtime))
-    }
-
-    /// Removes temp files left by killed writers: those whose ctime is older
-    /// than the grace period (all of them for a zero grace). Problems are
-    /// logged, not returned: a leftover temp file is never listed anyway.
-    pub(super) fn sweep_temp_files(&self) {
-        let grace = self.opts.stale_temp_grace;
-        let cutoff = if grace.is_zero() {
-            None
-        } else {
-            match SystemTime::now().checked_sub(grace) {
-                Some(cutoff) => Some(cutoff),
-                None => return,
-            }
-        };
-        sweep(self.root.as_fd(), "", cutoff, 0);
-    }
-}
-
-fn sweep(dir: BorrowedFd<'_>, at: &str, cutoff: Option<SystemTime>, depth: usize) {
-    let names = match read_names(dir) {
-        Ok(names) => names,
-        Err(e) => {
-            tracing::warn!(path = at, error = %e, "disk: cannot list directory while sweeping temp files");
-            return;
-        }
-    };
-    for (name, file_type) in names {
-        if is_temp(&name) {
-            let stale = match cutoff {
-                None => true,
-                Some(cutoff) => rustix::fs::openat(dir, name.as_str(), READ_FLAGS, Mode::empty())
-                    .ok()
-                    .and_then(|fd| File::from(fd).metadata().ok())
-                    .is_some_and(|meta| meta.is_file() && ctime(&meta) <= cutoff),
-            };
-            if stale {
-                match rustix::fs::unlinkat(dir, name.as_str(), AtFlags::empty()) {
-                    Ok(()) | Err(Errno::NOENT) => {}
-                    Err(e) => {
-                        tracing::warn!(path = %join(at, &name), error = %e, "disk: cannot remove stale temp file");
-                    }
-                }
-            }
-        } else if !is_internal(&name)
-            && depth < MAX_DEPTH
-            && matches!(file_type, FileType::Directory | FileType::Unknown)
-            && let Ok(sub) = rustix::fs::openat(dir, name.as_str(), DIR_FLAGS, Mode::empty())
-        {
-            sweep(sub.as_fd(), &join(at, &name), cutoff, depth + 1);
-        }
-    }
 }
 
 /// The last segment of `path`.
-fn base(path: &str) -> &str {
+pub(super) fn base(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-fn file_info(path: String, doc: &Doc) -> FileInfo {
+pub(super) fn file_info(path: String, doc: &Doc) -> FileInfo {
     FileInfo {
         path,
         kind: EntryKind::File,
@@ -565,7 +396,7 @@ fn file_info(path: String, doc: &Doc) -> FileInfo {
     }
 }
 
-fn dir_info(path: String, mtime: Option<SystemTime>) -> FileInfo {
+pub(super) fn dir_info(path: String, mtime: Option<SystemTime>) -> FileInfo {
     FileInfo {
         mtime,
         ..FileInfo::dir(path)
@@ -574,10 +405,13 @@ fn dir_info(path: String, mtime: Option<SystemTime>) -> FileInfo {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Seek;
+    use std::io::{Seek, Write};
 
     use super::*;
     use crate::DiskStorage;
+    use crate::backend::disk::is_temp;
+    use crate::backend::disk::temp::temp_name;
+    use crate::storage::{DownloadRequest, UploadRequest};
 
     fn read_back(content: &[u8], claimed: u64) -> Vec<u8> {
         let mut file = tempfile::tempfile().unwrap();

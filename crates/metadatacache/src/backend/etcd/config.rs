@@ -12,22 +12,32 @@ use super::layout::check_not_reserved;
 /// The default bound on every call.
 pub(super) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What an `etcd://` URL says.
+/// How to reach an etcd cluster: what an `etcd://` URL says (see
+/// [`EtcdStorage`](super::EtcdStorage) for its form). `Debug` never shows
+/// the password.
+///
+/// ```
+/// use metadatacache::EtcdConfig;
+/// let config = EtcdConfig::from_url("etcd://app:s3cret@127.0.0.1:2379/myapp?timeout_ms=2000")?;
+/// assert_eq!(config.prefix(), "myapp");
+/// assert!(!format!("{config:?}").contains("s3cret"));
+/// # Ok::<_, metadatacache::Error>(())
+/// ```
 #[derive(Clone, PartialEq, Eq)]
-pub(super) struct Config {
+pub struct EtcdConfig {
     /// `http://host:port` of each endpoint.
-    pub endpoints: Vec<String>,
+    pub(super) endpoints: Vec<String>,
     /// The key prefix without a trailing slash; empty for none.
-    pub prefix: String,
+    pub(super) prefix: String,
     /// The bound on every call.
-    pub timeout: Duration,
+    pub(super) timeout: Duration,
     /// User name and password, if the cluster has authentication enabled.
-    pub credentials: Option<(String, String)>,
+    pub(super) credentials: Option<(String, String)>,
 }
 
-impl fmt::Debug for Config {
+impl fmt::Debug for EtcdConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
+        f.debug_struct("EtcdConfig")
             .field("endpoints", &self.endpoints)
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
@@ -37,9 +47,13 @@ impl fmt::Debug for Config {
     }
 }
 
-impl Config {
-    /// Parses `etcd://[user[:password]@]host:port[,host:port...][/prefix][?timeout_ms=N&user=U&password=P]`.
-    pub(super) fn parse(url: &str) -> Result<Config> {
+impl EtcdConfig {
+    /// Reads `etcd://[user[:password]@]host:port[,host:port...][/prefix][?timeout_ms=N&user=U&password=P]`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming
+    /// the URL (password hidden) and what is wrong with it.
+    pub fn from_url(url: &str) -> Result<EtcdConfig> {
         let bad = |why: &str| bad_url("etcd", url, why);
         let rest = if let Some(rest) = url.strip_prefix("etcd://") {
             rest
@@ -106,12 +120,31 @@ impl Config {
             (None, None) => None,
             _ => return Err(bad("a password needs a user name")),
         };
-        Ok(Config {
+        Ok(EtcdConfig {
             endpoints,
             prefix,
             timeout,
             credentials,
         })
+    }
+}
+
+impl EtcdConfig {
+    /// The key prefix, without a trailing slash ("" for none).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The bound on every call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Bounds every call by `timeout` instead.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 }
 
@@ -155,14 +188,14 @@ mod tests {
 
     #[test]
     fn parses_endpoints_prefix_and_options() {
-        let c = Config::parse("etcd://127.0.0.1:2379/app/docs").unwrap();
+        let c = EtcdConfig::from_url("etcd://127.0.0.1:2379/app/docs").unwrap();
         assert_eq!(c.endpoints, ["http://127.0.0.1:2379"]);
         assert_eq!(c.prefix, "app/docs");
         assert_eq!(c.timeout, DEFAULT_TIMEOUT);
         assert!(c.credentials.is_none());
 
-        let c =
-            Config::parse("etcd://a:1,b,[::1]:3/?timeout_ms=250&user=u&password=p%26q").unwrap();
+        let c = EtcdConfig::from_url("etcd://a:1,b,[::1]:3/?timeout_ms=250&user=u&password=p%26q")
+            .unwrap();
         assert_eq!(
             c.endpoints,
             ["http://a:1", "http://b:2379", "http://[::1]:3"]
@@ -171,7 +204,7 @@ mod tests {
         assert_eq!(c.timeout, Duration::from_millis(250));
         assert_eq!(c.credentials, Some(("u".into(), "p&q".into())));
 
-        let c = Config::parse("etcd://bob:s%40cret@h:9").unwrap();
+        let c = EtcdConfig::from_url("etcd://bob:s%40cret@h:9").unwrap();
         assert_eq!(c.endpoints, ["http://h:9"]);
         assert_eq!(c.credentials, Some(("bob".into(), "s@cret".into())));
         assert!(!format!("{c:?}").contains("cret"));
@@ -195,7 +228,7 @@ mod tests {
             "etcds://h:1/x",
             "http://h:1/x",
         ] {
-            let e = Config::parse(url).unwrap_err();
+            let e = EtcdConfig::from_url(url).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{url}");
             assert!(
                 e.to_string()
@@ -207,7 +240,7 @@ mod tests {
 
     #[test]
     fn messages_hide_passwords() {
-        let e = Config::parse("etcd://u:hunter2@h:x/p?password=hunter3").unwrap_err();
+        let e = EtcdConfig::from_url("etcd://u:hunter2@h:x/p?password=hunter3").unwrap_err();
         let text = e.to_string();
         assert!(!text.contains("hunter"), "{text}");
         assert!(text.contains("etcd://u:***@h:x/p?password=***"), "{text}");

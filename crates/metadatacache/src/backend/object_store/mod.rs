@@ -1,12 +1,10 @@
 //! S3 and S3-compatible object storage through the `object_store` crate.
 
+mod client;
 mod config;
-mod delete;
-mod errors;
 mod write;
 
 use std::fmt;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,20 +12,19 @@ use ::object_store::path::Path as ObjectPath;
 use ::object_store::{GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, UpdateVersion};
 use async_trait::async_trait;
 
-use crate::backend::util::no_answer;
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
     Capabilities, DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest,
     UploadResponse, check_delete_precondition, validate_path,
 };
 use ::object_store::signer::Signer;
+use client::ConditionalDelete;
+use client::Op;
 pub use config::S3Config;
-use delete::ConditionalDelete;
-use errors::{Op, map_error};
 
 /// Storage in an object store (S3 or S3-compatible such as MinIO, R2, Ceph;
 /// any other `object_store` backend with conditional put can be wrapped with
-/// [`ObjectStoreStorage::new`]).
+/// [`ObjectStoreStorage::from_store`]).
 ///
 /// Each document is one object at `PREFIX/PATH`; its etag is the object's
 /// ETag exactly as the server reports it (for S3 a quoted content MD5, e.g.
@@ -145,7 +142,7 @@ impl ObjectStoreStorage {
     /// # Errors
     /// [`ErrorKind::InvalidInput`] for a prefix that is not a valid relative
     /// path (leading and trailing slashes are trimmed).
-    pub fn new(
+    pub fn from_store(
         store: Arc<dyn ObjectStore>,
         prefix: &str,
         backend_name: &'static str,
@@ -174,8 +171,11 @@ impl ObjectStoreStorage {
     /// # Errors
     /// [`ErrorKind::InvalidInput`] naming the URL when it is malformed or the
     /// client cannot be configured from it and the environment.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is sent.
     pub async fn from_url(url: &str) -> Result<ObjectStoreStorage> {
-        Self::from_config(S3Config::from_url(url)?).await
+        Self::new(S3Config::from_url(url)?).await
     }
 
     /// Opens an S3 bucket as `config` describes it. Nothing is sent to the
@@ -184,10 +184,13 @@ impl ObjectStoreStorage {
     /// # Errors
     /// [`ErrorKind::InvalidInput`] naming the URL the config came from when
     /// the client cannot be configured.
-    pub async fn from_config(config: S3Config) -> Result<ObjectStoreStorage> {
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is sent.
+    pub async fn new(config: S3Config) -> Result<ObjectStoreStorage> {
         let store = config.build_read_store()?;
         let write_store = config.build_write_store()?;
-        ObjectStoreStorage::new(store, &config.prefix, "s3")?
+        ObjectStoreStorage::from_store(store, &config.prefix, "s3")?
             .with_write_store(write_store.clone())
             .with_timeout(config.timeout)
             .with_signer(write_store)
@@ -238,11 +241,6 @@ impl ObjectStoreStorage {
         e.with_backend(self.backend)
     }
 
-    fn map<'a>(&self, op: Op, path: &'a str) -> impl Fn(::object_store::Error) -> Error + 'a {
-        let backend = self.backend;
-        move |e| map_error(e, op, backend, path)
-    }
-
     /// The object key of storage path `path` ("" is the prefix itself).
     fn key(&self, path: &str) -> Result<ObjectPath> {
         let key = match (self.prefix.is_empty(), path.is_empty()) {
@@ -268,36 +266,6 @@ impl ObjectStoreStorage {
             key.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?
         };
         validate_path(rel, false).ok().map(|()| rel)
-    }
-
-    /// Runs `fut` within the timeout.
-    async fn timed<T>(
-        &self,
-        path: &str,
-        write: bool,
-        fut: impl Future<Output = Result<T>>,
-    ) -> Result<T> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(res) => res,
-            Err(_) => Err(self.tag(no_answer(self.timeout, write).with_path(path))),
-        }
-    }
-
-    /// HEAD: the object's metadata, `None` when absent.
-    async fn head(&self, path: &str, key: &ObjectPath) -> Result<Option<ObjectMeta>> {
-        match self.store.head(key).await {
-            Ok(meta) => Ok(Some(meta)),
-            Err(::object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(map_error(e, Op::Read, self.backend, path)),
-        }
-    }
-
-    fn etag_of(&self, path: &str, etag: Option<String>) -> Result<String> {
-        etag.ok_or_else(|| {
-            self.tag(
-                Error::new(ErrorKind::Other, "the object store reported no etag").with_path(path),
-            )
-        })
     }
 
     async fn download_inner(

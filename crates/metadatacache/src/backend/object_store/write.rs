@@ -6,7 +6,7 @@ use ::object_store::path::Path as ObjectPath;
 use ::object_store::{ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion};
 
 use super::ObjectStoreStorage;
-use super::errors::Op;
+use super::client::Op;
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{UploadRequest, UploadResponse, check_upload_preconditions};
 

@@ -16,8 +16,19 @@ pub(super) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) const DEFAULT_POOL_SIZE: usize = 10;
 const MAX_POOL_SIZE: usize = 1000;
 
-/// Everything a `postgres://` URL says.
-pub(super) struct Settings {
+/// How to reach PostgreSQL and which table to use: what a `postgres://`
+/// URL says (see [`PostgresStorage`](super::PostgresStorage) for its form).
+/// `Debug` never shows the password.
+///
+/// ```
+/// use metadatacache::PostgresConfig;
+/// let config = PostgresConfig::from_url("postgres://app:s3cret@127.0.0.1/app?table=docs")?;
+/// assert_eq!(config.table(), "docs");
+/// assert!(!format!("{config:?}").contains("s3cret"));
+/// # Ok::<_, metadatacache::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct PostgresConfig {
     /// What is left for the driver once our own parameters are removed.
     pub(super) pg: tokio_postgres::Config,
     /// A validated plain identifier.
@@ -28,9 +39,43 @@ pub(super) struct Settings {
     pub(super) redacted: String,
 }
 
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &self.redacted)
+            .field("table", &self.table)
+            .field("timeout", &self.timeout)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+impl PostgresConfig {
+    /// Reads a `postgres://` (or `postgresql://`) URL: our parameters
+    /// `table`, `timeout_ms` and `pool_size`, and the driver's (libpq's)
+    /// for everything else.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming
+    /// the URL (password hidden) and what is wrong with it.
+    pub fn from_url(url: &str) -> Result<PostgresConfig> {
+        parse(url)
+    }
+
+    /// The table.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The bound of every call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
 /// Parses `postgres://user:pass@host:port/db?table=NAME&timeout_ms=N&pool_size=N`
 /// (or `postgresql://`). Other query parameters go to the driver unchanged.
-pub(super) fn parse(url: &str) -> Result<Settings> {
+fn parse(url: &str) -> Result<PostgresConfig> {
     let redacted = redact_url(url);
     let bad = |why: String| bad_url("postgres", url, why);
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -97,7 +142,7 @@ pub(super) fn parse(url: &str) -> Result<Settings> {
     if pg.get_application_name().is_none() {
         pg.application_name("metadatacache");
     }
-    Ok(Settings {
+    Ok(PostgresConfig {
         pg,
         table,
         timeout,

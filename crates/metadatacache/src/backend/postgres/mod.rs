@@ -1,7 +1,9 @@
 //! PostgreSQL storage: one table of (path, content, etag, mtime).
 
 mod config;
-mod conn;
+
+pub use self::config::PostgresConfig;
+mod client;
 mod sql;
 mod write;
 
@@ -16,7 +18,7 @@ use tokio::time::Instant;
 use tokio_postgres::NoTls;
 use tokio_postgres::Row;
 
-use self::conn::{Conn, Failure, Params, retry_read, to_error};
+use self::client::{Conn, Failure, Params, retry_read, to_error};
 use self::sql::{Sql, below};
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
@@ -47,7 +49,7 @@ const BACKEND: &str = "postgres";
 /// # Table and semantics
 ///
 /// `path TEXT COLLATE "C" PRIMARY KEY, content BYTEA, etag TEXT, mtime
-/// TIMESTAMPTZ`, created by [`connect`](PostgresStorage::connect) and again
+/// TIMESTAMPTZ`, created by [`new`](PostgresStorage::new) and again
 /// by [`init`](Storage::init) if missing (several processes may do this at
 /// once). Each write is one statement, so its preconditions hold atomically
 /// against every other client: create-only is `INSERT … ON CONFLICT DO
@@ -80,7 +82,7 @@ const BACKEND: &str = "postgres";
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 /// use metadatacache::{PostgresStorage, Storage};
 /// let storage =
-///     PostgresStorage::connect("postgres://app@127.0.0.1:5432/app?table=documents&timeout_ms=2000")
+///     PostgresStorage::from_url("postgres://app@127.0.0.1:5432/app?table=documents&timeout_ms=2000")
 ///         .await?;
 /// storage.simple_upload("users/alice.json", "{}".into()).await?;
 /// assert_eq!(storage.read_dir("users").await?, vec!["users/alice.json".to_string()]);
@@ -123,8 +125,26 @@ impl PostgresStorage {
     /// is malformed; [`ErrorKind::Unavailable`] when the server cannot be
     /// reached within the timeout; [`ErrorKind::PermissionDenied`] when it
     /// refuses the login or the table cannot be created.
-    pub async fn connect(url: &str) -> Result<PostgresStorage> {
-        let settings = config::parse(url).map_err(|e| e.with_backend(BACKEND))?;
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a table half-created by a cancelled call is rolled
+    /// back by the server.
+    pub async fn from_url(url: &str) -> Result<PostgresStorage> {
+        Self::new(PostgresConfig::from_url(url)?).await
+    }
+
+    /// Connects as `config` says and creates the table if it is missing.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unavailable`] when the server cannot be reached within
+    /// the timeout; [`ErrorKind::PermissionDenied`] when it refuses the
+    /// login or the table cannot be created.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a table half-created by a cancelled call is rolled
+    /// back by the server.
+    pub async fn new(config: PostgresConfig) -> Result<PostgresStorage> {
+        let settings = config;
         let manager = Manager::from_config(
             settings.pg,
             NoTls,

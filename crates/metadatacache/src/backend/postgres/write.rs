@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use tokio::time::Instant;
 
-use super::conn::{Conn, Failure, Params};
+use super::client::{Conn, Failure, Params};
 use super::sql::{ancestors, below};
 use super::{BACKEND, PostgresStorage, tag};
 use crate::error::{Error, ErrorKind, Result};

@@ -11,7 +11,7 @@ use crate::backend::util::no_answer;
 use crate::error::{Error, ErrorKind, Result};
 
 use super::BACKEND;
-use super::config::Config;
+use super::config::EtcdConfig;
 
 /// Largest response accepted (directory listings carry every document
 /// below the directory).
@@ -68,7 +68,7 @@ impl fmt::Debug for Conn {
 impl Conn {
     /// Builds the client. No network traffic: connections are made lazily,
     /// and re-made after they break, by the first call that needs one.
-    pub(super) async fn new(config: &Config) -> Result<Conn> {
+    pub(super) async fn new(config: &EtcdConfig) -> Result<Conn> {
         let options = ConnectOptions::new()
             .with_timeout(config.timeout)
             .with_connect_timeout(config.timeout)

@@ -1,10 +1,48 @@
 //! The storage operations of the disk backend, on top of the path walking,
 //! reading and temp-file helpers of its parent module.
 
-use super::*;
-use crate::backend::disk::lock::lock_dir;
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::{
+    DownloadRequest, DownloadResponse, FileInfo, UploadRequest, UploadResponse,
+    check_delete_precondition, check_upload_preconditions, join, parent, validate_path,
+};
+use bytes::Bytes;
+use rustix::fs::AtFlags;
+use std::os::fd::AsFd;
+
+use super::fs::*;
+use super::lock::lock_dir;
+use super::{BACKEND, DiskStep, Inner, is_internal};
 
 impl Inner {
+    /// Syncs the directory a document was renamed into or removed from.
+    /// That change is visible already, so a failure here (or anything else
+    /// after it) is [`ErrorKind::Unavailable`]: the change may stand, or be
+    /// lost on power loss, but must not be taken as "not applied".
+    fn sync_dir(&self, dir: &DirFd<'_>, path: &str, step: DiskStep) -> Result<()> {
+        let synced = self.opts.fault(step, path).and_then(|()| {
+            if self.opts.fsync {
+                rustix::fs::fsync(dir)?;
+            }
+            Ok(())
+        });
+        synced.map_err(|e| {
+            let mut err = io_error(
+                e,
+                path,
+                "the change is visible, but syncing its directory failed: it may stand, or be \
+                 lost on power loss",
+            );
+            if err.kind() != ErrorKind::Unavailable {
+                err = Error::unavailable(err.message().to_owned())
+                    .with_path(path)
+                    .with_backend(BACKEND)
+                    .with_source(err);
+            }
+            err
+        })
+    }
+
     pub(in crate::backend::disk) fn upload(&self, req: &UploadRequest) -> Result<UploadResponse> {
         let path = req.path.as_str();
         let (dir, name) = (parent(path), base(path));

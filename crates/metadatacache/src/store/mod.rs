@@ -1,190 +1,56 @@
-//! The typed cache over a [`Storage`]: [`Store`], [`Options`] and the
+//! The typed cache over a [`Storage`](crate::Storage): [`Store`], its
+//! [`Options`], the per-key [`KeyGuard`], group commit and the
 //! read-modify-write loop.
 
 use std::fmt;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
-use crate::batch::Waiter;
-use crate::cache::{Cache, Capacity};
-use crate::codec::{Codec, JsonCodec};
+mod cache;
+mod codec;
+mod group_commit;
+mod guard;
+mod key_lock;
+mod options;
+mod retry;
+mod stats;
+
+pub use self::codec::{Codec, JsonCodec};
+pub use self::guard::KeyGuard;
+pub use self::options::Options;
+pub use self::retry::RetryPolicy;
+pub use self::stats::Stats;
+
+use self::cache::Cache;
+use self::group_commit::Waiter;
+use self::key_lock::KeyLocks;
+use self::stats::{Counters, bump};
 use crate::error::{Error, ErrorKind, Result};
-use crate::guard::KeyGuard;
-use crate::key_lock::KeyLocks;
-use crate::retry::RetryPolicy;
-use crate::stats::{Counters, Stats, bump};
-use crate::storage::Storage;
 
-type PathFn<K> = dyn Fn(&K) -> String + Send + Sync;
-type InitFn<V> = dyn Fn() -> V + Send + Sync;
-
-/// How a [`Store`] is configured.
-///
-/// ```
-/// use std::sync::Arc;
-/// use std::time::Duration;
-/// use metadatacache::{MemoryStorage, Options, RetryPolicy};
-///
-/// let opts = Options::<String, Vec<String>>::new(Arc::new(MemoryStorage::new()), |user| {
-///     format!("users/{user}.json")
-/// })
-/// .retries(20)
-/// .init(Vec::new)
-/// .max_staleness(Duration::from_millis(100))
-/// .retry_policy(RetryPolicy::default().max_delay(Duration::from_millis(20)));
-/// let store = metadatacache::Store::new(opts);
-/// # drop(store);
-/// ```
-pub struct Options<K, V> {
-    pub(crate) storage: Arc<dyn Storage>,
-    pub(crate) path: Arc<PathFn<K>>,
-    pub(crate) retries: usize,
-    pub(crate) init: Option<Arc<InitFn<V>>>,
-    pub(crate) max_staleness: Duration,
-    pub(crate) retry_policy: RetryPolicy,
-    pub(crate) codec: Arc<dyn Codec<V>>,
-    pub(crate) batching: bool,
-    pub(crate) capacity: Capacity,
-}
-
-impl<K, V> Options<K, V>
-where
-    V: Serialize + DeserializeOwned + 'static,
-{
-    /// Options over `storage`, with `path` mapping a key to its storage path.
-    ///
-    /// Defaults: 100 attempts, no init function, `max_staleness` zero (every
-    /// read revalidates), [`RetryPolicy::default`], [`JsonCodec`].
-    pub fn new(
-        storage: Arc<dyn Storage>,
-        path: impl Fn(&K) -> String + Send + Sync + 'static,
-    ) -> Self {
-        Options {
-            storage,
-            path: Arc::new(path),
-            retries: 100,
-            init: None,
-            max_staleness: Duration::ZERO,
-            retry_policy: RetryPolicy::default(),
-            codec: Arc::new(JsonCodec),
-            batching: true,
-            capacity: Capacity::default(),
-        }
-    }
-}
-
-impl<K, V> Options<K, V> {
-    /// Maximum number of attempts of one `update` or `remove` (at least 1).
-    #[must_use]
-    pub fn retries(mut self, n: usize) -> Self {
-        self.retries = n.max(1);
-        self
-    }
-
-    /// The value `update(.., create_if_not_found = true, ..)` starts from when
-    /// the key is absent.
-    #[must_use]
-    pub fn init(mut self, f: impl Fn() -> V + Send + Sync + 'static) -> Self {
-        self.init = Some(Arc::new(f));
-        self
-    }
-
-    /// How old a cached value may be before a read revalidates it. Zero (the
-    /// default) makes every `get` and `update` ask storage with a conditional
-    /// download. A positive value trades freshness for round trips: a value
-    /// changed by another replica may be seen up to this much later. Writes
-    /// stay safe either way (compare-and-swap catches a stale etag).
-    #[must_use]
-    pub fn max_staleness(mut self, d: Duration) -> Self {
-        self.max_staleness = d;
-        self
-    }
-
-    /// Backoff between conflicting attempts.
-    #[must_use]
-    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
-        self.retry_policy = policy;
-        self
-    }
-
-    /// Group commit (default on): updates of one key that queue up while an
-    /// update holds its lock are applied one after another to the same value
-    /// and written with a single compare-and-swap. Each caller gets its own
-    /// outcome: an `f` that changes nothing or fails decides on the
-    /// committed value and returns at once (`Ok` or its own error), never
-    /// with another caller's error; the callers that changed the value share
-    /// the write's outcome; a conflict re-runs the batch on the fresh value.
-    /// Off, every update writes on its own.
-    #[must_use]
-    pub fn batching(mut self, on: bool) -> Self {
-        self.batching = on;
-        self
-    }
-
-    /// Keep at most `n` cached values (default unbounded). Only idle
-    /// entries are evicted — never one whose key is locked or awaited — so
-    /// the cache may exceed `n` by the number of keys in use at once. An
-    /// evicted key is downloaded again on its next read.
-    #[must_use]
-    pub fn capacity(mut self, n: usize) -> Self {
-        self.capacity.entries = n;
-        self
-    }
-
-    /// Keep cached documents up to about `bytes` of encoded size in total
-    /// (default unbounded); evicts like [`capacity`](Self::capacity).
-    #[must_use]
-    pub fn capacity_bytes(mut self, bytes: usize) -> Self {
-        self.capacity.bytes = bytes;
-        self
-    }
-
-    /// How values are encoded (default [`JsonCodec`]).
-    #[must_use]
-    pub fn codec(mut self, codec: impl Codec<V>) -> Self {
-        self.codec = Arc::new(codec);
-        self
-    }
-}
-
-impl<K, V> fmt::Debug for Options<K, V> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Options")
-            .field("storage", &self.storage.backend())
-            .field("retries", &self.retries)
-            .field("init", &self.init.is_some())
-            .field("max_staleness", &self.max_staleness)
-            .field("retry_policy", &self.retry_policy)
-            .field("batching", &self.batching)
-            .field("capacity", &self.capacity)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A typed in-memory cache of documents in a shared [`Storage`], with
+/// A typed in-memory cache of documents in a shared [`Storage`](crate::Storage), with
 /// per-key locking and compare-and-swap writes.
 ///
 /// Cheap to clone: clones share the cache, the lock table and the counters.
 /// Several `Store`s (in one process or many) may share one storage; they never
 /// lose each other's changes made through [`update`](Store::update).
 pub struct Store<K, V> {
-    pub(crate) inner: Arc<Inner<K, V>>,
+    inner: Arc<Inner<K, V>>,
 }
 
-pub(crate) struct Inner<K, V> {
-    pub(crate) opts: Options<K, V>,
-    pub(crate) locks: Arc<KeyLocks<K, Waiter<V>>>,
-    pub(crate) cache: Mutex<Cache<K, V>>,
-    pub(crate) counters: Counters,
+struct Inner<K, V> {
+    opts: Options<K, V>,
+    locks: Arc<KeyLocks<K, Waiter<V>>>,
+    cache: Mutex<Cache<K, V>>,
+    counters: Counters,
 }
 
 impl<K, V> Inner<K, V> {
-    pub(crate) fn cache(&self) -> MutexGuard<'_, Cache<K, V>> {
+    fn cache(&self) -> MutexGuard<'_, Cache<K, V>> {
         // Every critical section is one map operation; poisoning cannot leave
         // the map inconsistent.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
@@ -439,7 +305,7 @@ where
         self.inner.cache().clear(|k| locks.users(k) > 0);
     }
 
-    pub(crate) fn init_value(&self, g: &KeyGuard<K, V>) -> Result<V> {
+    fn init_value(&self, g: &KeyGuard<K, V>) -> Result<V> {
         match &self.inner.opts.init {
             Some(init) => Ok(init()),
             None => Err(Error::invalid_input(format!(
@@ -451,7 +317,7 @@ where
     }
 
     /// Counts a conflict and waits before the next attempt, or gives up.
-    pub(crate) async fn after_conflict(
+    async fn after_conflict(
         &self,
         op: &str,
         g: &KeyGuard<K, V>,

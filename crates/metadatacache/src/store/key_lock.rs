@@ -35,13 +35,13 @@ impl<Q> Default for Entry<Q> {
 /// Per-key mutual exclusion. Locks on different keys never wait for each
 /// other.
 #[derive(Debug)]
-pub(crate) struct KeyLocks<K, Q = ()> {
+pub(super) struct KeyLocks<K, Q = ()> {
     // A std mutex, never held across an await: it only guards the lookup.
     table: Mutex<HashMap<K, Entry<Q>, RandomState>>,
 }
 
 impl<K, Q> KeyLocks<K, Q> {
-    pub(crate) fn new() -> Self {
+    pub(super) fn new() -> Self {
         KeyLocks {
             table: Mutex::new(HashMap::default()),
         }
@@ -54,14 +54,14 @@ impl<K, Q> KeyLocks<K, Q> {
     }
 
     /// Number of keys currently locked or waited for.
-    pub(crate) fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.table().len()
     }
 }
 
 impl<K: Eq + Hash + Clone, Q> KeyLocks<K, Q> {
     /// Number of tasks holding or waiting for the lock on `key`.
-    pub(crate) fn users(&self, key: &K) -> usize {
+    pub(super) fn users(&self, key: &K) -> usize {
         self.table().get(key).map_or(0, |e| e.users)
     }
 
@@ -70,19 +70,19 @@ impl<K: Eq + Hash + Clone, Q> KeyLocks<K, Q> {
     /// # Cancel safety
     /// Cancel safe: a waiter dropped before it gets the lock leaves no trace
     /// in the table.
-    pub(crate) async fn lock(self: &Arc<Self>, key: K) -> KeyLockGuard<K, Q> {
+    pub(super) async fn lock(self: &Arc<Self>, key: K) -> KeyLockGuard<K, Q> {
         self.lock_inner(key, None).await
     }
 
     /// Like [`lock`](Self::lock), and also queues `item` for the holder of
     /// the lock, in the same step: a holder that takes the queue afterwards
     /// sees `item`.
-    pub(crate) async fn lock_queued(self: &Arc<Self>, key: K, item: Q) -> KeyLockGuard<K, Q> {
+    pub(super) async fn lock_queued(self: &Arc<Self>, key: K, item: Q) -> KeyLockGuard<K, Q> {
         self.lock_inner(key, Some(item)).await
     }
 
     /// The lock on `key` if nobody holds or waits for it, without waiting.
-    pub(crate) fn try_lock(self: &Arc<Self>, key: &K) -> Option<KeyLockGuard<K, Q>> {
+    pub(super) fn try_lock(self: &Arc<Self>, key: &K) -> Option<KeyLockGuard<K, Q>> {
         let mut table = self.table();
         if table.contains_key(key) {
             return None; // held or awaited: queue up instead
@@ -104,7 +104,7 @@ impl<K: Eq + Hash + Clone, Q> KeyLocks<K, Q> {
 
     /// Takes the items queued for `key`'s lock holder for which `take` is
     /// true, oldest first; the others stay queued in their order.
-    pub(crate) fn take_queued(&self, key: &K, mut take: impl FnMut(&Q) -> bool) -> Vec<Q> {
+    pub(super) fn take_queued(&self, key: &K, mut take: impl FnMut(&Q) -> bool) -> Vec<Q> {
         let mut table = self.table();
         let Some(entry) = table.get_mut(key) else {
             return Vec::new();
@@ -117,14 +117,14 @@ impl<K: Eq + Hash + Clone, Q> KeyLocks<K, Q> {
     }
 
     /// The greatest `f(item)` over the items queued for `key`.
-    pub(crate) fn newest_queued<T: Ord>(&self, key: &K, f: impl Fn(&Q) -> T) -> Option<T> {
+    pub(super) fn newest_queued<T: Ord>(&self, key: &K, f: impl Fn(&Q) -> T) -> Option<T> {
         self.table().get(key)?.queue.iter().map(f).max()
     }
 
     /// Puts `items` back at the front of `key`'s queue (they were taken by
     /// a holder that did not use them). Dropped if nobody holds or waits
     /// for the lock any more.
-    pub(crate) fn requeue(&self, key: &K, items: Vec<Q>) {
+    pub(super) fn requeue(&self, key: &K, items: Vec<Q>) {
         if items.is_empty() {
             return;
         }
@@ -156,14 +156,14 @@ impl<K: Eq + Hash + Clone, Q> KeyLocks<K, Q> {
 
 /// Holds the lock on one key; dropping it unlocks.
 #[derive(Debug)]
-pub(crate) struct KeyLockGuard<K: Eq + Hash + Clone, Q = ()> {
+pub(super) struct KeyLockGuard<K: Eq + Hash + Clone, Q = ()> {
     locks: Arc<KeyLocks<K, Q>>,
     key: Option<K>,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
 impl<K: Eq + Hash + Clone, Q> KeyLockGuard<K, Q> {
-    pub(crate) fn key(&self) -> &K {
+    pub(super) fn key(&self) -> &K {
         // Only taken in Drop.
         self.key.as_ref().unwrap_or_else(|| unreachable!())
     }

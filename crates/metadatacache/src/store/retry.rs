@@ -126,7 +126,7 @@ impl RetryPolicy {
     }
 
     /// The wait after `err`, or `None` when the deadline leaves no room for it.
-    pub(crate) fn next_delay(
+    pub(super) fn next_delay(
         &self,
         retry: u32,
         err: &Error,

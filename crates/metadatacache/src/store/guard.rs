@@ -10,13 +10,13 @@ use serde::de::DeserializeOwned;
 
 use bytes::Bytes;
 
-use crate::batch::Waiter;
-use crate::cache::Cached;
+use super::Store;
+use super::cache::Cached;
+use super::group_commit::Waiter;
+use super::key_lock::KeyLockGuard;
+use super::stats::bump;
 use crate::error::{Error, ErrorKind, Result};
-use crate::key_lock::KeyLockGuard;
-use crate::stats::bump;
 use crate::storage::{DownloadRequest, UploadRequest, new_write_token, parent};
-use crate::store::Store;
 
 /// How often a write whose reply was lost is sent again to fence it (see
 /// [`KeyGuard::settle_lost_write`]).
@@ -75,7 +75,7 @@ where
     K: Eq + Hash + Clone + fmt::Display + Send + Sync + 'static,
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    pub(crate) fn new(store: Store<K, V>, lock: KeyLockGuard<K, Waiter<V>>, path: String) -> Self {
+    pub(super) fn new(store: Store<K, V>, lock: KeyLockGuard<K, Waiter<V>>, path: String) -> Self {
         KeyGuard {
             store,
             lock,
@@ -133,7 +133,7 @@ where
 
     /// [`sync`](Self::sync); returns when the round trip began (storage
     /// held what the cache now says at some moment after it).
-    pub(crate) async fn sync_at(&mut self) -> Result<Instant> {
+    pub(super) async fn sync_at(&mut self) -> Result<Instant> {
         let inner = &self.store.inner;
         let cached_etag = inner.cache().get(self.key()).map(|c| Arc::clone(&c.etag));
         let req = DownloadRequest {
@@ -200,13 +200,13 @@ where
     /// Revalidates unless a round trip that began after `call` already did
     /// (coalescing queued callers), or `allow_stale` and the entry is within
     /// `max_staleness`.
-    pub(crate) async fn revalidate(&mut self, call: Instant, allow_stale: bool) -> Result<()> {
+    pub(super) async fn revalidate(&mut self, call: Instant, allow_stale: bool) -> Result<()> {
         self.revalidate_at(call, allow_stale).await.map(drop)
     }
 
     /// [`revalidate`](Self::revalidate); returns when the round trip that
     /// confirmed the cached state began.
-    pub(crate) async fn revalidate_at(
+    pub(super) async fn revalidate_at(
         &mut self,
         call: Instant,
         allow_stale: bool,
@@ -228,7 +228,7 @@ where
     }
 
     /// The committed value and etag, if the key is cached.
-    pub(crate) fn committed(&self) -> Option<(Arc<V>, Arc<str>)> {
+    pub(super) fn committed(&self) -> Option<(Arc<V>, Arc<str>)> {
         self.store
             .inner
             .cache()
@@ -236,7 +236,7 @@ where
             .map(|c| (Arc::clone(&c.value), Arc::clone(&c.etag)))
     }
 
-    pub(crate) fn committed_value(&self) -> Option<Arc<V>> {
+    pub(super) fn committed_value(&self) -> Option<Arc<V>> {
         self.store
             .inner
             .cache()
@@ -259,7 +259,7 @@ where
     /// backend allows it (see [`settle_lost_write`](Self::settle_lost_write)):
     /// `Ok` only when it certainly landed, exactly once; otherwise the
     /// `Unavailable` stands.
-    pub(crate) async fn write(&mut self, value: Arc<V>, etag: Option<Arc<str>>) -> Result<()> {
+    pub(super) async fn write(&mut self, value: Arc<V>, etag: Option<Arc<str>>) -> Result<()> {
         let inner = &self.store.inner;
         let storage = &inner.opts.storage;
         let content = inner
@@ -381,7 +381,7 @@ where
 
     /// Compare-and-swap delete; drops the cache entry. `Ok(false)` when the
     /// document was already gone.
-    pub(crate) async fn delete(&mut self, etag: &str) -> Result<bool> {
+    pub(super) async fn delete(&mut self, etag: &str) -> Result<bool> {
         let inner = &self.store.inner;
         let res = inner
             .opts

@@ -32,12 +32,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
+use super::Store;
+use super::guard::KeyGuard;
 use crate::error::{Error, ErrorKind, Result};
-use crate::guard::KeyGuard;
-use crate::store::Store;
 
 /// An update waiting for its key's lock, queued for the next batch leader.
-pub(crate) struct Waiter<V> {
+pub(super) struct Waiter<V> {
     tx: mpsc::UnboundedSender<ToWaiter<V>>,
     create: bool,
     call: Instant,
@@ -143,7 +143,7 @@ where
 {
     /// Waits for the key's lock while taking part in other leaders' batches;
     /// leads a batch once it holds the lock.
-    pub(crate) async fn update_batched<F>(
+    pub(super) async fn update_batched<F>(
         &self,
         key: K,
         create: bool,
@@ -217,7 +217,7 @@ where
     }
 
     /// Runs one batch as its leader, holding the key's lock.
-    pub(crate) async fn lead<F>(
+    pub(super) async fn lead<F>(
         &self,
         g: &mut KeyGuard<K, V>,
         create: bool,

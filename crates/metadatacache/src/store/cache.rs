@@ -14,22 +14,22 @@ use std::time::Instant;
 use foldhash::fast::RandomState;
 
 /// A committed cache entry: exactly what storage held at `validated`.
-pub(crate) struct Cached<V> {
-    pub(crate) value: Arc<V>,
-    pub(crate) etag: Arc<str>,
+pub(super) struct Cached<V> {
+    pub(super) value: Arc<V>,
+    pub(super) etag: Arc<str>,
     /// When the round trip that last confirmed this entry began. Storage held
     /// this version at some moment after it.
-    pub(crate) validated: Instant,
+    pub(super) validated: Instant,
     /// Encoded size of the document, for the byte bound.
-    pub(crate) size: usize,
+    pub(super) size: usize,
     /// Set by [`Cache::clear`] on an entry in use: its next read
     /// revalidates, whatever `validated` says.
-    pub(crate) must_revalidate: bool,
+    pub(super) must_revalidate: bool,
     referenced: bool,
 }
 
 impl<V> Cached<V> {
-    pub(crate) fn new(value: Arc<V>, etag: Arc<str>, validated: Instant, size: usize) -> Self {
+    pub(super) fn new(value: Arc<V>, etag: Arc<str>, validated: Instant, size: usize) -> Self {
         Cached {
             value,
             etag,
@@ -43,9 +43,9 @@ impl<V> Cached<V> {
 
 /// Limits of a cache; `usize::MAX` means unbounded.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Capacity {
-    pub(crate) entries: usize,
-    pub(crate) bytes: usize,
+pub(super) struct Capacity {
+    pub(super) entries: usize,
+    pub(super) bytes: usize,
 }
 
 impl Default for Capacity {
@@ -63,7 +63,7 @@ impl Capacity {
     }
 }
 
-pub(crate) struct Cache<K, V> {
+pub(super) struct Cache<K, V> {
     // foldhash: fast, and seeded per process (keys may come from users).
     map: HashMap<K, Cached<V>, RandomState>,
     /// Keys in insertion order, for the CLOCK hand; only kept when bounded.
@@ -74,7 +74,7 @@ pub(crate) struct Cache<K, V> {
 }
 
 impl<K: Eq + Hash + Clone, V> Cache<K, V> {
-    pub(crate) fn new(capacity: Capacity) -> Self {
+    pub(super) fn new(capacity: Capacity) -> Self {
         Cache {
             map: HashMap::default(),
             ring: VecDeque::new(),
@@ -83,31 +83,31 @@ impl<K: Eq + Hash + Clone, V> Cache<K, V> {
         }
     }
 
-    pub(crate) fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.map.len()
     }
 
     /// Approximate bytes held (sum of encoded document sizes).
-    pub(crate) fn bytes(&self) -> usize {
+    pub(super) fn bytes(&self) -> usize {
         self.bytes
     }
 
-    pub(crate) fn contains_key(&self, key: &K) -> bool {
+    pub(super) fn contains_key(&self, key: &K) -> bool {
         self.map.contains_key(key)
     }
 
     /// Looks an entry up and marks it recently used.
-    pub(crate) fn get(&mut self, key: &K) -> Option<&Cached<V>> {
+    pub(super) fn get(&mut self, key: &K) -> Option<&Cached<V>> {
         self.get_mut(key).map(|c| &*c)
     }
 
-    pub(crate) fn get_mut(&mut self, key: &K) -> Option<&mut Cached<V>> {
+    pub(super) fn get_mut(&mut self, key: &K) -> Option<&mut Cached<V>> {
         let c = self.map.get_mut(key)?;
         c.referenced = true;
         Some(c)
     }
 
-    pub(crate) fn remove(&mut self, key: &K) {
+    pub(super) fn remove(&mut self, key: &K) {
         if let Some(old) = self.map.remove(key) {
             self.bytes -= old.size;
         }
@@ -116,7 +116,7 @@ impl<K: Eq + Hash + Clone, V> Cache<K, V> {
     /// Drops every entry whose key is idle; entries of busy keys (locked
     /// or awaited: a guard may be reading them) stay, marked so that their
     /// next read revalidates.
-    pub(crate) fn clear(&mut self, busy: impl Fn(&K) -> bool) {
+    pub(super) fn clear(&mut self, busy: impl Fn(&K) -> bool) {
         let mut bytes = 0;
         self.map.retain(|k, c| {
             let keep = busy(k);
@@ -134,7 +134,7 @@ impl<K: Eq + Hash + Clone, V> Cache<K, V> {
     /// Inserts or replaces `key`'s entry, then evicts idle entries while over
     /// capacity. `busy` tells whether a key is locked or awaited (never
     /// evicted); the key being inserted is busy by construction.
-    pub(crate) fn insert(&mut self, key: K, entry: Cached<V>, busy: impl Fn(&K) -> bool) {
+    pub(super) fn insert(&mut self, key: K, entry: Cached<V>, busy: impl Fn(&K) -> bool) {
         self.bytes += entry.size;
         let bounded = self.capacity.bounded();
         match self.map.insert(key.clone(), entry) {

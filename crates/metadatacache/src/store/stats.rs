@@ -28,24 +28,24 @@ pub struct Stats {
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) hits: AtomicU64,
-    pub(crate) downloads: AtomicU64,
-    pub(crate) not_modified: AtomicU64,
-    pub(crate) uploads: AtomicU64,
-    pub(crate) conflicts: AtomicU64,
-    pub(crate) retries: AtomicU64,
-    pub(crate) give_ups: AtomicU64,
-    pub(crate) lost_replies: AtomicU64,
-    pub(crate) lost_replies_settled: AtomicU64,
+pub(super) struct Counters {
+    pub(super) hits: AtomicU64,
+    pub(super) downloads: AtomicU64,
+    pub(super) not_modified: AtomicU64,
+    pub(super) uploads: AtomicU64,
+    pub(super) conflicts: AtomicU64,
+    pub(super) retries: AtomicU64,
+    pub(super) give_ups: AtomicU64,
+    pub(super) lost_replies: AtomicU64,
+    pub(super) lost_replies_settled: AtomicU64,
 }
 
-pub(crate) fn bump(c: &AtomicU64) {
+pub(super) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
 impl Counters {
-    pub(crate) fn snapshot(&self) -> Stats {
+    pub(super) fn snapshot(&self) -> Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
             hits: get(&self.hits),

@@ -1,0 +1,159 @@
+//! How a [`Store`](super::Store) is configured.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::cache::Capacity;
+use super::codec::{Codec, JsonCodec};
+use super::retry::RetryPolicy;
+use crate::storage::Storage;
+
+type PathFn<K> = dyn Fn(&K) -> String + Send + Sync;
+type InitFn<V> = dyn Fn() -> V + Send + Sync;
+
+/// How a [`Store`](super::Store) is configured.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use metadatacache::{MemoryStorage, Options, RetryPolicy};
+///
+/// let opts = Options::<String, Vec<String>>::new(Arc::new(MemoryStorage::new()), |user| {
+///     format!("users/{user}.json")
+/// })
+/// .retries(20)
+/// .init(Vec::new)
+/// .max_staleness(Duration::from_millis(100))
+/// .retry_policy(RetryPolicy::default().max_delay(Duration::from_millis(20)));
+/// let store = metadatacache::Store::new(opts);
+/// # drop(store);
+/// ```
+pub struct Options<K, V> {
+    pub(super) storage: Arc<dyn Storage>,
+    pub(super) path: Arc<PathFn<K>>,
+    pub(super) retries: usize,
+    pub(super) init: Option<Arc<InitFn<V>>>,
+    pub(super) max_staleness: Duration,
+    pub(super) retry_policy: RetryPolicy,
+    pub(super) codec: Arc<dyn Codec<V>>,
+    pub(super) batching: bool,
+    pub(super) capacity: Capacity,
+}
+
+impl<K, V> Options<K, V>
+where
+    V: Serialize + DeserializeOwned + 'static,
+{
+    /// Options over `storage`, with `path` mapping a key to its storage path.
+    ///
+    /// Defaults: 100 attempts, no init function, `max_staleness` zero (every
+    /// read revalidates), [`RetryPolicy::default`], [`JsonCodec`].
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        path: impl Fn(&K) -> String + Send + Sync + 'static,
+    ) -> Self {
+        Options {
+            storage,
+            path: Arc::new(path),
+            retries: 100,
+            init: None,
+            max_staleness: Duration::ZERO,
+            retry_policy: RetryPolicy::default(),
+            codec: Arc::new(JsonCodec),
+            batching: true,
+            capacity: Capacity::default(),
+        }
+    }
+}
+
+impl<K, V> Options<K, V> {
+    /// Maximum number of attempts of one `update` or `remove` (at least 1).
+    #[must_use]
+    pub fn retries(mut self, n: usize) -> Self {
+        self.retries = n.max(1);
+        self
+    }
+
+    /// The value `update(.., create_if_not_found = true, ..)` starts from when
+    /// the key is absent.
+    #[must_use]
+    pub fn init(mut self, f: impl Fn() -> V + Send + Sync + 'static) -> Self {
+        self.init = Some(Arc::new(f));
+        self
+    }
+
+    /// How old a cached value may be before a read revalidates it. Zero (the
+    /// default) makes every `get` and `update` ask storage with a conditional
+    /// download. A positive value trades freshness for round trips: a value
+    /// changed by another replica may be seen up to this much later. Writes
+    /// stay safe either way (compare-and-swap catches a stale etag).
+    #[must_use]
+    pub fn max_staleness(mut self, d: Duration) -> Self {
+        self.max_staleness = d;
+        self
+    }
+
+    /// Backoff between conflicting attempts.
+    #[must_use]
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry_policy = policy;
+        self
+    }
+
+    /// Group commit (default on): updates of one key that queue up while an
+    /// update holds its lock are applied one after another to the same value
+    /// and written with a single compare-and-swap. Each caller gets its own
+    /// outcome: an `f` that changes nothing or fails decides on the
+    /// committed value and returns at once (`Ok` or its own error), never
+    /// with another caller's error; the callers that changed the value share
+    /// the write's outcome; a conflict re-runs the batch on the fresh value.
+    /// Off, every update writes on its own.
+    #[must_use]
+    pub fn batching(mut self, on: bool) -> Self {
+        self.batching = on;
+        self
+    }
+
+    /// Keep at most `n` cached values (default unbounded). Only idle
+    /// entries are evicted — never one whose key is locked or awaited — so
+    /// the cache may exceed `n` by the number of keys in use at once. An
+    /// evicted key is downloaded again on its next read.
+    #[must_use]
+    pub fn capacity(mut self, n: usize) -> Self {
+        self.capacity.entries = n;
+        self
+    }
+
+    /// Keep cached documents up to about `bytes` of encoded size in total
+    /// (default unbounded); evicts like [`capacity`](Self::capacity).
+    #[must_use]
+    pub fn capacity_bytes(mut self, bytes: usize) -> Self {
+        self.capacity.bytes = bytes;
+        self
+    }
+
+    /// How values are encoded (default [`JsonCodec`]).
+    #[must_use]
+    pub fn codec(mut self, codec: impl Codec<V>) -> Self {
+        self.codec = Arc::new(codec);
+        self
+    }
+}
+
+impl<K, V> fmt::Debug for Options<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("storage", &self.storage.backend())
+            .field("retries", &self.retries)
+            .field("init", &self.init.is_some())
+            .field("max_staleness", &self.max_staleness)
+            .field("retry_policy", &self.retry_policy)
+            .field("batching", &self.batching)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
