@@ -231,6 +231,19 @@ pub struct Capabilities {
     pub directories: bool,
 }
 
+impl Capabilities {
+    /// What a backend that keeps versions on its server offers: etags that
+    /// never repeat, stored write tokens, and conditional deletes checked
+    /// with the delete.
+    pub const VERSIONED: Capabilities = Capabilities {
+        unique_etags: true,
+        write_tokens: true,
+        conditional_delete: true,
+        notifications: false,
+        directories: false,
+    };
+}
+
 /// A storage of byte documents at slash-separated paths, each with an etag that
 /// changes whenever its content changes.
 ///
@@ -243,11 +256,25 @@ pub struct Capabilities {
 /// the empty path names the root directory.
 #[async_trait]
 pub trait Storage: Send + Sync + fmt::Debug {
-    /// Short backend name: `"memory"`, `"disk"`, `"etcd"`, `"postgres"`, `"s3"`, ….
+    /// The backend's short name, as errors and logs show it: `"memory"`,
+    /// `"disk"`, `"etcd"`, `"postgres"`, `"s3"`, ….
     fn backend(&self) -> &'static str;
 
-    /// Creates or opens the storage space `name` (a directory, table, key
-    /// prefix …). Idempotent.
+    /// Makes the storage ready and `name` (a path; `""` for the root) a
+    /// place to keep documents. Idempotent. Every backend does the same
+    /// three things, as far as it has them: it creates its own structures
+    /// where it can (PostgreSQL's table), checks that it is reachable
+    /// (networked backends), and creates directory `name` where directories
+    /// are stored ([`Capabilities::directories`]); elsewhere a directory
+    /// needs no creating. `name` is always checked like a path.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad `name`;
+    /// [`ErrorKind::Unavailable`] or [`ErrorKind::PermissionDenied`] when
+    /// the backend cannot be used.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: what it creates is idempotent to create again.
     async fn init(&self, name: &str) -> Result<()>;
 
     /// Writes a document; see [`UploadRequest`] for the preconditions.
@@ -256,27 +283,48 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// [`ErrorKind::PreconditionFailed`], [`ErrorKind::NotFound`] or
     /// [`ErrorKind::AlreadyExists`] when a precondition fails (nothing is
     /// written), [`ErrorKind::InvalidInput`] for a bad path,
-    /// [`ErrorKind::Unavailable`] when the outcome is unknown.
+    /// [`ErrorKind::Unavailable`] when the outcome is unknown: the write
+    /// may have been applied, also later. Once the request may have reached
+    /// the server, no other error is returned unless the server said the
+    /// write was not applied.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a dropped call may or may not have been applied
+    /// (like a lost reply).
     async fn upload(&self, req: UploadRequest) -> Result<UploadResponse>;
 
     /// Reads a document.
     ///
     /// # Errors
     /// [`ErrorKind::NotFound`] when absent, [`ErrorKind::NotModified`] when the
-    /// etag is one of `if_none_match`.
+    /// etag is one of `if_none_match`, [`ErrorKind::Unavailable`] when the
+    /// backend does not answer.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a read changes nothing.
     async fn download(&self, req: DownloadRequest) -> Result<DownloadResponse>;
 
     /// Deletes a document, only if its etag is `if_match` when that is given.
     ///
     /// # Errors
     /// [`ErrorKind::NotFound`] when absent, [`ErrorKind::PreconditionFailed`]
-    /// when the etag differs.
+    /// when the etag differs (the document is kept),
+    /// [`ErrorKind::Unavailable`] when the outcome is unknown. A backend
+    /// that cannot check `if_match` atomically with the delete
+    /// ([`Capabilities::conditional_delete`]) refuses it.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a dropped call may or may not have deleted.
     async fn delete_if_match(&self, path: &str, if_match: Option<&str>) -> Result<()>;
 
     /// Deletes a document unconditionally.
     ///
     /// # Errors
-    /// [`ErrorKind::NotFound`] when absent.
+    /// [`ErrorKind::NotFound`] when absent, [`ErrorKind::Unavailable`] when
+    /// the outcome is unknown.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a dropped call may or may not have deleted.
     async fn delete(&self, path: &str) -> Result<()> {
         self.delete_if_match(path, None).await
     }
@@ -284,12 +332,22 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Describes a document or directory.
     ///
     /// # Errors
-    /// [`ErrorKind::NotFound`] when absent.
+    /// [`ErrorKind::NotFound`] when absent, [`ErrorKind::Unavailable`] when
+    /// the backend does not answer.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a read changes nothing.
     async fn stat(&self, path: &str) -> Result<FileInfo>;
 
     /// The paths of the direct children of directory `path`; a missing
     /// directory is empty. Internal files (temporary or lock files) are never
     /// listed.
+    ///
+    /// # Errors
+    /// As [`list_dir`](Storage::list_dir).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a read changes nothing.
     async fn read_dir(&self, path: &str) -> Result<Vec<String>> {
         Ok(self
             .list_dir(path)
@@ -301,10 +359,24 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Like [`read_dir`](Storage::read_dir) with a [`FileInfo`] per child,
     /// sorted by path.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad path, [`ErrorKind::Unavailable`]
+    /// when the backend does not answer.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a read changes nothing.
     async fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>>;
 
     /// Creates directory `path` and its parents; a no-op where the backend has
     /// no directories.
+    ///
+    /// # Errors
+    /// [`ErrorKind::AlreadyExists`] when `path` or a parent is a document,
+    /// [`ErrorKind::InvalidInput`] for a bad path.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: creating a directory is idempotent.
     async fn make_dir_if_not_exist(&self, path: &str) -> Result<()>;
 
     /// What this backend can do beyond the required operations (see
@@ -315,11 +387,23 @@ pub trait Storage: Send + Sync + fmt::Debug {
     }
 
     /// Writes `content` unconditionally.
+    ///
+    /// # Errors
+    /// As [`upload`](Storage::upload).
+    ///
+    /// # Cancel safety
+    /// As [`upload`](Storage::upload): not cancel safe.
     async fn simple_upload(&self, path: &str, content: Bytes) -> Result<UploadResponse> {
         self.upload(UploadRequest::new(path, content)).await
     }
 
     /// Reads a document's content.
+    ///
+    /// # Errors
+    /// As [`download`](Storage::download).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a read changes nothing.
     async fn simple_download(&self, path: &str) -> Result<Bytes> {
         Ok(self.download(DownloadRequest::new(path)).await?.content)
     }

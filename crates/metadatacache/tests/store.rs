@@ -740,27 +740,6 @@ async fn debug_output_never_shows_document_content() {
     }
 }
 
-#[test]
-fn public_types_are_send_and_sync() {
-    fn ok<T: Send + Sync>() {}
-    ok::<Store<String, Doc>>();
-    ok::<metadatacache::KeyGuard<String, Doc>>();
-    ok::<Options<String, Doc>>();
-    ok::<Error>();
-    ok::<MemoryStorage>();
-    ok::<FaultyStorage>();
-    ok::<UploadRequest>();
-    ok::<DownloadRequest>();
-    ok::<metadatacache::Stats>();
-    fn is_send<T: Send>(_: &T) {}
-    let store = store_on(memory());
-    let mut local = 0;
-    is_send(&store.update("k".into(), true, |d| {
-        local += 1;
-        Ok((d, false))
-    }));
-}
-
 #[tokio::test]
 async fn a_million_keys_stay_within_capacity() {
     let store: Store<u32, u32> = Store::new(

@@ -60,6 +60,21 @@ impl MemoryStorage {
         Self::default()
     }
 
+    /// An empty storage, from the URL `memory:`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] naming the URL for anything else.
+    pub fn from_url(url: &str) -> Result<Self> {
+        match url {
+            "memory:" | "memory://" => Ok(Self::new()),
+            _ => Err(crate::backend::util::bad_url(
+                BACKEND,
+                url,
+                "expected memory:",
+            )),
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave State half-updated
         // (every mutation is a single insert/remove), so poisoning is ignored.
@@ -113,16 +128,14 @@ impl Storage for MemoryStorage {
     /// stored directories.
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            unique_etags: true,
-            write_tokens: true,
-            conditional_delete: true,
             directories: true,
-            ..Capabilities::default()
+            ..Capabilities::VERSIONED
         }
     }
 
-    async fn init(&self, _name: &str) -> Result<()> {
-        Ok(())
+    /// Creates directory `name`.
+    async fn init(&self, name: &str) -> Result<()> {
+        self.make_dir_if_not_exist(name).await
     }
 
     async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {

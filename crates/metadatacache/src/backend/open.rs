@@ -22,6 +22,10 @@ use crate::storage::Storage;
 /// for an unknown scheme or a malformed URL; the backend's own errors when it
 /// cannot be opened.
 ///
+/// # Cancel safety
+/// Cancel safe: opening writes no document (a disk directory or a
+/// PostgreSQL table created half-way is created again by the next open).
+///
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let storage = metadatacache::open("memory:").await?;
@@ -33,12 +37,9 @@ use crate::storage::Storage;
 pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
     let scheme = url.split_once(':').map(|(s, _)| s).filter(|s| is_scheme(s));
     match scheme {
-        Some("memory") => Ok(Arc::new(MemoryStorage::new())),
-        Some("disk") => {
-            let path = &url["disk:".len()..];
-            open_disk(path.strip_prefix("//").unwrap_or(path), url).await
-        }
-        None if !url.is_empty() => open_disk(url, url).await,
+        Some("memory") => Ok(Arc::new(MemoryStorage::from_url(url)?)),
+        Some("disk") => open_disk(url).await,
+        None if !url.is_empty() => open_disk(url).await,
         Some("etcd" | "etcds") => {
             #[cfg(feature = "etcd")]
             return Ok(Arc::new(
@@ -88,14 +89,9 @@ fn is_scheme(s: &str) -> bool {
 
 /// Opens a [`DiskStorage`] off the async threads (it creates the directory
 /// and sweeps stale temp files).
-async fn open_disk(path: &str, url: &str) -> Result<Arc<dyn Storage>> {
-    if path.is_empty() {
-        return Err(Error::invalid_input(format!(
-            "storage URL {url:?} names no directory; expected disk:PATH"
-        )));
-    }
-    let path = path.to_owned();
-    match tokio::task::spawn_blocking(move || DiskStorage::open(path)).await {
+async fn open_disk(url: &str) -> Result<Arc<dyn Storage>> {
+    let url = url.to_owned();
+    match tokio::task::spawn_blocking(move || DiskStorage::from_url(&url)).await {
         Ok(storage) => Ok(Arc::new(storage?)),
         Err(e) => Err(
             Error::new(ErrorKind::Unavailable, "opening the disk storage failed")

@@ -100,6 +100,10 @@ where
     ///
     /// # Errors
     /// Storage errors; [`ErrorKind::Codec`] for an undecodable document.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a read changes nothing in storage, and the cache stays
+    /// consistent with it.
     pub async fn get(&mut self) -> Result<Option<Arc<V>>> {
         self.revalidate(Instant::now(), true).await?;
         Ok(self.staged.clone().or_else(|| self.committed_value()))
@@ -127,6 +131,10 @@ where
     /// # Errors
     /// Storage errors; [`ErrorKind::Codec`] when the stored document cannot
     /// be decoded, in which case the cache keeps its last good value.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a read changes nothing in storage, and the cache stays
+    /// consistent with it.
     pub async fn sync(&mut self) -> Result<()> {
         self.sync_at().await.map(drop)
     }
@@ -179,6 +187,11 @@ where
     /// [`ErrorKind::NotFound`] when there is nothing to persist; a conflict
     /// kind (see [`Error::is_conflict`]) when another writer got there first;
     /// other storage errors. The committed cache entry is unchanged on error.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes may leave the write applied
+    /// or not; the committed cache entry is unchanged, so the next sync
+    /// sees what storage holds.
     pub async fn persist(&mut self) -> Result<()> {
         let committed = self.committed();
         let value = match (&self.staged, &committed) {

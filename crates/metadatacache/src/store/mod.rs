@@ -113,6 +113,10 @@ where
     /// # Errors
     /// Storage errors; [`ErrorKind::Codec`] when the stored document cannot
     /// be decoded (the cache keeps its last good value).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a dropped call changes nothing in storage and leaves
+    /// the cache consistent with it.
     pub async fn get(&self, key: K) -> Result<Option<Arc<V>>> {
         let call = Instant::now();
         let span = tracing::debug_span!("get", key = %key, outcome = tracing::field::Empty);
@@ -139,7 +143,7 @@ where
     /// - [`ErrorKind::NotFound`] when the key is absent and
     ///   `create_if_not_found` is false;
     /// - [`ErrorKind::InvalidInput`] when creating without an init function;
-    /// - after `retries` conflicting attempts (or the retry deadline), an
+    /// - after [`Options::max_attempts`] conflicting attempts (or the retry deadline), an
     ///   error of the last conflict's kind naming the key and the attempts;
     /// - [`ErrorKind::Unavailable`]: the write may or may not have been
     ///   applied, at most once;
@@ -182,8 +186,12 @@ where
     /// if it landed first.
     ///
     /// # Errors
-    /// Storage errors; after `retries` conflicting attempts, an error naming
+    /// Storage errors; after [`Options::max_attempts`] conflicting attempts, an error naming
     /// the key.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes may leave the write applied
+    /// or not; the cache stays consistent with storage either way.
     pub async fn reset(&self, key: K, value: V) -> Result<()> {
         let call = Instant::now();
         let span = tracing::debug_span!(
@@ -230,8 +238,12 @@ where
     /// Returns `true` if the document existed.
     ///
     /// # Errors
-    /// Storage errors; after `retries` conflicting attempts, an error naming
+    /// Storage errors; after [`Options::max_attempts`] conflicting attempts, an error naming
     /// the key.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes may leave the document
+    /// deleted or not; the cache stays consistent with storage either way.
     pub async fn remove(&self, key: K) -> Result<bool> {
         let call = Instant::now();
         let span = tracing::debug_span!(
@@ -329,7 +341,7 @@ where
         bump(&c.conflicts);
         let opts = &self.inner.opts;
         let retry = u32::try_from(attempt).unwrap_or(u32::MAX);
-        let delay = if attempt >= opts.retries {
+        let delay = if attempt >= opts.max_attempts {
             None
         } else {
             opts.retry_policy.next_delay(retry, &err, call.elapsed())

@@ -25,7 +25,7 @@ type InitFn<V> = dyn Fn() -> V + Send + Sync;
 /// let opts = Options::<String, Vec<String>>::new(Arc::new(MemoryStorage::new()), |user| {
 ///     format!("users/{user}.json")
 /// })
-/// .retries(20)
+/// .max_attempts(20)
 /// .init(Vec::new)
 /// .max_staleness(Duration::from_millis(100))
 /// .retry_policy(RetryPolicy::default().max_delay(Duration::from_millis(20)));
@@ -35,7 +35,7 @@ type InitFn<V> = dyn Fn() -> V + Send + Sync;
 pub struct Options<K, V> {
     pub(super) storage: Arc<dyn Storage>,
     pub(super) path: Arc<PathFn<K>>,
-    pub(super) retries: usize,
+    pub(super) max_attempts: usize,
     pub(super) init: Option<Arc<InitFn<V>>>,
     pub(super) max_staleness: Duration,
     pub(super) retry_policy: RetryPolicy,
@@ -59,7 +59,7 @@ where
         Options {
             storage,
             path: Arc::new(path),
-            retries: 100,
+            max_attempts: 100,
             init: None,
             max_staleness: Duration::ZERO,
             retry_policy: RetryPolicy::default(),
@@ -71,11 +71,20 @@ where
 }
 
 impl<K, V> Options<K, V> {
-    /// Maximum number of attempts of one `update` or `remove` (at least 1).
+    /// The most attempts one `update`, `remove` or `reset` makes before it
+    /// gives up on conflicts (at least 1; default 100).
     #[must_use]
-    pub fn retries(mut self, n: usize) -> Self {
-        self.retries = n.max(1);
+    pub fn max_attempts(mut self, n: usize) -> Self {
+        self.max_attempts = n.max(1);
         self
+    }
+
+    /// The name the Go package and the contract use for
+    /// [`max_attempts`](Self::max_attempts): the most attempts, not the
+    /// number of retries after the first.
+    #[must_use]
+    pub fn retries(self, n: usize) -> Self {
+        self.max_attempts(n)
     }
 
     /// The value `update(.., create_if_not_found = true, ..)` starts from when
@@ -148,7 +157,7 @@ impl<K, V> fmt::Debug for Options<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Options")
             .field("storage", &self.storage.backend())
-            .field("retries", &self.retries)
+            .field("max_attempts", &self.max_attempts)
             .field("init", &self.init.is_some())
             .field("max_staleness", &self.max_staleness)
             .field("retry_policy", &self.retry_policy)

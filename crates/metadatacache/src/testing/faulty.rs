@@ -199,6 +199,9 @@ impl FaultyStorage {
     }
 
     /// Waits until every delayed upload has reached the inner storage.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only waits.
     pub async fn settle(&self) {
         loop {
             let notified = self.settled.notified();

@@ -130,6 +130,28 @@ impl DiskStorage {
         DiskOptions::new().open(dir)
     }
 
+    /// Opens the directory a URL names: `disk:PATH`, `disk://PATH` or a
+    /// bare path (one that does not start with a URL scheme), with the
+    /// default options. Blocking, like [`open`](Self::open).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] naming the URL when it names no
+    /// directory; otherwise as [`open`](Self::open).
+    pub fn from_url(url: &str) -> Result<DiskStorage> {
+        let path = match url.strip_prefix("disk:") {
+            Some(path) => path.strip_prefix("//").unwrap_or(path),
+            None => url,
+        };
+        if path.is_empty() {
+            return Err(crate::backend::util::bad_url(
+                BACKEND,
+                url,
+                "no directory; expected disk:PATH",
+            ));
+        }
+        Self::open(path)
+    }
+
     /// The directory this storage was opened on.
     pub fn dir(&self) -> &Path {
         &self.inner.dir

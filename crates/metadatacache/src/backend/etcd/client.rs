@@ -25,6 +25,9 @@ const AUTH_MESSAGES: [&str; 4] = [
     "permission denied",
 ];
 
+/// etcd's message when it sheds load before proposing a request.
+const TOO_MANY_REQUESTS: &str = "too many requests";
+
 /// gRPC status codes (the numbers are fixed by the gRPC specification).
 mod code {
     pub const CANCELLED: i32 = 1;
@@ -170,15 +173,20 @@ fn token_rejected(e: &etcd_client::Error) -> bool {
 
 /// The one mapping of driver errors to [`ErrorKind`]s.
 ///
-/// Unreachable servers, broken connections, timeouts and any error whose
-/// outcome is unknown → [`ErrorKind::Unavailable`] (for a write: it may have
-/// been applied); authentication and permission failures →
-/// [`ErrorKind::PermissionDenied`]; everything else → [`ErrorKind::Other`].
+/// "Too many requests" (etcd refuses a request while its apply loop lags;
+/// nothing was proposed) → [`ErrorKind::TooEarly`]; unreachable servers,
+/// broken connections, timeouts and any error whose outcome is unknown →
+/// [`ErrorKind::Unavailable`] (for a write: it may have been applied);
+/// authentication and permission failures → [`ErrorKind::PermissionDenied`];
+/// everything else → [`ErrorKind::Other`].
 pub(super) fn map_error(e: etcd_client::Error) -> Error {
     use etcd_client::Error as E;
     let kind = match &e {
         E::TransportError(_) | E::IoError(_) => ErrorKind::Unavailable,
         E::GRpcStatus(status) => match status.code() as i32 {
+            code::RESOURCE_EXHAUSTED if status.message().contains(TOO_MANY_REQUESTS) => {
+                ErrorKind::TooEarly
+            }
             code::CANCELLED
             | code::UNKNOWN
             | code::DEADLINE_EXCEEDED
@@ -200,6 +208,7 @@ pub(super) fn map_error(e: etcd_client::Error) -> Error {
         _ => ErrorKind::Other,
     };
     let message = match kind {
+        ErrorKind::TooEarly => "etcd is shedding load; nothing was applied",
         ErrorKind::Unavailable => "etcd unreachable or the call failed in flight",
         ErrorKind::PermissionDenied => "etcd refused access",
         _ => "etcd call failed",

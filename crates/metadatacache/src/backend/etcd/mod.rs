@@ -177,12 +177,7 @@ impl Storage for EtcdStorage {
     /// the metadata key, written in the same transaction as the document;
     /// deletes compare the mod revision in their transaction.
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            unique_etags: true,
-            write_tokens: true,
-            conditional_delete: true,
-            ..Capabilities::default()
-        }
+        Capabilities::VERSIONED
     }
 
     /// Checks the name and that etcd answers; the key prefix needs no

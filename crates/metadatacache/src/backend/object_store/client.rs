@@ -90,6 +90,10 @@ pub(super) fn map_error(e: OsError, op: Op, backend: &'static str, path: &str) -
         }
         OsError::InvalidPath { .. } => (ErrorKind::InvalidInput, "invalid object path"),
         OsError::Generic { .. } => match classify(&e) {
+            Transport::SlowDown => (
+                ErrorKind::TooEarly,
+                "the object store asks to slow down; nothing was applied",
+            ),
             Transport::Unreachable => (ErrorKind::Unavailable, unavailable_message(op)),
             Transport::ClientError => (ErrorKind::Other, "request refused"),
             Transport::Unknown if op.is_write() => {
@@ -122,6 +126,9 @@ enum Transport {
     /// No usable answer: connection refused or reset, timeout, a server
     /// error status, an unreadable reply.
     Unreachable,
+    /// Turned away unprocessed to slow the client down (429, or 503 with
+    /// the S3 code `SlowDown`).
+    SlowDown,
     /// The server answered with a 4xx status: the request was refused.
     ClientError,
     /// Something else.
@@ -140,9 +147,13 @@ fn classify(e: &OsError) -> Transport {
         {
             return Transport::Unreachable;
         }
-        if let Some(status) = status_in(&err.to_string()) {
+        let text = err.to_string();
+        if let Some(status) = status_in(&text) {
             return match status {
-                408 | 429 | 500..=599 => Transport::Unreachable,
+                // Rate limiting: the request was turned away unprocessed.
+                429 => Transport::SlowDown,
+                503 if text.contains("<Code>SlowDown</Code>") => Transport::SlowDown,
+                408 | 500..=599 => Transport::Unreachable,
                 400..=499 => Transport::ClientError,
                 _ => Transport::Unknown,
             };
@@ -306,6 +317,27 @@ mod tests {
             store: "S3",
             source: msg.to_owned().into(),
         }
+    }
+
+    #[test]
+    fn rate_limiting_is_too_early() {
+        for msg in [
+            "Error performing PUT: status code: 429 Too Many Requests",
+            "Error performing PUT: status code: 503, body: <Error><Code>SlowDown</Code></Error>",
+        ] {
+            for op in [Op::Read, Op::Update] {
+                let e = map_error(generic(msg), op, "s3", "p");
+                assert_eq!(e.kind(), ErrorKind::TooEarly, "{msg}");
+            }
+        }
+        // Any other 503 may hide an applied write.
+        let e = map_error(
+            generic("status code: 503 Service Unavailable"),
+            Op::Update,
+            "s3",
+            "p",
+        );
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
     }
 
     #[test]

@@ -328,10 +328,16 @@ impl Storage for ObjectStoreStorage {
         }
     }
 
-    /// A no-op: object stores have no storage spaces to create, and the bucket
-    /// must exist already. Only `name` is checked.
+    /// Checks `name` and that the bucket answers (a directory needs no
+    /// creating; the bucket must exist already).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad name; [`ErrorKind::NotFound`]
+    /// naming the bucket when it does not exist; [`ErrorKind::Unavailable`]
+    /// or [`ErrorKind::PermissionDenied`] when it cannot be used.
     async fn init(&self, name: &str) -> Result<()> {
-        validate_path(name, true).map_err(|e| self.tag(e))
+        validate_path(name, true).map_err(|e| self.tag(e))?;
+        self.list_dir(name).await.map(drop)
     }
 
     async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {

@@ -39,6 +39,7 @@ impl From<tokio_postgres::Error> for Failure {
 /// - SQLSTATE class 28 (authorization) and 42501 (insufficient privilege)
 ///   → `PermissionDenied`;
 /// - 40001 (serialization) and 40P01 (deadlock) → `Aborted`;
+/// - 53300 (too many connections, at login) → `TooEarly`;
 /// - any failure that is not an error reported by the server while a write
 ///   was in flight (`write_in_flight`) → `Unavailable`: the write may or may
 ///   not have been applied;
@@ -56,6 +57,8 @@ pub(super) fn classify(failure: &Failure, write_in_flight: bool) -> ErrorKind {
         return match code {
             _ if code.starts_with("28") || code == "42501" => ErrorKind::PermissionDenied,
             "40001" | "40P01" => ErrorKind::Aborted,
+            // Too many connections: refused at login, nothing was sent.
+            "53300" if !write_in_flight => ErrorKind::TooEarly,
             _ if ["08", "53", "57"].iter().any(|c| code.starts_with(c)) => ErrorKind::Unavailable,
             _ => ErrorKind::Other,
         };

@@ -267,21 +267,18 @@ impl Storage for PostgresStorage {
     /// token when the request has one (so it is stored with the version),
     /// else a fresh value. Deletes check `if_match` in their statement.
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            unique_etags: true,
-            write_tokens: true,
-            conditional_delete: true,
-            ..Capabilities::default()
-        }
+        Capabilities::VERSIONED
     }
 
-    /// Ensures the table exists (idempotent). `name` is not used: the table
-    /// comes from the URL, and paths are the only namespace inside it.
+    /// Checks `name` and ensures the table exists (idempotent); a
+    /// directory needs no creating.
     ///
     /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad name;
     /// [`ErrorKind::Unavailable`] when the server cannot be reached;
     /// [`ErrorKind::PermissionDenied`] when the table cannot be created.
-    async fn init(&self, _name: &str) -> Result<()> {
+    async fn init(&self, name: &str) -> Result<()> {
+        validate_path(name, true).map_err(|e| e.with_backend(BACKEND))?;
         self.ensure_schema().await
     }
 
