@@ -117,8 +117,8 @@ pub use backend::open::open;
 pub use backend::postgres::{PostgresConfig, PostgresStorage};
 pub use error::{Error, ErrorKind, Result};
 pub use storage::{
-    Capabilities, DownloadRequest, DownloadResponse, EntryKind, FileInfo, MAX_PATH_LEN,
-    MAX_SEGMENT_LEN, Storage, UploadRequest, UploadResponse, check_delete_precondition,
-    check_upload_preconditions, new_write_token, parent, validate_path,
+    Capabilities, Change, ChangeSender, ChangeStream, DownloadRequest, DownloadResponse, EntryKind,
+    FileInfo, MAX_PATH_LEN, MAX_SEGMENT_LEN, Storage, UploadRequest, UploadResponse,
+    check_delete_precondition, check_upload_preconditions, new_write_token, parent, validate_path,
 };
 pub use store::{Codec, JsonCodec, KeyGuard, Options, RetryPolicy, Stats, Store};

@@ -6,9 +6,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-#[cfg(doc)]
-use crate::error::ErrorKind;
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 
 /// A write of `content` at `path`, with optional preconditions.
 ///
@@ -386,6 +384,33 @@ pub trait Storage: Send + Sync + fmt::Debug {
         Capabilities::default()
     }
 
+    /// Subscribes to the changes of the documents below `prefix` (`""` for
+    /// all of them), as [`Options::watch`](crate::Options::watch) uses it.
+    ///
+    /// The backend keeps the subscription alive by itself (reconnecting
+    /// after an outage) until the stream is dropped. The stream opens with
+    /// [`Change::InSync`] once every later change will be reported, reports
+    /// a [`Change::Gap`] whenever changes may have been missed, and another
+    /// `InSync` once it is whole again. A change is reported after it is
+    /// visible to reads.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Other`] where the backend cannot report changes
+    /// ([`Capabilities::notifications`] is false: the default);
+    /// [`ErrorKind::InvalidInput`] for a bad prefix.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a subscription set up half-way is dropped with the
+    /// future.
+    async fn watch(&self, prefix: &str) -> Result<ChangeStream> {
+        let _ = prefix;
+        Err(crate::Error::new(
+            ErrorKind::Other,
+            "this backend cannot report changes; reads revalidate instead",
+        )
+        .with_backend(self.backend()))
+    }
+
     /// Writes `content` unconditionally.
     ///
     /// # Errors
@@ -409,10 +434,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     }
 }
 
+mod change;
 mod path;
 mod precondition;
 mod token;
 
+pub use self::change::{Change, ChangeSender, ChangeStream};
 pub(crate) use self::path::join;
 pub use self::path::{MAX_PATH_LEN, MAX_SEGMENT_LEN, parent, validate_path};
 pub use self::precondition::{check_delete_precondition, check_upload_preconditions};

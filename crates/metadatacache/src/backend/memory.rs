@@ -9,9 +9,9 @@ use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    Capabilities, DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest,
-    UploadResponse, check_delete_precondition, check_upload_preconditions, join, parent,
-    validate_path,
+    Capabilities, Change, ChangeSender, ChangeStream, DownloadRequest, DownloadResponse, EntryKind,
+    FileInfo, Storage, UploadRequest, UploadResponse, check_delete_precondition,
+    check_upload_preconditions, join, parent, validate_path,
 };
 
 /// Storage kept in this process's memory.
@@ -42,6 +42,8 @@ struct State {
     files: BTreeMap<String, Doc>,
     dirs: BTreeSet<String>,
     next_version: u64,
+    /// Change streams and the prefix each watches.
+    watchers: Vec<(String, ChangeSender)>,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +89,22 @@ fn tag(e: Error) -> Error {
 }
 
 impl State {
+    /// Reports a change to every stream watching `path`, under the lock
+    /// that made it (so streams see changes in the order they happened;
+    /// a reader waiting for the lock sees the change first). Drops
+    /// streams whose consumer is gone.
+    fn notify(&mut self, path: &str, etag: Option<&str>) {
+        self.watchers.retain(|(prefix, tx)| {
+            if !under(path, prefix) {
+                return !tx.is_closed();
+            }
+            tx.send(Change::Changed {
+                path: path.to_owned(),
+                etag: etag.map(str::to_owned),
+            })
+        });
+    }
+
     fn has_dir(&self, dir: &str) -> bool {
         if dir.is_empty() || self.dirs.contains(dir) {
             return true;
@@ -129,6 +147,7 @@ impl Storage for MemoryStorage {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             directories: true,
+            notifications: true,
             ..Capabilities::VERSIONED
         }
     }
@@ -152,6 +171,7 @@ impl Storage for MemoryStorage {
         state.next_version += 1;
         let etag = version_etag(state.next_version);
         let mtime = req.mtime.unwrap_or_else(SystemTime::now);
+        state.notify(&req.path, Some(&etag));
         state.files.insert(
             req.path,
             Doc {
@@ -190,7 +210,17 @@ impl Storage for MemoryStorage {
         let current = state.files.get(path).map(|d| d.etag.as_str());
         check_delete_precondition(path, if_match, current).map_err(tag)?;
         state.files.remove(path);
+        state.notify(path, None);
         Ok(())
+    }
+
+    /// Changes are reported synchronously, by the write itself.
+    async fn watch(&self, prefix: &str) -> Result<ChangeStream> {
+        validate_path(prefix, true).map_err(tag)?;
+        let (tx, rx) = ChangeStream::channel();
+        tx.send(Change::InSync);
+        self.state().watchers.push((prefix.to_owned(), tx));
+        Ok(rx)
     }
 
     async fn stat(&self, path: &str) -> Result<FileInfo> {
@@ -262,6 +292,14 @@ impl Storage for MemoryStorage {
         state.dirs.insert(path.to_owned());
         Ok(())
     }
+}
+
+/// True when `path` lies at or below `prefix` ("" is everything).
+fn under(path: &str, prefix: &str) -> bool {
+    prefix.is_empty()
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// `m` and the version in hex, without going through `format!` (this is on

@@ -25,17 +25,27 @@ pub(super) struct Cached<V> {
     /// Set by [`Cache::clear`] on an entry in use: its next read
     /// revalidates, whatever `validated` says.
     pub(super) must_revalidate: bool,
+    /// The watch's notification number when the call that confirmed this
+    /// entry began (see [`Watch`](super::watch::Watch)).
+    pub(super) watch_seq: u64,
     referenced: bool,
 }
 
 impl<V> Cached<V> {
-    pub(super) fn new(value: Arc<V>, etag: Arc<str>, validated: Instant, size: usize) -> Self {
+    pub(super) fn new(
+        value: Arc<V>,
+        etag: Arc<str>,
+        validated: Instant,
+        watch_seq: u64,
+        size: usize,
+    ) -> Self {
         Cached {
             value,
             etag,
             validated,
             size,
             must_revalidate: false,
+            watch_seq,
             referenced: false,
         }
     }
@@ -186,7 +196,7 @@ mod tests {
     use super::*;
 
     fn entry(size: usize) -> Cached<u32> {
-        Cached::new(Arc::new(0), Arc::from("e"), Instant::now(), size)
+        Cached::new(Arc::new(0), Arc::from("e"), Instant::now(), 0, size)
     }
 
     #[test]

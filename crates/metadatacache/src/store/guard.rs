@@ -22,6 +22,14 @@ use crate::storage::{DownloadRequest, UploadRequest, new_write_token, parent};
 /// [`KeyGuard::settle_lost_write`]).
 const RESENDS: u32 = 3;
 
+/// When a storage call began: the instant (for coalescing and staleness)
+/// and the watch's notification number (for push invalidation).
+#[derive(Debug, Clone, Copy)]
+struct Began {
+    at: Instant,
+    seq: u64,
+}
+
 /// What a write sent, to send it again after its reply was lost.
 struct Sent {
     content: Bytes,
@@ -148,7 +156,7 @@ where
             path: self.path.clone(),
             if_none_match: cached_etag.iter().map(|e| e.to_string()).collect(),
         };
-        let start = Instant::now();
+        let start = self.began();
         match inner.opts.storage.download(req).await {
             Ok(resp) => {
                 bump(&inner.counters.downloads);
@@ -163,7 +171,8 @@ where
             Err(e) if e.kind() == ErrorKind::NotModified => {
                 bump(&inner.counters.not_modified);
                 if let Some(c) = inner.cache().get_mut(self.key()) {
-                    c.validated = c.validated.max(start);
+                    c.validated = c.validated.max(start.at);
+                    c.watch_seq = c.watch_seq.max(start.seq);
                     c.must_revalidate = false;
                 }
             }
@@ -175,7 +184,7 @@ where
             }
             Err(e) => return Err(e),
         }
-        Ok(start)
+        Ok(start.at)
     }
 
     /// Writes the guard's value (the one [`set`](Self::set), else the cached
@@ -225,12 +234,20 @@ where
         allow_stale: bool,
     ) -> Result<Instant> {
         let inner = &self.store.inner;
+        if let Some(watch) = &inner.watch {
+            watch.start(&inner.opts.storage);
+        }
         let fresh = inner.cache().get(self.key()).and_then(|c| {
             let fresh = !c.must_revalidate
                 && (c.validated > call
                     || (allow_stale
                         && !inner.opts.max_staleness.is_zero()
-                        && c.validated.elapsed() <= inner.opts.max_staleness));
+                        && c.validated.elapsed() <= inner.opts.max_staleness)
+                    || (allow_stale
+                        && inner
+                            .watch
+                            .as_ref()
+                            .is_some_and(|w| w.is_current(&self.path, &c.etag, c.watch_seq))));
             fresh.then_some(c.validated)
         });
         if let Some(validated) = fresh {
@@ -257,9 +274,17 @@ where
             .map(|c| Arc::clone(&c.value))
     }
 
-    fn commit(&self, value: Arc<V>, etag: Arc<str>, validated: Instant, size: usize) {
+    /// When a storage call begins, for the entry it will confirm.
+    fn began(&self) -> Began {
+        Began {
+            at: Instant::now(),
+            seq: self.store.inner.watch.as_ref().map_or(0, |w| w.seq()),
+        }
+    }
+
+    fn commit(&self, value: Arc<V>, etag: Arc<str>, began: Began, size: usize) {
         let inner = &self.store.inner;
-        let entry = Cached::new(value, etag, validated, size);
+        let entry = Cached::new(value, etag, began.at, began.seq, size);
         inner
             .cache()
             .insert(self.key().clone(), entry, |k| inner.locks.users(k) > 0);
@@ -316,7 +341,7 @@ where
             token: req.write_token.clone(),
         };
         let size = sent.content.len();
-        let start = Instant::now();
+        let start = self.began();
         bump(&inner.counters.uploads);
         match storage.upload(req).await {
             Ok(resp) => {

@@ -19,6 +19,7 @@ mod key_lock;
 mod options;
 mod retry;
 mod stats;
+mod watch;
 
 pub use self::codec::{Codec, JsonCodec};
 pub use self::guard::KeyGuard;
@@ -30,6 +31,7 @@ use self::cache::Cache;
 use self::group_commit::Waiter;
 use self::key_lock::KeyLocks;
 use self::stats::{Counters, bump};
+use self::watch::Watch;
 use crate::error::{Error, ErrorKind, Result};
 
 /// A typed in-memory cache of documents in a shared [`Storage`](crate::Storage), with
@@ -47,6 +49,16 @@ struct Inner<K, V> {
     locks: Arc<KeyLocks<K, Waiter<V>>>,
     cache: Mutex<Cache<K, V>>,
     counters: Counters,
+    /// Push invalidation, with [`Options::watch`].
+    watch: Option<Arc<Watch>>,
+}
+
+impl<K, V> Drop for Inner<K, V> {
+    fn drop(&mut self) {
+        if let Some(watch) = &self.watch {
+            watch.stop();
+        }
+    }
 }
 
 impl<K, V> Inner<K, V> {
@@ -83,12 +95,14 @@ where
     /// A store with an empty cache.
     pub fn new(opts: Options<K, V>) -> Self {
         let capacity = opts.capacity;
+        let watch = opts.watch.then(Arc::default);
         Store {
             inner: Arc::new(Inner {
                 opts,
                 locks: Arc::new(KeyLocks::new()),
                 cache: Mutex::new(Cache::new(capacity)),
                 counters: Counters::default(),
+                watch,
             }),
         }
     }
@@ -284,7 +298,11 @@ where
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
-        self.inner.counters.snapshot()
+        let mut stats = self.inner.counters.snapshot();
+        if let Some(watch) = &self.inner.watch {
+            stats.watch_gaps = watch.gaps.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        stats
     }
 
     /// How many keys are locked or waited for right now. Keys leave the lock

@@ -42,6 +42,7 @@ pub struct Options<K, V> {
     pub(super) codec: Arc<dyn Codec<V>>,
     pub(super) batching: bool,
     pub(super) capacity: Capacity,
+    pub(super) watch: bool,
 }
 
 impl<K, V> Options<K, V>
@@ -66,6 +67,7 @@ where
             codec: Arc::new(JsonCodec),
             batching: true,
             capacity: Capacity::default(),
+            watch: false,
         }
     }
 }
@@ -103,6 +105,35 @@ impl<K, V> Options<K, V> {
     #[must_use]
     pub fn max_staleness(mut self, d: Duration) -> Self {
         self.max_staleness = d;
+        self
+    }
+
+    /// Push invalidation (default off): follow the storage's change stream
+    /// ([`Storage::watch`]) and answer `get`, and the read of an `update`,
+    /// from memory — with no storage call — while the stream is whole and
+    /// has reported no change to the path since the cached version was
+    /// confirmed. A change drops the entry's trust (the next read
+    /// revalidates); a gap in the stream (a reconnect, a lagging consumer,
+    /// etcd compaction, an inotify overflow) drops every entry's until the
+    /// stream is whole again, and is counted in [`Stats::watch_gaps`].
+    ///
+    /// The staleness this allows is the notification delay: a change made
+    /// by another replica is seen once its notification arrived (usually
+    /// milliseconds; see BENCHMARKS.md), where [`max_staleness`] allows a
+    /// fixed age instead. Writes stay compare-and-swap, so a stale value
+    /// can only cost a conflict and a retry, never a lost update. A caller
+    /// that needs a linearizable read — one that sees every write completed
+    /// before it started — takes the key's lock and calls
+    /// [`KeyGuard::sync`](super::KeyGuard::sync), which always asks storage.
+    ///
+    /// Backends that cannot notify (S3) fall back to revalidating every
+    /// read, and say so once in the log.
+    ///
+    /// [`max_staleness`]: Self::max_staleness
+    /// [`Stats::watch_gaps`]: super::Stats::watch_gaps
+    #[must_use]
+    pub fn watch(mut self, on: bool) -> Self {
+        self.watch = on;
         self
     }
 
@@ -163,6 +194,7 @@ impl<K, V> fmt::Debug for Options<K, V> {
             .field("retry_policy", &self.retry_policy)
             .field("batching", &self.batching)
             .field("capacity", &self.capacity)
+            .field("watch", &self.watch)
             .finish_non_exhaustive()
     }
 }

@@ -25,6 +25,10 @@ pub struct Stats {
     /// Lost-reply writes shown to have landed exactly once (answered
     /// `Ok`); the others were answered `Unavailable`.
     pub lost_replies_settled: u64,
+    /// Gaps in the change stream of a watching store (see
+    /// [`Options::watch`](crate::Options::watch)): each made every read
+    /// revalidate until the stream was whole again.
+    pub watch_gaps: u64,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +61,7 @@ impl Counters {
             give_ups: get(&self.give_ups),
             lost_replies: get(&self.lost_replies),
             lost_replies_settled: get(&self.lost_replies_settled),
+            watch_gaps: 0,
         }
     }
 }

@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    Capabilities, DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest,
-    UploadResponse,
+    Capabilities, ChangeStream, DownloadRequest, DownloadResponse, FileInfo, Storage,
+    UploadRequest, UploadResponse,
 };
 
 /// One recorded storage call.
@@ -185,6 +185,11 @@ impl Storage for RecordingStorage {
 
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
+    }
+
+    /// The inner storage's changes (not recorded: they are no calls).
+    async fn watch(&self, prefix: &str) -> Result<ChangeStream> {
+        self.inner.watch(prefix).await
     }
 
     async fn init(&self, name: &str) -> Result<()> {

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+mod watch;
+
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    Capabilities, DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest,
-    UploadResponse,
+    Capabilities, ChangeSender, ChangeStream, DownloadRequest, DownloadResponse, FileInfo, Storage,
+    UploadRequest, UploadResponse,
 };
 
 /// Wraps a storage and makes a seeded, reproducible fraction of calls fail.
@@ -61,6 +63,10 @@ pub struct FaultyStorage {
     counts: Arc<FaultCounts>,
     /// Signalled whenever a delayed upload finishes.
     settled: Arc<tokio::sync::Notify>,
+    /// The change streams handed out, for [`watch_gap`](Self::watch_gap).
+    streams: Mutex<Vec<Arc<ChangeSender>>>,
+    /// While set, changes are dropped instead of forwarded.
+    watch_paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug, Default)]
@@ -74,6 +80,7 @@ struct FaultCounts {
     delayed_landed: AtomicU64,
     /// Delayed uploads not finished yet.
     in_flight: AtomicU64,
+    watch_dropped: AtomicU64,
 }
 
 /// How many faults a [`FaultyStorage`] has injected so far.
@@ -93,6 +100,8 @@ pub struct Faults {
     pub delayed: u64,
     /// Delayed uploads that the inner storage accepted when they arrived.
     pub delayed_landed: u64,
+    /// Changes dropped from change streams while they were paused.
+    pub watch_dropped: u64,
 }
 
 impl fmt::Debug for FaultyStorage {
@@ -140,6 +149,8 @@ impl FaultyStorage {
             racy_cas: false,
             counts: Arc::default(),
             settled: Arc::default(),
+            streams: Mutex::default(),
+            watch_paused: Arc::default(),
         }
     }
 
@@ -241,6 +252,7 @@ impl FaultyStorage {
             applied_conflicts: c.applied_conflicts.load(Ordering::Relaxed),
             delayed: c.delayed.load(Ordering::Relaxed),
             delayed_landed: c.delayed_landed.load(Ordering::Relaxed),
+            watch_dropped: c.watch_dropped.load(Ordering::SeqCst),
         }
     }
 
@@ -409,6 +421,13 @@ impl Storage for FaultyStorage {
     async fn delete_if_match(&self, path: &str, if_match: Option<&str>) -> Result<()> {
         self.begin(false, path).await?;
         self.inner.delete_if_match(path, if_match).await
+    }
+
+    /// The inner storage's changes, forwarded so that
+    /// [`watch_gap`](Self::watch_gap) can break into them.
+    async fn watch(&self, prefix: &str) -> Result<ChangeStream> {
+        let inner = self.inner.watch(prefix).await?;
+        Ok(self.forward(inner))
     }
 
     async fn stat(&self, path: &str) -> Result<FileInfo> {

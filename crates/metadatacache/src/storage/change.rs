@@ -1,0 +1,162 @@
+//! Change notifications: what [`Storage::watch`](super::Storage::watch)
+//! reports, and the channel backends report it through.
+
+use std::fmt;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::mpsc;
+
+/// How many changes may wait for a slow consumer before the stream reports
+/// a [`Change::Gap`] instead of holding more.
+const CAPACITY: usize = 4096;
+
+/// What a change stream reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Change {
+    /// The stream is whole from here on: every change after this one is
+    /// reported, until a [`Gap`](Change::Gap).
+    InSync,
+    /// The document at `path` was written or deleted. `etag` is its new
+    /// etag where the backend reports it; `None` for a delete, or where the
+    /// backend does not say (then the version is unknown).
+    Changed {
+        /// The document's storage path.
+        path: String,
+        /// The new etag, if known.
+        etag: Option<String>,
+    },
+    /// Changes may have been missed (a reconnect, a consumer that lagged,
+    /// history compacted away, an overflowing queue). An
+    /// [`InSync`](Change::InSync) follows once the stream is whole again.
+    Gap {
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+/// The receiving end of a change stream; dropping it ends the
+/// subscription (the backend's watch task notices and stops).
+pub struct ChangeStream {
+    rx: mpsc::Receiver<Change>,
+}
+
+impl fmt::Debug for ChangeStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChangeStream").finish_non_exhaustive()
+    }
+}
+
+impl ChangeStream {
+    /// A new stream and the sender a backend reports into.
+    pub fn channel() -> (ChangeSender, ChangeStream) {
+        let (tx, rx) = mpsc::channel(CAPACITY);
+        let sender = ChangeSender {
+            tx,
+            lost: AtomicBool::new(false),
+            order: Mutex::new(()),
+        };
+        (sender, ChangeStream { rx })
+    }
+
+    /// The next change; `None` once the backend ended the stream for good.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a change is taken off the stream only when returned.
+    pub async fn next(&mut self) -> Option<Change> {
+        self.rx.recv().await
+    }
+}
+
+/// The sending end of a change stream, used by backends. Never blocks: a
+/// change that finds the stream full (the consumer lags) is dropped and
+/// the consumer is told so with a [`Change::Gap`], then
+/// [`Change::InSync`], as soon as there is room again.
+pub struct ChangeSender {
+    tx: mpsc::Sender<Change>,
+    /// A change was dropped; a gap is owed.
+    lost: AtomicBool,
+    /// Keeps the owed gap ahead of the change that finds room.
+    order: Mutex<()>,
+}
+
+impl fmt::Debug for ChangeSender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChangeSender")
+            .field("closed", &self.tx.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChangeSender {
+    /// Reports `change`. False once the consumer dropped its stream: the
+    /// backend should stop watching.
+    pub fn send(&self, change: Change) -> bool {
+        let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        if self.lost.load(Ordering::Relaxed) {
+            if self.tx.capacity() < 3 {
+                return !self.tx.is_closed();
+            }
+            let gap = Change::Gap {
+                reason: "the consumer lagged; changes were dropped".to_owned(),
+            };
+            if self.tx.try_send(gap).is_err() || self.tx.try_send(Change::InSync).is_err() {
+                return !self.tx.is_closed();
+            }
+            self.lost.store(false, Ordering::Relaxed);
+        }
+        match self.tx.try_send(change) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.lost.store(true, Ordering::Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// True once the consumer dropped its stream.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Waits until the consumer drops its stream.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only waits.
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changed(n: usize) -> Change {
+        Change::Changed {
+            path: format!("p{n}"),
+            etag: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lagging_consumer_gets_a_gap_then_in_sync() {
+        let (tx, mut rx) = ChangeStream::channel();
+        for n in 0..CAPACITY + 10 {
+            assert!(tx.send(changed(n)));
+        }
+        for n in 0..CAPACITY {
+            assert_eq!(rx.next().await, Some(changed(n)));
+        }
+        // Room again: the gap comes before the next change.
+        assert!(tx.send(changed(99_999)));
+        assert!(matches!(rx.next().await, Some(Change::Gap { .. })));
+        assert_eq!(rx.next().await, Some(Change::InSync));
+        assert_eq!(rx.next().await, Some(changed(99_999)));
+        drop(rx);
+        assert!(!tx.send(Change::InSync));
+        assert!(tx.is_closed());
+    }
+}
