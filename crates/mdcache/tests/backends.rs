@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, dead_code, unused_imports)]
 
-#[path = "../../metadatacache/tests/support/servers.rs"]
+#[path = "../../metadatacache/tests/common/servers.rs"]
 mod servers;
 mod table;
 

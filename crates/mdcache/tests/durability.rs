@@ -17,7 +17,7 @@
 use std::path::Path;
 use std::process::Command;
 
-#[path = "../../metadatacache/tests/support/servers.rs"]
+#[path = "../../metadatacache/tests/common/servers.rs"]
 mod servers;
 
 fn strace() -> bool {

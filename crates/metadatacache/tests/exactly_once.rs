@@ -1,21 +1,21 @@
 //! The update promise when replies are lost and writes land late:
 //! `Ok` = applied exactly once, `Unavailable` = at most once, anything else
-//! = not applied. Memory storage here; the same counter runs against etcd
-//! and PostgreSQL in their test files.
+//! = not applied. Memory storage here; the same counter runs against etcd,
+//! PostgreSQL and S3 (`common::suite`'s `late_landing_writes`).
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
+use common::counter::{Faults, delayed_counter};
 use metadatacache::{
     Capabilities, DownloadRequest, DownloadResponse, Error, ErrorKind, FileInfo, MemoryStorage,
     Options, RetryPolicy, Storage, Store, UploadRequest, UploadResponse,
 };
-use support::counter::{Faults, delayed_counter};
 
 fn memory() -> Arc<dyn Storage> {
     Arc::new(MemoryStorage::new())

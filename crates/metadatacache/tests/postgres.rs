@@ -1,26 +1,61 @@
 //! The PostgreSQL backend against a real server (started by
-//! `support::servers`): the conformance suite, URL errors, outages and
-//! reconnects, lost replies, timeouts, permissions and placement.
+//! `common::servers`): the shared suite of `common::suite`, and what only
+//! PostgreSQL has: SQL wildcards, placement, tables, logins and privileges,
+//! killed connections and writes blocked on a row lock.
 
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used)]
 
-mod support;
+mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use metadatacache::{
-    DownloadRequest, Error, ErrorKind, Options, PostgresStorage, RetryPolicy, Storage, Store,
-    UploadRequest,
-};
-use support::must_finish;
-use support::servers::{self, Server};
+use common::servers::{self, Server};
+use common::suite::{self, TestServer};
+use common::{GUARD, eventually, must_finish};
+use metadatacache::{DownloadRequest, ErrorKind, PostgresStorage, Result, Storage, UploadRequest};
 
-/// The hang detector of calls that should end within their timeout: many
-/// times any timeout used here.
-const GUARD: Duration = Duration::from_secs(60);
+struct Postgres;
+
+impl TestServer for Postgres {
+    const BACKEND: &'static str = "postgres";
+    const CONNECTS_ON_OPEN: bool = true;
+    const SECRET_URL: &'static str = "postgres://u:hunter2@127.0.0.1:1/db?table=a-b";
+    // Tables are plain SQL identifiers.
+    const BAD_SPACES: &'static [&'static str] =
+        &["no-dashes", "drop%20table", "1starts_with_digit"];
+    const BAD_PARAMS: &'static [&'static str] = &["pool_size=many", "sslmode=require"];
+
+    fn launch() -> Option<Server> {
+        servers::postgres()
+    }
+
+    /// By the other scheme, `postgresql://`: the tests of this file use
+    /// `postgres://`.
+    fn url(addr: &str, space: &str, timeout: Option<Duration>) -> String {
+        let timeout = suite::timeout_query("&", timeout);
+        format!("postgresql://postgres@{addr}/postgres?table={space}{timeout}")
+    }
+
+    fn root_url(addr: &str, space: &str) -> String {
+        Self::url(addr, space, None)
+    }
+
+    async fn from_url(url: &str) -> Result<Arc<dyn Storage>> {
+        Ok(Arc::new(PostgresStorage::from_url(url).await?))
+    }
+
+    /// Through the URL dispatch, as the command line opens it.
+    async fn open_url(url: &str) -> Result<Arc<dyn Storage>> {
+        metadatacache::open(url).await
+    }
+}
+
+suite::server_tests!(Postgres;
+    served: conformance, outage_then_recovery, counter_counts_exactly, counter_survives_restart,
+        late_landing_writes, lost_replies_are_resolved_by_write_token;
+    offline: silent_server_is_unavailable, bad_urls_name_the_url_without_secrets);
 
 fn url(server: &Server, query: &str) -> String {
     format!("postgres://postgres@{}/postgres{query}", server.addr())
@@ -41,241 +76,13 @@ async fn admin(server: &Server) -> tokio_postgres::Client {
     client
 }
 
-fn kind<T: std::fmt::Debug>(res: metadatacache::Result<T>) -> ErrorKind {
-    match res {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => {
-            assert_eq!(e.backend(), Some("postgres"), "{e}");
-            e.kind()
-        }
-    }
-}
-
-/// Retries `op` while the storage reconnects; returns its value and how
-/// many attempts failed first. Fails the test if it is not back after
-/// [`GUARD`] (a hang detector, not a speed bound).
-async fn eventually<T, F, Fut>(what: &str, mut op: F) -> (T, usize)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = metadatacache::Result<T>>,
-{
-    let start = Instant::now();
-    let mut failed = 0;
-    loop {
-        match op().await {
-            Ok(v) => return (v, failed),
-            Err(e) if start.elapsed() < GUARD => {
-                eprintln!("{what}: still failing: {e}");
-                failed += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("{what}: not back after {GUARD:?}: {e}"),
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn passes_the_conformance_suite() {
-    let Some(server) = servers::postgres() else {
-        return;
-    };
-    let s = connect(&server, "?table=suite").await;
-    assert_eq!(s.backend(), "postgres");
-    metadatacache::conformance::run_all(Arc::new(s), "suite").await;
-    // At the root of a table of its own, opened through the URL dispatch.
-    let s = metadatacache::open(&url(&server, "?table=suite_root"))
-        .await
-        .unwrap();
-    assert_eq!(s.backend(), "postgres");
-    metadatacache::conformance::run_all(s, "").await;
-}
-
-#[tokio::test]
-async fn bad_urls_are_invalid_input_naming_the_url() {
-    for bad in [
-        "postgres://u@127.0.0.1:1/db?table=no-dashes",
-        "postgres://u@127.0.0.1:1/db?table=drop%20table",
-        "postgresql://u@127.0.0.1:1/db?table=1starts_with_digit",
-        "postgres://u@127.0.0.1:1/db?timeout_ms=-5",
-        "postgres://u@127.0.0.1:1/db?pool_size=many",
-        "postgres://u@127.0.0.1:1/db?sslmode=require",
-        "postgres://u@127.0.0.1:notaport/db",
-    ] {
-        let e = PostgresStorage::from_url(bad).await.unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}: {e}");
-        assert_eq!(e.backend(), Some("postgres"), "{bad}: {e}");
-        assert!(e.to_string().contains(bad), "{bad}: {e}");
-        let e = metadatacache::open(bad).await.unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}: {e}");
-    }
-    let e = PostgresStorage::from_url("postgres://u:hunter2@127.0.0.1:1/db?table=a-b")
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::InvalidInput);
-    assert!(!e.to_string().contains("hunter2"), "{e}");
-    assert!(!format!("{e:?}").contains("hunter2"), "{e:?}");
-}
-
-#[tokio::test]
-async fn unreachable_and_silent_servers_are_unavailable_within_the_timeout() {
-    // Nothing listens on a port we just released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("postgres://u@127.0.0.1:{port}/db?timeout_ms=500");
-    let (res, _) = must_finish(
-        "connect to a closed port",
-        GUARD,
-        PostgresStorage::from_url(&url),
-    )
-    .await;
-    let e = res.unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
-
-    // A peer that accepts connections and never answers.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = silent.local_addr().unwrap();
-    let url = format!("postgres://u@{addr}/db?timeout_ms=500");
-    let (res, took) = must_finish(
-        "connect to a silent server",
-        GUARD,
-        PostgresStorage::from_url(&url),
-    )
-    .await;
-    let e = res.unwrap_err();
-    eprintln!("silent server: {e} after {took:?}");
-    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
-    // Ended by the timeout (timers never fire early), not by a refusal.
-    assert!(took >= Duration::from_millis(500), "{took:?}");
-    drop(silent);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outage_is_unavailable_then_the_same_storage_recovers() {
-    let Some(mut server) = servers::postgres() else {
-        return;
-    };
-    let s = connect(&server, "?table=outage&timeout_ms=1000").await;
-    let v1 = s.simple_upload("doc.json", "1".into()).await.unwrap();
-
-    tokio::task::block_in_place(|| server.stop());
-    let (up, up_took) = must_finish(
-        "upload during the outage",
-        GUARD,
-        s.upload(UploadRequest {
-            if_match: Some(v1.etag.clone()),
-            ..UploadRequest::new("doc.json", "2")
-        }),
-    )
-    .await;
-    assert_eq!(kind(up), ErrorKind::Unavailable);
-    let (down, down_took) = must_finish(
-        "download during the outage",
-        GUARD,
-        s.download(DownloadRequest::new("doc.json")),
-    )
-    .await;
-    assert_eq!(kind(down), ErrorKind::Unavailable);
-    for op in ["list", "stat", "delete"] {
-        let res = match op {
-            "list" => s.list_dir("").await.map(drop),
-            "stat" => s.stat("doc.json").await.map(drop),
-            _ => s.delete("doc.json").await,
-        };
-        assert_eq!(kind(res), ErrorKind::Unavailable, "{op}");
-    }
-    eprintln!("server down: upload Unavailable after {up_took:?}, download after {down_took:?}");
-
-    tokio::task::block_in_place(|| server.start());
-    let (v2, took) = eventually("upload after restart", || {
-        s.upload(UploadRequest {
-            if_match: Some(v1.etag.clone()),
-            ..UploadRequest::new("doc.json", "2")
-        })
-    })
-    .await;
-    eprintln!("server back: the same storage wrote again after {took} failed attempts");
-    let got = s.download(DownloadRequest::new("doc.json")).await.unwrap();
-    assert_eq!((got.content.as_ref(), got.etag), (b"2".as_ref(), v2.etag));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counter_with_an_outage_loses_nothing() {
-    let Some(mut server) = servers::postgres() else {
-        return;
-    };
-    const TASKS: usize = 4;
-    const PER_TASK: usize = 150;
-    let acked = Arc::new(AtomicU64::new(0));
-    let maybe = Arc::new(AtomicU64::new(0));
-    let mut handles = Vec::new();
-    let mut storages = Vec::new();
-    for _replica in 0..2 {
-        let storage: Arc<dyn Storage> =
-            Arc::new(connect(&server, "?table=counter&timeout_ms=1000").await);
-        storages.push(Arc::clone(&storage));
-        let store: Store<String, u64> = Store::new(
-            Options::new(storage, |_: &String| "counter.json".to_owned())
-                .init(|| 0)
-                .retries(10_000)
-                .retry_policy(RetryPolicy::default().max_delay(Duration::from_millis(5))),
-        );
-        for _ in 0..TASKS {
-            let (store, acked, maybe) = (store.clone(), Arc::clone(&acked), Arc::clone(&maybe));
-            handles.push(tokio::spawn(async move {
-                for _ in 0..PER_TASK {
-                    match store
-                        .update("c".to_owned(), true, |n| Ok::<_, Error>((n + 1, true)))
-                        .await
-                    {
-                        Ok(()) => acked.fetch_add(1, Ordering::SeqCst),
-                        Err(e) if e.kind() == ErrorKind::Unavailable => {
-                            // Back off so that the outage does not use up all iterations.
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            maybe.fetch_add(1, Ordering::SeqCst)
-                        }
-                        Err(e) => panic!("update: {e}"),
-                    };
-                }
-            }));
-        }
-    }
-    while acked.load(Ordering::SeqCst) < 150 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let at_stop = acked.load(Ordering::SeqCst);
-    tokio::task::block_in_place(|| server.stop());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    tokio::task::block_in_place(|| server.start());
-    for h in handles {
-        h.await.unwrap();
-    }
-    let (bytes, _) = eventually("read the counter", || {
-        storages[0].simple_download("counter.json")
-    })
-    .await;
-    let total: u64 = serde_json::from_slice(&bytes).unwrap();
-    let (acked, maybe) = (acked.load(Ordering::SeqCst), maybe.load(Ordering::SeqCst));
-    eprintln!(
-        "counter: stopped after {at_stop} acks; acknowledged {acked}, maybe {maybe}, final {total}"
-    );
-    assert_eq!(acked + maybe, (2 * TASKS * PER_TASK) as u64);
-    assert!(
-        total >= acked,
-        "lost updates: final {total} < acknowledged {acked}"
-    );
-    assert!(
-        total <= acked + maybe,
-        "final {total} > acknowledged {acked} + maybe {maybe}"
-    );
-    assert!(maybe > 0, "the outage produced no Unavailable");
+fn kind<T: std::fmt::Debug>(res: Result<T>) -> ErrorKind {
+    Postgres::kind(res)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_connections_are_replaced() {
-    let Some(server) = servers::postgres() else {
+    let Some(server) = Postgres::launch() else {
         return;
     };
     let s = connect(
@@ -308,7 +115,7 @@ async fn killed_connections_are_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_with_sql_wildcards_list_exactly() {
-    let Some(server) = servers::postgres() else {
+    let Some(server) = Postgres::launch() else {
         return;
     };
     let s = connect(&server, "?table=wild").await;
@@ -353,7 +160,7 @@ async fn paths_with_sql_wildcards_list_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documents_and_directories_do_not_overlap() {
-    let Some(server) = servers::postgres() else {
+    let Some(server) = Postgres::launch() else {
         return;
     };
     let s = connect(&server, "?table=placement").await;
@@ -385,7 +192,7 @@ async fn documents_and_directories_do_not_overlap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etags_tables_and_debug() {
-    let Some(server) = servers::postgres() else {
+    let Some(server) = Postgres::launch() else {
         return;
     };
     let s = PostgresStorage::from_url(&format!(
@@ -432,7 +239,7 @@ async fn etags_tables_and_debug() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_connects_create_the_table_once() {
-    let Some(server) = servers::postgres() else {
+    let Some(server) = Postgres::launch() else {
         return;
     };
     let url = url(&server, "?table=raced");
@@ -450,7 +257,7 @@ async fn concurrent_connects_create_the_table_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_logins_and_privileges_are_permission_denied() {
-    let Some(server) = servers::postgres() else {
+    let Some(server) = Postgres::launch() else {
         return;
     };
     let owner = connect(&server, "?table=guarded").await;
@@ -489,7 +296,7 @@ async fn refused_logins_and_privileges_are_permission_denied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_stuck_past_the_timeout_or_cut_off_is_unavailable() {
-    let Some(server) = servers::postgres() else {
+    let Some(server) = Postgres::launch() else {
         return;
     };
     let s = connect(
@@ -550,7 +357,7 @@ async fn a_write_stuck_past_the_timeout_or_cut_off_is_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_ranges_use_the_primary_key() {
-    let Some(server) = servers::postgres() else {
+    let Some(server) = Postgres::launch() else {
         return;
     };
     let _s = connect(&server, "?table=planned").await;
@@ -572,27 +379,4 @@ async fn prefix_ranges_use_the_primary_key() {
         .collect();
     let plan = plan.join("\n");
     assert!(plan.contains("planned_pkey"), "{plan}");
-}
-
-/// Writes that time out and still land later (`delayed_apply`) are never
-/// applied twice: 1, 2 and 4 stores on one PostgreSQL table.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn late_landing_writes_keep_the_promise() {
-    let Some(server) = servers::postgres() else {
-        return;
-    };
-    let storage: Arc<dyn Storage> = Arc::new(connect(&server, "?table=late").await);
-    for (stores, tasks) in [(1, 4), (2, 2), (4, 2)] {
-        let path = format!("n-{stores}.json");
-        let run = support::counter::delayed_counter(
-            Arc::clone(&storage),
-            &path,
-            stores,
-            tasks,
-            50,
-            support::counter::Faults::default(),
-        )
-        .await;
-        eprintln!("postgres, {stores} stores: {run:?}");
-    }
 }

@@ -1,15 +1,15 @@
-//! The fault-injecting proxy of `support::proxy` does what it claims: first
+//! The fault-injecting proxy of `common::proxy` does what it claims: first
 //! on hand-made HTTP/2 frames split across reads, then against real etcd
 //! and PostgreSQL servers (skipped, with a message, when they are missing).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+mod common;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::proxy::Proxy;
+use common::proxy::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -160,8 +160,8 @@ mod etcd {
     use metadatacache::{ErrorKind, EtcdStorage, Storage, UploadRequest};
 
     use super::assert_stalls;
-    use crate::support::proxy::Proxy;
-    use crate::support::servers;
+    use crate::common::proxy::Proxy;
+    use crate::common::servers;
 
     /// Polls `check` for up to 10 s; panics with `what` if it never holds.
     async fn eventually<F, Fut>(what: &str, mut check: F)
@@ -265,8 +265,8 @@ mod postgres {
 
     use metadatacache::{DownloadRequest, PostgresStorage, Storage};
 
-    use crate::support::proxy::{Proxy, Release};
-    use crate::support::servers;
+    use crate::common::proxy::{Proxy, Release};
+    use crate::common::servers;
 
     async fn client(addr: &str) -> tokio_postgres::Client {
         let url = format!("postgres://postgres@{addr}/postgres");

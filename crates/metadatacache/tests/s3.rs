@@ -1,78 +1,101 @@
-//! The S3 backend (`object_store`) against a real S3-compatible server (moto):
-//! the conformance suite, S3 specifics, URL errors, an outage, and replicas
-//! racing on one counter.
+//! The S3 backend (`object_store`) against a real S3-compatible server
+//! (moto): the shared suite of `common::suite`, and what only S3 has: its
+//! etags, conditions and listing, and the same wrapper over `object_store`'s
+//! in-memory store.
 //!
 //! moto keeps its state in memory, so a stopped moto loses every object: the
-//! outage test only checks that calls fail fast with `Unavailable` while it
-//! is down and that the same storage works again after the restart. The
-//! counter-under-outage test of the other backends is therefore not run here
-//! (the counter would restart from nothing); a plain concurrency counter test
-//! takes its place.
+//! outage case recreates the bucket after the restart, and the
+//! counter-across-a-restart case of the other backends is not run here (the
+//! counter would restart from nothing); the plain concurrency counter is.
+//! S3 has no write tokens, so lost replies stay `Unavailable`: the
+//! write-token case is not run either.
 
 #![cfg(feature = "s3")]
 #![allow(clippy::unwrap_used)]
 
-mod support;
+mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::servers::{self, Server};
+use common::suite::{self, TestServer};
 use metadatacache::{
-    DownloadRequest, Error, ErrorKind, ObjectStoreStorage, Options, RetryPolicy, S3Config, Storage,
-    Store, UploadRequest,
+    DownloadRequest, ErrorKind, ObjectStoreStorage, Result, S3Config, Storage, UploadRequest,
 };
-use support::{must_finish, servers};
 
-/// The hang detector of calls that should end within their timeout: many
-/// times any timeout used here.
-const GUARD: Duration = Duration::from_secs(60);
+struct S3;
 
-/// The storage at `url`, with credentials given in code (moto accepts any;
-/// the client needs some to sign requests). The process environment is
-/// never changed: tests run on threads.
-async fn from_url(url: &str) -> Result<ObjectStoreStorage, Error> {
-    let config = S3Config::from_url(url)?.credentials("test", "test-secret-key");
-    ObjectStoreStorage::new(config).await
+impl TestServer for S3 {
+    const BACKEND: &'static str = "s3";
+    const CONNECTS_ON_OPEN: bool = false;
+    const SECRET_URL: &'static str = "s3://key:hunter2@bucket/p";
+    const BAD_URLS: &'static [&'static str] = &[
+        "s3://",
+        "s3:///no-bucket",
+        "s3://bucket/p?endpoint=not-a-url",
+        "s3://bucket/p?endpoint=http://127.0.0.1:1",
+        "s3://bucket/p?allow_http=perhaps",
+        "s3://bucket:9000/p",
+        "s3://bucket/a//b",
+    ];
+
+    fn launch() -> Option<Server> {
+        servers::moto()
+    }
+
+    /// Bucket `space`, prefix `p`.
+    fn url(addr: &str, space: &str, timeout: Option<Duration>) -> String {
+        let timeout = suite::timeout_query("&", timeout);
+        s3_url(addr, &format!("{space}/p"), &timeout)
+    }
+
+    fn root_url(addr: &str, space: &str) -> String {
+        s3_url(addr, space, "")
+    }
+
+    fn prepare(server: &Server, space: &str) {
+        servers::create_bucket(server.addr(), space);
+    }
+
+    async fn from_url(url: &str) -> Result<Arc<dyn Storage>> {
+        Ok(Arc::new(ObjectStoreStorage::from_url(url).await?))
+    }
+
+    async fn open_url(url: &str) -> Result<Arc<dyn Storage>> {
+        Ok(Arc::new(
+            ObjectStoreStorage::new(with_credentials(url)?).await?,
+        ))
+    }
 }
 
-fn url(addr: &str, bucket_and_prefix: &str, extra: &str) -> String {
+suite::server_tests!(S3;
+    served: conformance, outage_then_recovery, counter_counts_exactly, late_landing_writes;
+    offline: silent_server_is_unavailable, bad_urls_name_the_url_without_secrets);
+
+/// `s3://{bucket_and_prefix}` on the moto at `addr`, with the `extra`
+/// query parameters.
+fn s3_url(addr: &str, bucket_and_prefix: &str, extra: &str) -> String {
     format!(
         "s3://{bucket_and_prefix}?endpoint=http://{addr}&allow_http=true&region=us-east-1{extra}"
     )
 }
 
+/// The config of `url` with credentials given in code (moto accepts any;
+/// the client needs some to sign requests). The process environment is
+/// never changed: tests run on threads.
+fn with_credentials(url: &str) -> Result<S3Config> {
+    Ok(S3Config::from_url(url)?.credentials("test", "test-secret-key"))
+}
+
+/// The concrete storage at `bucket_and_prefix`, for what only it has.
 async fn open(addr: &str, bucket_and_prefix: &str, extra: &str) -> ObjectStoreStorage {
-    from_url(&url(addr, bucket_and_prefix, extra))
-        .await
-        .unwrap()
+    let config = with_credentials(&s3_url(addr, bucket_and_prefix, extra)).unwrap();
+    ObjectStoreStorage::new(config).await.unwrap()
 }
 
-fn kind<T: std::fmt::Debug>(res: Result<T, Error>) -> ErrorKind {
-    match res {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => {
-            assert_eq!(e.backend(), Some("s3"), "{e}");
-            e.kind()
-        }
-    }
-}
-
-// ---------------------------------------------------------------- semantics
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_passes_the_conformance_suite() {
-    let Some(server) = servers::moto() else {
-        return;
-    };
-    servers::create_bucket(server.addr(), "conformance");
-    servers::create_bucket(server.addr(), "conformance-root");
-    let storage = open(server.addr(), "conformance/some/prefix", "").await;
-    metadatacache::conformance::run_all(Arc::new(storage), "suite").await;
-    // With no prefix, at the bucket's root. (The generic opener reads the
-    // credentials from the environment; the CLI tests run it that way.)
-    let storage = open(server.addr(), "conformance-root", "").await;
-    assert_eq!(storage.backend(), "s3");
-    metadatacache::conformance::run_all(Arc::new(storage), "").await;
+fn kind<T: std::fmt::Debug>(res: Result<T>) -> ErrorKind {
+    S3::kind(res)
 }
 
 /// The same wrapper over `object_store`'s in-memory store, which also has
@@ -96,7 +119,7 @@ async fn object_store_wrapper_passes_the_suite_on_in_memory_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_etags_conditions_listing_and_errors() {
-    let Some(server) = servers::moto() else {
+    let Some(server) = S3::launch() else {
         return;
     };
     servers::create_bucket(server.addr(), "specifics");
@@ -210,181 +233,4 @@ async fn s3_etags_conditions_listing_and_errors() {
     s.simple_upload(odd, "odd".into()).await.unwrap();
     assert_eq!(s.simple_download(odd).await.unwrap(), "odd");
     assert!(s.read_dir("d").await.unwrap().contains(&odd.to_owned()));
-}
-
-#[tokio::test]
-async fn s3_bad_urls_are_invalid_input() {
-    for bad in [
-        "s3://",
-        "s3:///no-bucket",
-        "s3://bucket/p?timeout_ms=0",
-        "s3://bucket/p?timeout_ms=soon",
-        "s3://bucket/p?unknown=1",
-        "s3://bucket/p?endpoint=not-a-url",
-        "s3://bucket/p?endpoint=http://127.0.0.1:1",
-        "s3://bucket/p?allow_http=perhaps",
-        "s3://bucket:9000/p",
-        "s3://bucket/a//b",
-    ] {
-        let e = ObjectStoreStorage::from_url(bad).await.unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}: {e}");
-        assert!(e.to_string().contains(bad), "{e} names {bad}");
-        let e = metadatacache::open(bad).await.unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}: {e}");
-    }
-    let e = ObjectStoreStorage::from_url("s3://key:hunter2@bucket/p")
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::InvalidInput);
-    assert!(!e.to_string().contains("hunter2"), "{e}");
-    assert!(e.to_string().contains("s3://key:***@bucket/p"), "{e}");
-}
-
-// ------------------------------------------------------------------- outage
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_outage_is_unavailable_then_recovers() {
-    let Some(mut server) = servers::moto() else {
-        return;
-    };
-    servers::create_bucket(server.addr(), "outage");
-    let s = open(server.addr(), "outage/p", "&timeout_ms=1000").await;
-    let v = s.simple_upload("doc.json", "1".into()).await.unwrap();
-
-    server.stop();
-    let (up, upload_took) = must_finish(
-        "upload during the outage",
-        GUARD,
-        s.upload(UploadRequest {
-            if_match: Some(v.etag.clone()),
-            ..UploadRequest::new("doc.json", "2")
-        }),
-    )
-    .await;
-    assert_eq!(kind(up), ErrorKind::Unavailable);
-    let (down, download_took) = must_finish(
-        "download during the outage",
-        GUARD,
-        s.download(DownloadRequest::new("doc.json")),
-    )
-    .await;
-    assert_eq!(kind(down), ErrorKind::Unavailable);
-    let (others, others_took) = must_finish("upload and list during the outage", GUARD, async {
-        (
-            s.simple_upload("doc.json", "3".into()).await,
-            s.list_dir("").await,
-        )
-    })
-    .await;
-    assert_eq!(kind(others.0), ErrorKind::Unavailable);
-    assert_eq!(kind(others.1), ErrorKind::Unavailable);
-    println!(
-        "outage: conditional upload Unavailable after {upload_took:?}, download after \
-         {download_took:?}, plain upload + list after {others_took:?}"
-    );
-
-    // moto lost everything when it stopped: recreate the bucket, then the
-    // same storage object works again.
-    server.start();
-    servers::create_bucket(server.addr(), "outage");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let v = loop {
-        match s.simple_upload("doc.json", "4".into()).await {
-            Ok(v) => break v,
-            Err(e) if Instant::now() < deadline => {
-                println!("after restart: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("storage did not recover: {e}"),
-        }
-    };
-    let got = s.download(DownloadRequest::new("doc.json")).await.unwrap();
-    assert_eq!(got.content, "4");
-    assert_eq!(got.etag, v.etag);
-}
-
-/// An endpoint that accepts connections but never answers: every call,
-/// including a write whose fate is unknown, is `Unavailable` within the
-/// timeout, never a hang.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_silent_endpoint_times_out_as_unavailable() {
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = silent.local_addr().unwrap().to_string();
-    let s = open(&addr, "bucket/p", "&timeout_ms=500").await;
-    let (res, took) = must_finish("upload to a silent endpoint", GUARD, async {
-        s.simple_upload("a.json", "1".into()).await
-    })
-    .await;
-    let e = res.unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
-    // Ended by the timeout (timers never fire early), not by a refusal.
-    assert!(took >= Duration::from_millis(500), "upload took {took:?}");
-    println!("silent endpoint: upload Unavailable after {took:?}: {e}");
-    let create = UploadRequest {
-        if_none_match: vec!["*".into()],
-        ..UploadRequest::new("a.json", "1")
-    };
-    let (kinds, took) = must_finish("four calls to a silent endpoint", GUARD, async {
-        [
-            kind(s.upload(create).await),
-            kind(s.download(DownloadRequest::new("a.json")).await),
-            kind(s.stat("a.json").await),
-            kind(s.delete("a.json").await),
-        ]
-    })
-    .await;
-    assert_eq!(kinds, [ErrorKind::Unavailable; 4], "after {took:?}");
-    drop(silent);
-}
-
-// ------------------------------------------------------------- concurrency
-
-/// 2 `Store` replicas × 4 tasks × 50 increments of one counter: every
-/// increment lands exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_store_replicas_count_exactly() {
-    let Some(server) = servers::moto() else {
-        return;
-    };
-    servers::create_bucket(server.addr(), "counter");
-    let (replicas, tasks, per_task) = (2, 4, 50);
-    let mut handles = Vec::new();
-    let mut stores = Vec::new();
-    let started = Instant::now();
-    for _ in 0..replicas {
-        // Each replica opens its own storage, as separate processes would.
-        let storage: Arc<dyn Storage> = Arc::new(open(server.addr(), "counter/c", "").await);
-        let store: Store<String, u64> = Store::new(
-            Options::new(storage, |k: &String| format!("{k}.json"))
-                .init(|| 0)
-                .retries(10_000)
-                .retry_policy(RetryPolicy::default().max_delay(Duration::from_millis(20))),
-        );
-        for _ in 0..tasks {
-            let store = store.clone();
-            handles.push(tokio::spawn(async move {
-                for _ in 0..per_task {
-                    store
-                        .update("counter".to_owned(), true, |n| {
-                            Ok::<_, Error>((n + 1, true))
-                        })
-                        .await
-                        .unwrap();
-                }
-            }));
-        }
-        stores.push(store);
-    }
-    for h in handles {
-        h.await.unwrap();
-    }
-    let conflicts: u64 = stores.iter().map(|s| s.stats().conflicts).sum();
-    let check = open(server.addr(), "counter/c", "").await;
-    let total = check.simple_download("counter.json").await.unwrap();
-    println!(
-        "counter: {} after {:?}, {conflicts} conflicts",
-        String::from_utf8_lossy(&total),
-        started.elapsed()
-    );
-    assert_eq!(total, (replicas * tasks * per_task).to_string());
 }

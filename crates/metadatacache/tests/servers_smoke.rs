@@ -2,11 +2,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+mod common;
 
 use std::net::TcpStream;
 
-use support::servers;
+use common::servers;
 
 fn reachable(addr: &str) -> bool {
     TcpStream::connect(addr).is_ok()

@@ -227,6 +227,12 @@ impl Server {
         &self.addr
     }
 
+    /// Whether documents survive [`stop`](Server::stop) and
+    /// [`start`](Server::start): moto keeps them in memory and loses them.
+    pub fn keeps_data(&self) -> bool {
+        self.kind != Kind::Moto
+    }
+
     /// The port alone.
     pub fn port(&self) -> u16 {
         self.addr.rsplit(':').next().unwrap().parse().unwrap()

@@ -1,0 +1,59 @@
+//! Shared helpers of the integration tests.
+
+pub mod counter;
+pub mod proxy;
+pub mod servers;
+pub mod suite;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use metadatacache::ErrorKind;
+
+/// The hang detector of calls that should end within their timeout: many
+/// times any timeout the tests use.
+#[allow(dead_code)]
+pub const GUARD: Duration = Duration::from_secs(60);
+
+/// Runs `fut` and returns its output and how long it took, failing the test
+/// if it has not finished after `guard`. A hang detector, never a speed
+/// bound: `guard` is many times what the call should take, so a slow or
+/// busy machine cannot trip it; speed belongs in benchmarks.
+#[allow(dead_code)]
+pub async fn must_finish<T>(
+    what: &str,
+    guard: Duration,
+    fut: impl Future<Output = T>,
+) -> (T, Duration) {
+    let start = Instant::now();
+    match tokio::time::timeout(guard, fut).await {
+        Ok(v) => (v, start.elapsed()),
+        Err(_) => panic!("{what}: still running after {guard:?}: it hangs"),
+    }
+}
+
+/// Retries `op` while its server comes back (every failure must be
+/// `Unavailable`); returns its value and how many attempts failed first.
+/// Fails the test if it is not back after [`GUARD`] (a hang detector, not a
+/// speed bound).
+#[allow(dead_code)]
+pub async fn eventually<T, F, Fut>(what: &str, mut op: F) -> (T, usize)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = metadatacache::Result<T>>,
+{
+    let start = Instant::now();
+    let mut failed = 0;
+    loop {
+        match op().await {
+            Ok(v) => return (v, failed),
+            Err(e) if start.elapsed() < GUARD => {
+                assert_eq!(e.kind(), ErrorKind::Unavailable, "{what}: {e}");
+                eprintln!("{what}: still failing: {e}");
+                failed += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: not back after {GUARD:?}: {e}"),
+        }
+    }
+}
