@@ -18,6 +18,7 @@ use metadatacache::{DownloadRequest, Error, ErrorKind, Options, Storage, Store, 
 use serde::{Deserialize, Serialize};
 
 mod report;
+mod watch;
 
 use self::report::{Goal, Row, compare};
 
@@ -436,6 +437,17 @@ pub async fn bench(url: Option<&str>, args: BenchArgs) -> Result<ExitCode> {
     if let Some(url) = shared {
         bench_hot_key(&url, args.quick).await?;
         bench_keys(&url, args.quick).await?;
+    }
+    // Push invalidation, on each storage (replicas on separate handles).
+    let watch_targets: Vec<String> = match url {
+        Some(u) => vec![u.to_owned()],
+        None => vec![
+            "memory:".to_owned(),
+            format!("disk:{}", tmp.path().join("watch").display()),
+        ],
+    };
+    for url in watch_targets {
+        watch::bench_watch(&url, args.quick).await?;
     }
     bench_memory(args.quick)?;
     Ok(ExitCode::SUCCESS)

@@ -102,6 +102,13 @@ pub async fn race_remove_recreate(
     let recreated = remover.await.expect("remover");
     assert!(recreated > 0, "the remover never got to delete");
     let total = storage.simple_download(&path).await.expect("download");
+    eprintln!(
+        "{}: remove race: {} acknowledged increments, final {}, {recreated} deletes and \
+         re-creates",
+        storage.backend(),
+        writers * per_writer,
+        String::from_utf8_lossy(&total)
+    );
     assert_eq!(
         total,
         (writers * per_writer).to_string(),
