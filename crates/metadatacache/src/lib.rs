@@ -87,6 +87,25 @@
 //!   another's: the answer stays `Unavailable`.
 //! - any other error: the change was not applied.
 //!
+//! # Metrics
+//!
+//! With the cargo feature `metrics`, every counter of [`Stats`] and two
+//! latency histograms go through the [`metrics`](https://docs.rs/metrics)
+//! facade, labelled with the backend: `metadatacache_<counter>_total`
+//! (`downloads`, `not_modified`, `uploads`, `conflicts`, `retries`,
+//! `give_ups`, `lost_replies`, `lost_replies_settled`, `read_retries`,
+//! `hits`, `watch_gaps`), `metadatacache_operation_seconds{op, outcome}`
+//! (`get`, `update`, `remove`, `reset`) and
+//! `metadatacache_storage_seconds{op, outcome}` (`download`, `upload`,
+//! `delete`), where `outcome` is `ok` or the error's kind. A service
+//! installs one recorder at start-up, for Prometheus for example:
+//!
+//! ```text
+//! metrics_exporter_prometheus::PrometheusBuilder::new()
+//!     .with_http_listener(([0, 0, 0, 0], 9000))
+//!     .install()?;
+//! ```
+//!
 //! # Consistency
 //!
 //! Every [`Store::get`] and [`Store::update`] revalidates the cached copy

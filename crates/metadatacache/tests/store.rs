@@ -806,3 +806,43 @@ async fn injected_errors_and_applied_conflicts() {
     );
     assert_eq!(faulty.faults().applied_conflicts, 1);
 }
+
+/// A read that meets `Unavailable` is tried again with the store's backoff,
+/// up to `RetryPolicy::read_attempts`, and counted; only then returned.
+#[tokio::test]
+async fn transient_read_errors_are_retried_within_the_policy() {
+    let inner = memory();
+    store_on(Arc::clone(&inner))
+        .update("u".into(), true, insert("a", 1))
+        .await
+        .unwrap();
+    let reads = |attempts: u32, seed: u64| {
+        let faulty: Arc<dyn Storage> =
+            Arc::new(FaultyStorage::new(Arc::clone(&inner), seed).unavailable(0.3));
+        let store: Store<String, Doc> = Store::new(
+            Options::new(faulty, path)
+                .init(Doc::new)
+                .retry_policy(RetryPolicy::immediate().read_attempts(attempts)),
+        );
+        async move {
+            let mut failed = 0;
+            for _ in 0..200 {
+                store.clear_cache();
+                match store.get("u".into()).await {
+                    Ok(v) => assert_eq!(v.unwrap()["a"], 1),
+                    Err(e) => {
+                        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+                        failed += 1;
+                    }
+                }
+            }
+            (failed, store.stats().read_retries)
+        }
+    };
+    let (failed, retries) = reads(1, 7).await;
+    assert!(failed > 20, "{failed} of 200 reads failed without retries");
+    assert_eq!(retries, 0);
+    let (failed, retries) = reads(12, 7).await;
+    assert_eq!(failed, 0, "a read failed despite 12 tries");
+    assert!(retries > 20, "{retries}");
+}

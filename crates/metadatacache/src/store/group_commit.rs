@@ -156,6 +156,7 @@ where
         // Uncontended: lead without queueing.
         if let Some(lock) = self.inner.locks.try_lock(&key) {
             let path = (self.inner.opts.path)(&key);
+            tracing::Span::current().record("path", path.as_str());
             let mut g = KeyGuard::new(self.clone(), lock, path);
             return self.lead(&mut g, create, call, &mut f).await;
         }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use bytes::Bytes;
 
@@ -14,9 +15,9 @@ use super::Store;
 use super::cache::Cached;
 use super::group_commit::Waiter;
 use super::key_lock::KeyLockGuard;
-use super::stats::bump;
+use super::stats::{self, Counter};
 use crate::error::{Error, ErrorKind, Result};
-use crate::storage::{DownloadRequest, UploadRequest, new_write_token, parent};
+use crate::storage::{DownloadRequest, DownloadResponse, UploadRequest, new_write_token, parent};
 
 /// How often a write whose reply was lost is sent again to fence it (see
 /// [`KeyGuard::settle_lost_write`]).
@@ -113,8 +114,17 @@ where
     /// Cancel safe: a read changes nothing in storage, and the cache stays
     /// consistent with it.
     pub async fn get(&mut self) -> Result<Option<Arc<V>>> {
-        self.revalidate(Instant::now(), true).await?;
-        Ok(self.staged.clone().or_else(|| self.committed_value()))
+        let span = self.span("guard.get");
+        async {
+            let res = self
+                .revalidate(Instant::now(), true)
+                .await
+                .map(|()| self.staged.clone().or_else(|| self.committed_value()));
+            super::record_outcome(&res);
+            res
+        }
+        .instrument(span)
+        .await
     }
 
     /// Whether a value is cached for the key, without asking storage.
@@ -144,7 +154,26 @@ where
     /// Cancel safe: a read changes nothing in storage, and the cache stays
     /// consistent with it.
     pub async fn sync(&mut self) -> Result<()> {
-        self.sync_at().await.map(drop)
+        let span = self.span("guard.sync");
+        async {
+            let res = self.sync_at().await.map(drop);
+            super::record_outcome(&res);
+            res
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// A span for operation `op` on this key.
+    fn span(&self, op: &'static str) -> tracing::Span {
+        tracing::debug_span!(
+            "guard",
+            op,
+            key = %self.key(),
+            path = %self.path,
+            backend = self.store.inner.opts.storage.backend(),
+            outcome = tracing::field::Empty
+        )
     }
 
     /// [`sync`](Self::sync); returns when the round trip began (storage
@@ -156,10 +185,10 @@ where
             path: self.path.clone(),
             if_none_match: cached_etag.iter().map(|e| e.to_string()).collect(),
         };
-        let start = self.began();
-        match inner.opts.storage.download(req).await {
+        let (start, res) = self.download(req).await;
+        match res {
             Ok(resp) => {
-                bump(&inner.counters.downloads);
+                inner.counters.bump(Counter::Downloads);
                 let value = inner.opts.codec.decode(&resp.content).map_err(|e| {
                     e.with_path(&self.path)
                         .with_backend(inner.opts.storage.backend())
@@ -169,7 +198,7 @@ where
                 self.commit(Arc::new(value), resp.etag.into(), start, size);
             }
             Err(e) if e.kind() == ErrorKind::NotModified => {
-                bump(&inner.counters.not_modified);
+                inner.counters.bump(Counter::NotModified);
                 if let Some(c) = inner.cache().get_mut(self.key()) {
                     c.validated = c.validated.max(start.at);
                     c.watch_seq = c.watch_seq.max(start.seq);
@@ -202,6 +231,17 @@ where
     /// or not; the committed cache entry is unchanged, so the next sync
     /// sees what storage holds.
     pub async fn persist(&mut self) -> Result<()> {
+        let span = self.span("guard.persist");
+        async {
+            let res = self.persist_staged().await;
+            super::record_outcome(&res);
+            res
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn persist_staged(&mut self) -> Result<()> {
         let committed = self.committed();
         let value = match (&self.staged, &committed) {
             (Some(v), _) => Arc::clone(v),
@@ -251,7 +291,7 @@ where
             fresh.then_some(c.validated)
         });
         if let Some(validated) = fresh {
-            bump(&inner.counters.hits);
+            inner.counters.bump(Counter::Hits);
             return Ok(validated);
         }
         self.sync_at().await
@@ -272,6 +312,40 @@ where
             .cache()
             .get(self.key())
             .map(|c| Arc::clone(&c.value))
+    }
+
+    /// Downloads, trying again after `Unavailable` or `TooEarly` with the
+    /// store's backoff (a read changes nothing, so that is safe), up to
+    /// [`RetryPolicy::read_attempts`](super::RetryPolicy::read_attempts)
+    /// tries within its deadline. Returns when the last try began.
+    async fn download(&self, req: DownloadRequest) -> (Began, Result<DownloadResponse>) {
+        let inner = &self.store.inner;
+        let policy = &inner.opts.retry_policy;
+        let first = Instant::now();
+        let mut attempt: u32 = 1;
+        loop {
+            let start = self.began();
+            let res = inner.opts.storage.download(req.clone()).await;
+            stats::storage_call(inner.opts.storage.backend(), "download", start.at, &res);
+            let delay = match &res {
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::TooEarly)
+                        && attempt < policy.max_read_attempts() =>
+                {
+                    policy.next_delay(attempt, e, first.elapsed())
+                }
+                _ => None,
+            };
+            let Some(delay) = delay else {
+                return (start, res);
+            };
+            inner.counters.bump(Counter::ReadRetries);
+            tracing::debug!(attempt, ?delay, path = %self.path, "read failed, trying again");
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            attempt += 1;
+        }
     }
 
     /// When a storage call begins, for the entry it will confirm.
@@ -342,17 +416,19 @@ where
         };
         let size = sent.content.len();
         let start = self.began();
-        bump(&inner.counters.uploads);
-        match storage.upload(req).await {
+        inner.counters.bump(Counter::Uploads);
+        let res = storage.upload(req).await;
+        stats::storage_call(storage.backend(), "upload", start.at, &res);
+        match res {
             Ok(resp) => {
                 self.commit(value, resp.etag.into(), start, size);
                 Ok(())
             }
             Err(e) if e.kind() == ErrorKind::Unavailable => {
-                bump(&inner.counters.lost_replies);
+                inner.counters.bump(Counter::LostReplies);
                 match self.settle_lost_write(sent).await {
                     Some(etag) => {
-                        bump(&inner.counters.lost_replies_settled);
+                        inner.counters.bump(Counter::LostRepliesSettled);
                         self.commit(value, etag.into(), start, size);
                         Ok(())
                     }
@@ -398,8 +474,11 @@ where
                     write_token: Some(token.clone()),
                     ..UploadRequest::new(self.path.clone(), sent.content.clone())
                 };
-                bump(&inner.counters.uploads);
-                match storage.upload(req).await {
+                inner.counters.bump(Counter::Uploads);
+                let started = Instant::now();
+                let res = storage.upload(req).await;
+                stats::storage_call(storage.backend(), "upload", started, &res);
+                match res {
                     Ok(resp) => return Some(resp.etag),
                     Err(e) if e.kind() == ErrorKind::Unavailable => {}
                     // Refused: the etag moved away from `over`, so none of
@@ -421,11 +500,13 @@ where
     /// document was already gone.
     pub(super) async fn delete(&mut self, etag: &str) -> Result<bool> {
         let inner = &self.store.inner;
+        let started = Instant::now();
         let res = inner
             .opts
             .storage
             .delete_if_match(&self.path, Some(etag))
             .await;
+        stats::storage_call(inner.opts.storage.backend(), "delete", started, &res);
         let existed = match res {
             Ok(()) => true,
             Err(e) if e.kind() == ErrorKind::NotFound => false,

@@ -30,7 +30,7 @@ pub use self::stats::Stats;
 use self::cache::Cache;
 use self::group_commit::Waiter;
 use self::key_lock::KeyLocks;
-use self::stats::{Counters, bump};
+use self::stats::{Counter, Counters};
 use self::watch::Watch;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -95,13 +95,14 @@ where
     /// A store with an empty cache.
     pub fn new(opts: Options<K, V>) -> Self {
         let capacity = opts.capacity;
+        let backend = opts.storage.backend();
         let watch = opts.watch.then(Arc::default);
         Store {
             inner: Arc::new(Inner {
                 opts,
                 locks: Arc::new(KeyLocks::new()),
                 cache: Mutex::new(Cache::new(capacity)),
-                counters: Counters::default(),
+                counters: Counters::new(backend),
                 watch,
             }),
         }
@@ -114,6 +115,7 @@ where
     /// Cancel safe: a cancelled call leaves nothing locked.
     pub async fn lock(&self, key: K) -> KeyGuard<K, V> {
         let path = (self.inner.opts.path)(&key);
+        tracing::Span::current().record("path", path.as_str());
         let lock = self.inner.locks.lock(key).await;
         KeyGuard::new(self.clone(), lock, path)
     }
@@ -133,11 +135,18 @@ where
     /// the cache consistent with it.
     pub async fn get(&self, key: K) -> Result<Option<Arc<V>>> {
         let call = Instant::now();
-        let span = tracing::debug_span!("get", key = %key, outcome = tracing::field::Empty);
+        let span = tracing::debug_span!(
+            "get",
+            key = %key,
+            path = tracing::field::Empty,
+            backend = self.inner.opts.storage.backend(),
+            outcome = tracing::field::Empty
+        );
         async {
             let mut g = self.lock(key).await;
             let res = g.revalidate(call, true).await.map(|()| g.committed_value());
             record_outcome(&res);
+            stats::operation(self.inner.opts.storage.backend(), "get", call, &res);
             res
         }
         .instrument(span)
@@ -174,6 +183,8 @@ where
         let span = tracing::debug_span!(
             "update",
             key = %key,
+            path = tracing::field::Empty,
+            backend = self.inner.opts.storage.backend(),
             attempts = tracing::field::Empty,
             batch = tracing::field::Empty,
             outcome = tracing::field::Empty
@@ -187,6 +198,7 @@ where
                 self.lead(&mut g, create_if_not_found, call, &mut f).await
             };
             record_outcome(&res);
+            stats::operation(self.inner.opts.storage.backend(), "update", call, &res);
             res
         }
         .instrument(span)
@@ -211,6 +223,8 @@ where
         let span = tracing::debug_span!(
             "reset",
             key = %key,
+            path = tracing::field::Empty,
+            backend = self.inner.opts.storage.backend(),
             attempts = tracing::field::Empty,
             outcome = tracing::field::Empty
         );
@@ -240,6 +254,7 @@ where
                 }
             };
             record_outcome(&res);
+            stats::operation(self.inner.opts.storage.backend(), "reset", call, &res);
             res
         }
         .instrument(span)
@@ -263,6 +278,8 @@ where
         let span = tracing::debug_span!(
             "remove",
             key = %key,
+            path = tracing::field::Empty,
+            backend = self.inner.opts.storage.backend(),
             attempts = tracing::field::Empty,
             outcome = tracing::field::Empty
         );
@@ -290,6 +307,7 @@ where
                 }
             };
             record_outcome(&res);
+            stats::operation(self.inner.opts.storage.backend(), "remove", call, &res);
             res
         }
         .instrument(span)
@@ -356,7 +374,7 @@ where
         err: Error,
     ) -> Result<()> {
         let c = &self.inner.counters;
-        bump(&c.conflicts);
+        c.bump(Counter::Conflicts);
         let opts = &self.inner.opts;
         let retry = u32::try_from(attempt).unwrap_or(u32::MAX);
         let delay = if attempt >= opts.max_attempts {
@@ -365,7 +383,7 @@ where
             opts.retry_policy.next_delay(retry, &err, call.elapsed())
         };
         let Some(delay) = delay else {
-            bump(&c.give_ups);
+            c.bump(Counter::GiveUps);
             let kind = err.kind();
             let msg = format!(
                 "{op} of key {} gave up after {attempt} attempt{}; last conflict: {err}",
@@ -374,7 +392,7 @@ where
             );
             return Err(Error::new(kind, msg).with_path(g.path()).with_source(err));
         };
-        bump(&c.retries);
+        c.bump(Counter::Retries);
         tracing::trace!(attempt, ?delay, error = %err, "conflict, retrying");
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;

@@ -30,10 +30,12 @@ pub struct RetryPolicy {
     multiplier: f64,
     too_early_delay: Duration,
     deadline: Option<Duration>,
+    read_attempts: u32,
 }
 
 impl Default for RetryPolicy {
-    /// 1 ms doubling up to 100 ms, `TooEarly` waits ≥ 50 ms, no deadline.
+    /// 1 ms doubling up to 100 ms, `TooEarly` waits ≥ 50 ms, no deadline,
+    /// reads tried up to 3 times.
     fn default() -> Self {
         RetryPolicy {
             initial_delay: Duration::from_millis(1),
@@ -41,6 +43,7 @@ impl Default for RetryPolicy {
             multiplier: 2.0,
             too_early_delay: Duration::from_millis(50),
             deadline: None,
+            read_attempts: 3,
         }
     }
 }
@@ -54,6 +57,7 @@ impl RetryPolicy {
             multiplier: 1.0,
             too_early_delay: Duration::ZERO,
             deadline: None,
+            read_attempts: 3,
         }
     }
 
@@ -90,6 +94,24 @@ impl RetryPolicy {
     pub fn deadline(mut self, d: Option<Duration>) -> Self {
         self.deadline = d;
         self
+    }
+
+    /// How often a read (a revalidation, or the read before an update's
+    /// `f`) is tried when the storage answers `Unavailable` or `TooEarly`,
+    /// with this policy's backoff and within its deadline (default 3; at
+    /// least 1). Reads change nothing, so trying again is always safe;
+    /// writes are never retried this way (a write whose reply was lost is
+    /// settled or answered `Unavailable`).
+    #[must_use]
+    pub fn read_attempts(mut self, n: u32) -> Self {
+        self.read_attempts = n.max(1);
+        self
+    }
+
+    /// The most tries of one read (see
+    /// [`read_attempts`](Self::read_attempts)).
+    pub fn max_read_attempts(&self) -> u32 {
+        self.read_attempts
     }
 
     /// The configured deadline.

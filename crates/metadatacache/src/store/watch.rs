@@ -35,6 +35,8 @@ pub(super) struct Watch {
     stop: Notify,
     /// Gaps seen (for [`Stats`](super::Stats)).
     pub(super) gaps: AtomicU64,
+    /// The backend, for the metrics (set when following starts).
+    backend: std::sync::OnceLock<&'static str>,
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +95,12 @@ impl Watch {
                 }
                 s.in_sync = false;
                 self.gaps.fetch_add(1, Ordering::Relaxed);
+                #[cfg(feature = "metrics")]
+                metrics::counter!(
+                    "metadatacache_watch_gaps_total",
+                    "backend" => self.backend.get().copied().unwrap_or("unknown")
+                )
+                .increment(1);
             }
             Change::Changed { path, etag } => {
                 if s.changed.len() >= MAX_CHANGED {
@@ -117,6 +125,7 @@ impl Watch {
         if self.started.swap(true, Ordering::SeqCst) {
             return;
         }
+        let _ = self.backend.set(storage.backend());
         if !storage.capabilities().notifications {
             tracing::warn!(
                 backend = storage.backend(),
