@@ -20,6 +20,7 @@ mod options;
 mod retry;
 mod stats;
 mod watch;
+mod write;
 
 pub use self::codec::{Codec, JsonCodec};
 pub use self::guard::KeyGuard;
