@@ -71,12 +71,13 @@ const BACKEND: &str = "postgres";
 /// by resending the same write).
 ///
 /// Besides the table, [`new`](PostgresStorage::new) creates (once, under an
-/// advisory lock) the trigger `mdcache_notify_v1` on it, with its function
-/// of the same name: each committed change sends
+/// advisory lock) the triggers `mdcache_notify_v1` (rows) and
+/// `mdcache_notify_v1_truncate` on it, with their function
+/// `mdcache_notify_v1`: each committed change sends
 /// `pg_notify('mdcache_<table>', …)` with the path and new etag (the channel
 /// name is shortened with a hash where it would pass 63 bytes).
-/// [`watch`](Storage::watch) listens on that channel over a connection of
-/// its own, outside the pool, reconnecting after an outage.
+/// [`watch`](Storage::watch) listens on that channel over one connection of
+/// its own per stream, outside the pool, reconnecting after an outage.
 ///
 /// Directories are not stored: a directory exists while a document lies
 /// under it, and [`make_dir_if_not_exist`](Storage::make_dir_if_not_exist)
