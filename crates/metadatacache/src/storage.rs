@@ -440,8 +440,8 @@ mod precondition;
 mod token;
 
 pub use self::change::{Change, ChangeSender, ChangeStream};
-pub(crate) use self::path::join;
 pub use self::path::{MAX_PATH_LEN, MAX_SEGMENT_LEN, parent, validate_path};
+pub(crate) use self::path::{is_within, join};
 pub use self::precondition::{check_delete_precondition, check_upload_preconditions};
 pub use self::token::new_write_token;
 

@@ -115,3 +115,37 @@ fn a_stale_read_is_caught() {
     assert_eq!(report.violations.len(), 1, "{:?}", report.violations);
     assert!(report.violations[0].contains("stale read"));
 }
+
+/// A write whose outcome is unknown landed: reads of the version it made
+/// are no violation, the chain goes on from it (once, no cycle), and a
+/// read of it after a later write completed is still stale.
+#[test]
+fn a_landed_unknown_write_is_a_link_of_the_chain() {
+    use metadatacache::testing::history::Event;
+    let ev = |op: &str, pre: Option<&str>, etag: Option<&str>, outcome: &str, t0, t1| Event {
+        op: op.into(),
+        path: "p".into(),
+        pre: pre.map(Into::into),
+        create: pre.is_none() && op == "w",
+        etag: etag.map(Into::into),
+        value: None,
+        outcome: outcome.into(),
+        t0,
+        t1,
+    };
+    let mut events = vec![
+        ev("w", None, Some("e1"), "ok", 0, 10),
+        // Landed as e2, but its caller heard nothing.
+        ev("w", Some("e1"), None, "unavailable", 20, 30),
+        ev("r", None, Some("e2"), "ok", 40, 50),
+        ev("w", Some("e2"), Some("e3"), "ok", 60, 70),
+        ev("r", None, Some("e3"), "ok", 80, 90),
+    ];
+    let report = check(&events, &Initial::new(), |_, _| true);
+    assert_eq!(report.violations, Vec::<String>::new());
+    assert_eq!((report.writes, report.unknown_writes), (2, 1));
+    events.push(ev("r", None, Some("e2"), "ok", 100, 110));
+    let report = check(&events, &Initial::new(), |_, _| true);
+    assert_eq!(report.violations.len(), 1, "{:?}", report.violations);
+    assert!(report.violations[0].contains("stale read"));
+}

@@ -54,7 +54,9 @@ impl TestServer for Postgres {
 
 suite::server_tests!(Postgres;
     served: conformance, outage_then_recovery, counter_counts_exactly, counter_survives_restart,
-        late_landing_writes, lost_replies_are_resolved_by_write_token;
+        late_landing_writes, lost_replies_are_resolved_by_write_token,
+        watch_reports_changes_of_another_handle, watched_stores_serve_from_memory,
+        watch_survives_restart, watched_history_across_restart, watched_counter_counts_exactly;
     offline: silent_server_is_unavailable, bad_urls_name_the_url_without_secrets);
 
 fn url(server: &Server, query: &str) -> String {
@@ -253,6 +255,103 @@ async fn concurrent_connects_create_the_table_once() {
         let s = h.await.unwrap().unwrap();
         s.init("ignored").await.unwrap();
     }
+    // The change trigger too, once (row changes and TRUNCATE).
+    let triggers = admin(&server)
+        .await
+        .query(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'raced'::regclass AND NOT tgisinternal",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(triggers.len(), 2, "{triggers:?}");
+}
+
+/// NOTIFY carries less than 8000 bytes. A write whose etag does not fit is
+/// reported with an unknown etag; a path that does not fit (only another
+/// tool can write one: paths are at most 1024 bytes here) and a TRUNCATE
+/// are reported as a gap, then in sync: never silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_too_big_for_a_notification_are_not_lost() {
+    use common::watching::{changed, next_change};
+    use metadatacache::Change;
+    let Some(server) = Postgres::launch() else {
+        return;
+    };
+    let s = connect(&server, "?table=bignotify").await;
+    let mut stream = s.watch("").await.unwrap();
+    assert_eq!(next_change(&mut stream).await, Change::InSync);
+    let big_etag = UploadRequest {
+        write_token: Some("t".repeat(9000)),
+        ..UploadRequest::new("big-etag.json", "1")
+    };
+    s.upload(big_etag).await.unwrap();
+    assert_eq!(
+        next_change(&mut stream).await,
+        changed("big-etag.json", None)
+    );
+    let admin = admin(&server).await;
+    let long_path = "p".repeat(9000);
+    let by_another_tool = [
+        "INSERT INTO bignotify (path, content, etag, mtime) VALUES ($1, 'x', 'e', now())",
+        "DELETE FROM bignotify WHERE path = $1",
+    ];
+    for sql in by_another_tool {
+        admin.execute(sql, &[&long_path]).await.unwrap();
+        let gap = next_change(&mut stream).await;
+        assert!(
+            matches!(&gap, Change::Gap { reason } if reason.contains("too long")),
+            "{gap:?}"
+        );
+        assert_eq!(next_change(&mut stream).await, Change::InSync);
+    }
+    admin.batch_execute("TRUNCATE bignotify").await.unwrap();
+    let gap = next_change(&mut stream).await;
+    assert!(
+        matches!(&gap, Change::Gap { reason } if reason.contains("truncate")),
+        "{gap:?}"
+    );
+    assert_eq!(next_change(&mut stream).await, Change::InSync);
+    let v = s.simple_upload("after.json", "1".into()).await.unwrap();
+    assert_eq!(
+        next_change(&mut stream).await,
+        changed("after.json", Some(&v.etag))
+    );
+}
+
+/// A role that may write the table but does not own it opens it (the
+/// trigger exists, so nothing is created) and follows its changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_does_not_own_the_table_can_watch() {
+    use common::watching::{changed, next_change};
+    use metadatacache::Change;
+    let Some(server) = Postgres::launch() else {
+        return;
+    };
+    let owner = connect(&server, "?table=shared").await;
+    admin(&server)
+        .await
+        .batch_execute("CREATE ROLE writer LOGIN; GRANT ALL ON shared TO writer;")
+        .await
+        .unwrap();
+    let writer = PostgresStorage::from_url(&format!(
+        "postgres://writer@{}/postgres?table=shared",
+        server.addr()
+    ))
+    .await
+    .unwrap();
+    let mut stream = writer.watch("").await.unwrap();
+    assert_eq!(next_change(&mut stream).await, Change::InSync);
+    let v = owner.simple_upload("x.json", "1".into()).await.unwrap();
+    assert_eq!(
+        next_change(&mut stream).await,
+        changed("x.json", Some(&v.etag))
+    );
+    let v = writer.simple_upload("y.json", "1".into()).await.unwrap();
+    assert_eq!(
+        next_change(&mut stream).await,
+        changed("y.json", Some(&v.etag))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
     Capabilities, Change, ChangeSender, ChangeStream, DownloadRequest, DownloadResponse, EntryKind,
     FileInfo, Storage, UploadRequest, UploadResponse, check_delete_precondition,
-    check_upload_preconditions, join, parent, validate_path,
+    check_upload_preconditions, is_within, join, parent, validate_path,
 };
 
 /// Storage kept in this process's memory.
@@ -95,7 +95,7 @@ impl State {
     /// streams whose consumer is gone.
     fn notify(&mut self, path: &str, etag: Option<&str>) {
         self.watchers.retain(|(prefix, tx)| {
-            if !under(path, prefix) {
+            if !is_within(path, prefix) {
                 return !tx.is_closed();
             }
             tx.send(Change::Changed {
@@ -292,14 +292,6 @@ impl Storage for MemoryStorage {
         state.dirs.insert(path.to_owned());
         Ok(())
     }
-}
-
-/// True when `path` lies at or below `prefix` ("" is everything).
-fn under(path: &str, prefix: &str) -> bool {
-    prefix.is_empty()
-        || path
-            .strip_prefix(prefix)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// `m` and the version in hex, without going through `format!` (this is on

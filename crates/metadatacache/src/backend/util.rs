@@ -92,6 +92,31 @@ pub(crate) fn no_answer(timeout: Duration, write: bool) -> Error {
     })
 }
 
+/// The waits between attempts to re-establish a change stream after an
+/// outage: from 100 ms, doubling up to 5 s, each with random jitter so
+/// that the replicas of a service do not reconnect in step.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    pub(crate) fn new() -> Backoff {
+        Backoff { next: Self::FIRST }
+    }
+
+    /// The wait before the next attempt (between half and all of the
+    /// current step).
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (step * 2).min(Self::MAX);
+        step.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

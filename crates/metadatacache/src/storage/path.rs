@@ -72,6 +72,15 @@ pub(crate) fn join(dir: &str, name: &str) -> String {
     }
 }
 
+/// True when `path` is `dir` or lies below it (`""` is the root, which
+/// holds everything): what a change stream subscribed at `dir` reports.
+pub(crate) fn is_within(path: &str, dir: &str) -> bool {
+    dir.is_empty()
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -363,6 +363,13 @@ fn check_path(
                     Some(w) if gaps_allowed > 0 => {
                         gaps_allowed -= 1;
                         cur_value = None;
+                        // Its version was made by an unknown-outcome
+                        // write: a link of the chain (reads may return it)
+                        // whose write was not recorded, and an orphan no
+                        // more.
+                        let made = w.pre.clone().unwrap_or_default();
+                        pos.insert(made, chain.len());
+                        chain.push(None);
                         w
                     }
                     _ => break,
@@ -387,10 +394,12 @@ fn check_path(
         }
         cur = next.etag.clone().unwrap_or_default();
         cur_value.clone_from(&next.value);
-        if pos.insert(cur.clone(), chain.len()).is_some() {
+        if pos.contains_key(&cur) {
+            // Keeps the version's first position, which the reads index.
             v.push(format!("{path}: version {cur:?} produced twice (cycle)"));
             break;
         }
+        pos.insert(cur.clone(), chain.len());
         chain.push(Some(next));
         walked += 1;
     }

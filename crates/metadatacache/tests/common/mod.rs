@@ -4,6 +4,7 @@ pub mod counter;
 pub mod proxy;
 pub mod servers;
 pub mod suite;
+pub mod watching;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -21,11 +21,18 @@ use super::servers::Server;
 use super::{GUARD, eventually, must_finish};
 
 mod counters;
+mod watch;
 // Each test binary runs only some of the cases.
 #[allow(unused_imports)]
 pub use counters::{
     counter_counts_exactly, counter_survives_restart, late_landing_writes,
     lost_replies_are_resolved_by_write_token,
+};
+#[allow(unused_imports)]
+pub use watch::{
+    watch_reports_changes_of_another_handle, watch_survives_restart,
+    watched_counter_counts_exactly, watched_history_across_restart,
+    watched_stores_serve_from_memory,
 };
 
 /// The document the outage and timeout cases write.

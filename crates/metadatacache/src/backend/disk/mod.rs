@@ -2,12 +2,14 @@
 //!
 //! The blocking file system work lives in [`fs`]; this module holds the
 //! public types and runs every operation on tokio's blocking thread pool.
+//! Change streams (inotify) live in [`watch`].
 
 mod config;
 mod fs;
 mod lock;
 mod ops;
 mod temp;
+mod watch;
 
 pub use self::config::{DiskOptions, DiskStep};
 
@@ -20,8 +22,8 @@ use async_trait::async_trait;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    Capabilities, DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest,
-    UploadResponse, validate_path,
+    Capabilities, ChangeStream, DownloadRequest, DownloadResponse, FileInfo, Storage,
+    UploadRequest, UploadResponse, validate_path,
 };
 
 const BACKEND: &str = "disk";
@@ -72,6 +74,13 @@ const BACKEND: &str = "disk";
 ///   starts with `.mdcache`, or starts with `.` and contains `.tmp.`, is
 ///   [`ErrorKind::InvalidInput`], and such entries are never listed. Temp
 ///   files left by killed writers are removed by [`DiskOptions::open`].
+///
+/// - **change notifications** — [`watch`](Storage::watch) follows the tree
+///   with inotify (one kernel watch per directory, counted against
+///   `fs.inotify.max_user_watches`), so changes made by other processes on
+///   this host are reported too, each with an unknown etag. Nothing is
+///   stored for it. Directories on network file systems report only this
+///   host's changes.
 ///
 /// An upload creates missing parent directories (unless it has `if_match`).
 /// [`UploadRequest::mtime`] is recorded as the file's modification time;
@@ -225,14 +234,33 @@ impl Storage for DiskStorage {
         BACKEND
     }
 
-    /// Conditional deletes under the document's lock, and real
-    /// directories. Etags are content hashes: they repeat.
+    /// Conditional deletes under the document's lock, real directories,
+    /// and changes reported by inotify. Etags are content hashes: they
+    /// repeat.
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             conditional_delete: true,
             directories: true,
+            notifications: true,
             ..Capabilities::default()
         }
+    }
+
+    /// Watches every directory of the tree with inotify, also those created
+    /// later, and reports each document renamed into place, written in
+    /// place or unlinked, by any process on this host, with an unknown
+    /// etag. Temp files and the internal `.mdcache` folders are not
+    /// reported.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad prefix;
+    /// [`ErrorKind::Unavailable`] when the watch cannot be set up (for
+    /// instance past the inotify watch limit).
+    async fn watch(&self, prefix: &str) -> Result<ChangeStream> {
+        check_path(prefix, true)?;
+        let prefix = prefix.to_owned();
+        self.blocking(move |inner| watch::subscribe(&inner.dir, &prefix))
+            .await
     }
 
     /// Creates directory `name` below the root, like

@@ -2,10 +2,14 @@
 //! and the mapping of driver errors.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, Txn, TxnOpResponse, TxnResponse};
+use etcd_client::{
+    Client, ConnectOptions, GetOptions, Txn, TxnOpResponse, TxnResponse, WatchOptions, WatchStream,
+    Watcher,
+};
 
 use crate::backend::util::no_answer;
 use crate::error::{Error, ErrorKind, Result};
@@ -102,36 +106,79 @@ impl Conn {
     /// [`ErrorKind::Unavailable`]: for a write that means it may have been
     /// applied.
     pub(super) async fn txn(&self, path: &str, txn: Txn, write: bool) -> Result<TxnResponse> {
-        let attempt = async {
-            // A rejected token means the request was not executed, so it is
-            // safe to sign in again and resend it, once.
-            for retry in [true, false] {
-                let epoch = self.sign_in().await?;
-                let mut kv = self
-                    .client
-                    .kv_client()
-                    .max_decoding_message_size(MAX_RESPONSE);
-                match kv.txn(txn.clone()).await {
-                    Ok(resp) => return Ok(resp),
-                    Err(e) if retry && self.credentials.is_some() && token_rejected(&e) => {
-                        // Unless another task has signed in since.
-                        if self.epoch.load(Ordering::SeqCst) == epoch {
-                            self.signed_in.store(false, Ordering::SeqCst);
-                        }
-                    }
-                    Err(e) => return Err(map_error(e)),
-                }
+        let attempt = self.signed_in_call(|client| {
+            let txn = txn.clone();
+            async move {
+                let mut kv = client.kv_client().max_decoding_message_size(MAX_RESPONSE);
+                kv.txn(txn).await
             }
-            Err(Error::new(
-                ErrorKind::PermissionDenied,
-                "etcd rejected a fresh auth token",
-            ))
-        };
+        });
         match tokio::time::timeout(self.timeout, attempt).await {
             Ok(res) => res,
             Err(_) => Err(no_answer(self.timeout, write)),
         }
         .map_err(|e| e.with_backend(BACKEND).with_path(path))
+    }
+
+    /// Opens a watch of every key starting with `key`, from the revision
+    /// after the one current now, within the timeout: every change made
+    /// after this call began is reported on the stream.
+    pub(super) async fn watch(&self, key: &str) -> Result<(Watcher, WatchStream)> {
+        let attempt = async {
+            let count = GetOptions::new().with_prefix().with_count_only();
+            let now = self
+                .signed_in_call(|client| {
+                    let (key, count) = (key.to_owned(), count.clone());
+                    async move { client.kv_client().get(key, Some(count)).await }
+                })
+                .await?;
+            let revision = now.header().map_or(0, |h| h.revision());
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1);
+            self.signed_in_call(|client| {
+                let (key, options) = (key.to_owned(), options.clone());
+                async move {
+                    let mut watch = client
+                        .watch_client()
+                        .max_decoding_message_size(MAX_RESPONSE);
+                    watch.watch(key, Some(options)).await
+                }
+            })
+            .await
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(res) => res,
+            Err(_) => Err(no_answer(self.timeout, false)),
+        }
+        .map_err(|e| e.with_backend(BACKEND))
+    }
+
+    /// Runs `call` with a signed-in client (when there are credentials).
+    /// A rejected token means the request was not executed, so it is safe
+    /// to sign in again and send it once more.
+    async fn signed_in_call<T, F, Fut>(&self, mut call: F) -> Result<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        for retry in [true, false] {
+            let epoch = self.sign_in().await?;
+            match call(self.client.clone()).await {
+                Ok(value) => return Ok(value),
+                Err(e) if retry && self.credentials.is_some() && token_rejected(&e) => {
+                    // Unless another task has signed in since.
+                    if self.epoch.load(Ordering::SeqCst) == epoch {
+                        self.signed_in.store(false, Ordering::SeqCst);
+                    }
+                }
+                Err(e) => return Err(map_error(e)),
+            }
+        }
+        Err(Error::new(
+            ErrorKind::PermissionDenied,
+            "etcd rejected a fresh auth token",
+        ))
     }
 
     /// Signs in unless the client holds a token that was not rejected yet;

@@ -80,17 +80,20 @@ impl Layout {
         }
     }
 
+    /// The storage path of a document key; `None` for internal (metadata)
+    /// keys, foreign keys outside the prefix, and keys that are no valid
+    /// path.
+    pub(super) fn path_of<'k>(&self, key: &'k [u8]) -> Option<&'k str> {
+        let full = std::str::from_utf8(key).ok()?.strip_prefix(&self.base)?;
+        (validate_path(full, false).is_ok() && check_not_reserved(full).is_ok()).then_some(full)
+    }
+
     /// The storage path of a document key below `dir_prefix` (from
     /// [`under`](Layout::under)), split into the direct child name and
     /// whether it lies deeper. `None` for internal and foreign keys.
     pub(super) fn child<'k>(&self, dir_prefix: &str, key: &'k [u8]) -> Option<(&'k str, bool)> {
-        let key = std::str::from_utf8(key).ok()?;
-        let rest = key.strip_prefix(dir_prefix)?;
-        // The relative path below the storage root, to check it.
-        let full = key.strip_prefix(&self.base)?;
-        if validate_path(full, false).is_err() || check_not_reserved(full).is_err() {
-            return None;
-        }
+        self.path_of(key)?;
+        let rest = std::str::from_utf8(key).ok()?.strip_prefix(dir_prefix)?;
         Some(match rest.split_once('/') {
             Some((child, _)) => (child, true),
             None => (rest, false),
@@ -203,6 +206,13 @@ mod tests {
         assert_eq!(l.child("app/", b"app/a//b"), None);
         assert_eq!(l.child("app/", b"app/"), None);
         assert_eq!(l.child("app/a/", b"app/a/b/c"), Some(("b", true)));
+
+        assert_eq!(l.path_of(b"app/a/b.json"), Some("a/b.json"));
+        assert_eq!(l.path_of(b"app/.mdcache-meta/a/b.json"), None);
+        assert_eq!(l.path_of(b"other/a.json"), None);
+        assert_eq!(l.path_of(b"app/"), None);
+        assert_eq!(root.path_of(b".mdcache-meta/x"), None);
+        assert_eq!(root.path_of(b"x"), Some("x"));
     }
 
     #[test]

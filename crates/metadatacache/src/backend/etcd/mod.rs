@@ -4,17 +4,19 @@
 //! The public configuration and URL parsing live in [`config`], the
 //! connection with the timeout, sign-in and error mapping of every call in
 //! [`client`], the key layout and encodings in [`layout`], and the
-//! transaction of a write in [`write`].
+//! transaction of a write in [`write`], and change streams in [`watch`].
 
 mod client;
 mod config;
 mod layout;
+mod watch;
 mod write;
 
 pub use self::config::EtcdConfig;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -23,8 +25,8 @@ use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    Capabilities, DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest,
-    UploadResponse, check_delete_precondition, join,
+    Capabilities, ChangeStream, DownloadRequest, DownloadResponse, FileInfo, Storage,
+    UploadRequest, UploadResponse, check_delete_precondition, join,
 };
 
 use client::{Conn, count_at, kvs_at};
@@ -84,6 +86,9 @@ const BACKEND: &str = "etcd";
 /// * A conditional download whose etag is current answers
 ///   [`ErrorKind::NotModified`] from the transaction's compare, without
 ///   sending the content.
+/// * Changes are reported ([`Storage::watch`]) by an etcd watch on the key
+///   prefix, which stores nothing; a broken watch (outage, restart,
+///   compaction) is reported as a gap and re-established.
 ///
 /// # Connections
 ///
@@ -104,7 +109,7 @@ const BACKEND: &str = "etcd";
 /// # Ok::<_, metadatacache::Error>(()) }).unwrap();
 /// ```
 pub struct EtcdStorage {
-    conn: Conn,
+    conn: Arc<Conn>,
     layout: Layout,
     config: EtcdConfig,
 }
@@ -133,7 +138,7 @@ impl EtcdStorage {
             e.with_message(message).with_backend(BACKEND)
         })?;
         Ok(EtcdStorage {
-            conn,
+            conn: Arc::new(conn),
             layout: Layout::new(&config.prefix),
             config,
         })
@@ -175,9 +180,27 @@ impl Storage for EtcdStorage {
 
     /// Etags are mod revisions, which never repeat; write tokens live in
     /// the metadata key, written in the same transaction as the document;
-    /// deletes compare the mod revision in their transaction.
+    /// deletes compare the mod revision in their transaction; changes are
+    /// reported by an etcd watch.
     fn capabilities(&self) -> Capabilities {
-        Capabilities::VERSIONED
+        Capabilities {
+            notifications: true,
+            ..Capabilities::VERSIONED
+        }
+    }
+
+    /// Watches the document keys below `prefix` with an etcd watch that
+    /// starts at the revision after the one current at the call; each put
+    /// is reported with its mod revision as the etag, each delete without
+    /// one. Metadata keys are not reported.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad prefix;
+    /// [`ErrorKind::Unavailable`] when etcd does not set up the watch
+    /// within the timeout; [`ErrorKind::PermissionDenied`] when it refuses
+    /// access.
+    async fn watch(&self, prefix: &str) -> Result<ChangeStream> {
+        self.subscribe(prefix).await
     }
 
     /// Checks the name and that etcd answers; the key prefix needs no

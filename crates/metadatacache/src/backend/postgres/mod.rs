@@ -1,9 +1,11 @@
-//! PostgreSQL storage: one table of (path, content, etag, mtime).
+//! PostgreSQL storage: one table of (path, content, etag, mtime), and a
+//! trigger that reports its changes with NOTIFY.
 
 mod config;
 
 pub use self::config::PostgresConfig;
 mod client;
+mod listen;
 mod sql;
 mod write;
 
@@ -22,8 +24,8 @@ use self::client::{Conn, Failure, Params, retry_read, to_error};
 use self::sql::{Sql, below};
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    Capabilities, DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest,
-    UploadResponse, join, new_write_token, validate_path,
+    Capabilities, ChangeStream, DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage,
+    UploadRequest, UploadResponse, join, new_write_token, validate_path,
 };
 
 const BACKEND: &str = "postgres";
@@ -68,6 +70,15 @@ const BACKEND: &str = "postgres";
 /// may not have been applied (and a [`Store`](crate::Store) then settles it
 /// by resending the same write).
 ///
+/// Besides the table, [`new`](PostgresStorage::new) creates (once, under an
+/// advisory lock) the triggers `mdcache_notify_v1` (rows) and
+/// `mdcache_notify_v1_truncate` on it, with their function
+/// `mdcache_notify_v1`: each committed change sends
+/// `pg_notify('mdcache_<table>', …)` with the path and new etag (the channel
+/// name is shortened with a hash where it would pass 63 bytes).
+/// [`watch`](Storage::watch) listens on that channel over one connection of
+/// its own per stream, outside the pool, reconnecting after an outage.
+///
 /// Directories are not stored: a directory exists while a document lies
 /// under it, and [`make_dir_if_not_exist`](Storage::make_dir_if_not_exist)
 /// is a no-op. A new document may not sit at a directory or below a
@@ -95,6 +106,8 @@ pub struct PostgresStorage {
 
 struct Inner {
     pool: Pool,
+    /// How to open the listening connection of a change stream.
+    pg: tokio_postgres::Config,
     sql: Sql,
     table: String,
     timeout: Duration,
@@ -146,7 +159,7 @@ impl PostgresStorage {
     pub async fn new(config: PostgresConfig) -> Result<PostgresStorage> {
         let settings = config;
         let manager = Manager::from_config(
-            settings.pg,
+            settings.pg.clone(),
             NoTls,
             ManagerConfig {
                 // A connection closed by the server is noticed by the
@@ -170,6 +183,7 @@ impl PostgresStorage {
         let storage = PostgresStorage {
             inner: Arc::new(Inner {
                 pool,
+                pg: settings.pg,
                 sql: Sql::new(&settings.table),
                 table: settings.table,
                 timeout: settings.timeout,
@@ -207,7 +221,7 @@ impl PostgresStorage {
         let deadline = self.deadline();
         let run = async {
             let mut conn = Conn::get(&self.inner.pool, deadline).await?;
-            conn.batch(deadline, &self.inner.sql.create_table).await
+            conn.batch(deadline, &self.inner.sql.schema).await
         };
         match run.await {
             Ok(()) => Ok(()),
@@ -266,8 +280,25 @@ impl Storage for PostgresStorage {
     /// Etags are chosen by the writer, unique to each write: the write
     /// token when the request has one (so it is stored with the version),
     /// else a fresh value. Deletes check `if_match` in their statement.
+    /// Changes are reported by the table's trigger, with NOTIFY.
     fn capabilities(&self) -> Capabilities {
-        Capabilities::VERSIONED
+        Capabilities {
+            notifications: true,
+            ..Capabilities::VERSIONED
+        }
+    }
+
+    /// Listens for the table's notifications on a connection of its own;
+    /// each insert or update is reported with its new etag, each delete
+    /// without one.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad prefix;
+    /// [`ErrorKind::Unavailable`] when the server cannot be reached within
+    /// the timeout; [`ErrorKind::PermissionDenied`] when it refuses the
+    /// login.
+    async fn watch(&self, prefix: &str) -> Result<ChangeStream> {
+        self.subscribe(prefix).await
     }
 
     /// Checks `name` and ensures the table exists (idempotent); a

@@ -4,11 +4,21 @@
 //! ('0' is the byte after '/'), which selects exactly the paths under `dir/`
 //! without LIKE and its wildcards, and uses the primary key index.
 
+/// The limit of a NOTIFY payload, in bytes (exclusive).
+pub(super) const MAX_PAYLOAD: usize = 8000;
+
+/// The name of the trigger and of its function; the version changes with
+/// the payload format.
+const TRIGGER: &str = "mdcache_notify_v1";
+
 /// Every statement the backend runs, for one table.
 #[derive(Debug)]
 pub(super) struct Sql {
-    /// The schema (idempotent).
-    pub(super) create_table: String,
+    /// The schema (idempotent, safe to run from several sessions at once):
+    /// the table, and the trigger that reports its changes on `channel`.
+    pub(super) schema: String,
+    /// The NOTIFY channel of the table.
+    pub(super) channel: String,
     /// Create-only insert. $1 path, $2 content, $3 etag, $4 mtime or NULL,
     /// $5 parent paths, $6/$7 the range of paths below this one.
     pub(super) insert_new: String,
@@ -69,14 +79,10 @@ impl Sql {
                  GROUP BY name ORDER BY name COLLATE \"C\""
             )
         };
+        let channel = channel(table);
         Sql {
-            create_table: format!(
-                "CREATE TABLE IF NOT EXISTS {t} (\
-                     path TEXT COLLATE \"C\" PRIMARY KEY, \
-                     content BYTEA NOT NULL, \
-                     etag TEXT NOT NULL, \
-                     mtime TIMESTAMPTZ NOT NULL)"
-            ),
+            schema: schema(&t, &channel),
+            channel,
             insert_new: format!("{new_row} ON CONFLICT (path) DO NOTHING RETURNING mtime"),
             update_match: format!(
                 "UPDATE {t} SET content = $2::bytea, etag = $3::text, \
@@ -125,6 +131,82 @@ impl Sql {
     }
 }
 
+/// The NOTIFY channel of `table`: `mdcache_<table>`, or, where that would
+/// pass PostgreSQL's 63-byte limit on names, the table's first 38 bytes
+/// and a hash of the whole name (names are truncated, not refused, and two
+/// tables must not share a channel).
+pub(super) fn channel(table: &str) -> String {
+    let plain = format!("mdcache_{table}");
+    if plain.len() <= 63 {
+        return plain;
+    }
+    let hash = xxhash_rust::xxh3::xxh3_64(table.as_bytes());
+    // `table` is ASCII (a plain identifier), so any byte is a boundary.
+    format!("mdcache_{}_{hash:016x}", &table[..38])
+}
+
+/// The schema statements for the quoted table `t`, run in one implicit
+/// transaction: an advisory lock serialises the sessions that run them at
+/// once (concurrent `CREATE OR REPLACE` of one function or trigger can fail
+/// on the catalog), and the table and its trigger are created only when
+/// missing, so that a role that may write the table but may not create
+/// tables, nor owns it, can still open it.
+///
+/// The trigger reports every row change at commit with
+/// `pg_notify(channel, payload)`; the payload is JSON: `{"path": …,
+/// "etag": …}` for an insert or update, `{"path": …}` for a delete (and
+/// for a write whose etag does not fit), `{"reset": why}` for a `TRUNCATE`
+/// or a path too long for NOTIFY's limit, which the listener turns into a
+/// gap.
+fn schema(t: &str, channel: &str) -> String {
+    let table_literal = t.replace('\'', "''");
+    format!(
+        "SELECT pg_advisory_xact_lock(hashtext('metadatacache schema')); \
+         DO $mdcache$ BEGIN \
+         IF to_regclass('{table_literal}') IS NULL THEN \
+         CREATE TABLE IF NOT EXISTS {t} (\
+             path TEXT COLLATE \"C\" PRIMARY KEY, \
+             content BYTEA NOT NULL, \
+             etag TEXT NOT NULL, \
+             mtime TIMESTAMPTZ NOT NULL); \
+         END IF; \
+         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger \
+                        WHERE tgrelid = '{table_literal}'::regclass AND tgname = '{TRIGGER}') THEN \
+         CREATE OR REPLACE FUNCTION {TRIGGER}() RETURNS trigger LANGUAGE plpgsql AS $body$ \
+         DECLARE msg text; \
+         BEGIN \
+           IF TG_OP = 'TRUNCATE' THEN \
+             PERFORM pg_notify(TG_ARGV[0], '{{\"reset\": \"truncate\"}}'); \
+             RETURN NULL; \
+           END IF; \
+           IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND OLD.path IS DISTINCT FROM NEW.path) THEN \
+             msg := json_build_object('path', OLD.path)::text; \
+             IF octet_length(msg) >= {MAX_PAYLOAD} THEN \
+               msg := '{{\"reset\": \"path too long for a notification\"}}'; \
+             END IF; \
+             PERFORM pg_notify(TG_ARGV[0], msg); \
+           END IF; \
+           IF TG_OP <> 'DELETE' THEN \
+             msg := json_build_object('path', NEW.path, 'etag', NEW.etag)::text; \
+             IF octet_length(msg) >= {MAX_PAYLOAD} THEN \
+               msg := json_build_object('path', NEW.path)::text; \
+             END IF; \
+             IF octet_length(msg) >= {MAX_PAYLOAD} THEN \
+               msg := '{{\"reset\": \"path too long for a notification\"}}'; \
+             END IF; \
+             PERFORM pg_notify(TG_ARGV[0], msg); \
+           END IF; \
+           RETURN NULL; \
+         END $body$; \
+         CREATE OR REPLACE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {t} \
+           FOR EACH ROW EXECUTE FUNCTION {TRIGGER}('{channel}'); \
+         CREATE OR REPLACE TRIGGER {TRIGGER}_truncate AFTER TRUNCATE ON {t} \
+           FOR EACH STATEMENT EXECUTE FUNCTION {TRIGGER}('{channel}'); \
+         END IF; \
+         END $mdcache$"
+    )
+}
+
 /// The range `[lo, hi)` of the paths strictly below `dir` (which is not the
 /// root): `dir/` up to `dir0`.
 pub(super) fn below(dir: &str) -> (String, String) {
@@ -145,5 +227,16 @@ mod tests {
         assert_eq!(below("a/b"), ("a/b/".to_owned(), "a/b0".to_owned()));
         assert_eq!(ancestors("a/b/c.json"), ["a", "a/b"]);
         assert!(ancestors("top").is_empty());
+    }
+
+    #[test]
+    fn channels_fit_and_differ() {
+        assert_eq!(channel("docs"), "mdcache_docs");
+        let long_a = format!("{}a", "t".repeat(62));
+        let long_b = format!("{}b", "t".repeat(62));
+        for table in [&"t".repeat(55), &"t".repeat(56), &long_a] {
+            assert!(channel(table).len() <= 63, "{table}");
+        }
+        assert_ne!(channel(&long_a), channel(&long_b));
     }
 }
