@@ -811,3 +811,110 @@ fn migrate_refuses_bad_input_in_one_line() {
     assert!(!src.path().join("copy").exists(), "nothing created");
     assert_eq!(tree::read(dst.path()).len(), 0, "nothing copied");
 }
+
+/// The rows of the metrics table whose name (up to `}`) starts with
+/// `prefix`: (name with labels, first number after it).
+#[cfg(feature = "metrics")]
+fn metric_rows<'a>(text: &'a str, prefix: &str) -> Vec<(&'a str, u64)> {
+    let table = text
+        .split_once("\nmetrics, summed over ")
+        .unwrap_or_else(|| panic!("no metrics table in:\n{text}"))
+        .1;
+    table
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| {
+            let (name, rest) = l.split_once("} ").unwrap();
+            let n = rest.split_whitespace().next().unwrap().parse().unwrap();
+            (name, n)
+        })
+        .collect()
+}
+
+/// The sum of the first numbers of the rows `metric_rows` finds, filtered
+/// by a label.
+#[cfg(feature = "metrics")]
+fn metric_sum(text: &str, prefix: &str, label: &str) -> u64 {
+    metric_rows(text, prefix)
+        .iter()
+        .filter(|(name, _)| name.contains(label))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+#[cfg(feature = "metrics")]
+#[test]
+fn torture_metrics_add_up_to_the_table() {
+    let mut args = vec![
+        "--metrics",
+        "--replicas",
+        "3",
+        "--tasks",
+        "3",
+        "--keys",
+        "2",
+        "--updates",
+        "80",
+        "--seed",
+        "11",
+    ];
+    // With faults, updates end every way they can: Ok, Unavailable, failed.
+    if cfg!(feature = "faults") {
+        args.extend([
+            "--fault-ambiguous",
+            "0.1",
+            "--fault-unavailable",
+            "0.05",
+            "--fault-error",
+            "0.02",
+        ]);
+    }
+    let (out, text) = torture(&args);
+    assert!(
+        text.contains("metrics, summed over 3 replica processes"),
+        "{text}"
+    );
+    let n = |name: &str| row(&text, name).parse::<u64>().unwrap();
+    let uploads = metric_sum(&text, "metadatacache_uploads_total{", "");
+    assert_eq!(uploads, n("uploads"), "{text}");
+    // Fewer than the updates is possible: group commit writes several at once.
+    assert!(uploads > 0, "{text}");
+    // Every upload call is timed, whatever its outcome.
+    let upload_calls = metric_sum(&text, "metadatacache_storage_seconds{", "op=\"upload\"");
+    assert_eq!(upload_calls, uploads, "{text}");
+    for counter in ["conflicts", "retries"] {
+        let total = metric_sum(&text, &format!("metadatacache_{counter}_total{{"), "");
+        assert_eq!(total, n(counter), "{counter} in:\n{text}");
+    }
+    // One `update` observation per update call, labelled with its outcome.
+    let updates = metric_sum(&text, "metadatacache_operation_seconds{", "op=\"update\"");
+    let ended = n("acknowledged")
+        + n("unavailable (maybe applied)")
+        + n("failed (not applied)")
+        + n("give-ups");
+    assert_eq!(updates, 240, "{text}");
+    assert_eq!(updates, ended, "{text}");
+    let ok = metric_sum(&text, "metadatacache_operation_seconds{", "outcome=\"ok\"");
+    assert_eq!(ok, n("acknowledged"), "{text}");
+    let unavailable = metric_sum(
+        &text,
+        "metadatacache_operation_seconds{",
+        "outcome=\"unavailable\"",
+    );
+    assert_eq!(unavailable, n("unavailable (maybe applied)"), "{text}");
+    if n("failed (not applied)") == 0 {
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+#[test]
+fn torture_without_metrics_prints_none() {
+    let (out, text) = torture(&["--replicas", "1", "--tasks", "1", "--updates", "5"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!text.contains("metrics, summed"), "{text}");
+    // A build without the feature refuses the flag.
+    if cfg!(not(feature = "metrics")) {
+        let (out, _) = torture(&["--metrics", "--help"]);
+        assert!(!out.status.success(), "{out:?}");
+    }
+}
