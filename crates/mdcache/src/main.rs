@@ -4,6 +4,7 @@
 mod bench;
 mod commands;
 mod json_edit;
+mod migrate;
 mod torture;
 
 use std::path::PathBuf;
@@ -94,6 +95,9 @@ enum Command {
         /// Storage path.
         path: String,
     },
+    /// Copy every document to another storage, create-only (never
+    /// overwriting), then verify the copy; exit status 1 on any difference.
+    Migrate(migrate::MigrateArgs),
     /// Start replica processes hammering shared keys; verify nothing is lost.
     Torture(torture::TortureArgs),
     /// Measure the library against the raw operations it wraps (memory and a
@@ -170,6 +174,7 @@ async fn run(cli: Cli) -> Result<ExitCode, metadatacache::Error> {
         Command::Rm { path, if_match } => commands::rm(&url, &path, if_match).await,
         Command::Ls { path } => commands::ls(&url, &path).await,
         Command::Stat { path } => commands::stat(&url, &path).await,
+        Command::Migrate(args) => migrate::migrate(args).await,
         Command::Torture(args) => torture::torture(&url, args).await,
         Command::Bench(args) => {
             bench::bench(Some(url.as_str()).filter(|u| !u.is_empty()), args).await

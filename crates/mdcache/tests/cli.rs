@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 mod table;
+mod tree;
 
 use table::{assert_rows, failures, row};
 
@@ -660,4 +661,260 @@ fn torture_unavailable_answers_are_allowed() {
         &text,
         &[("lost", "0"), ("applied twice", "0"), ("result", "OK")],
     );
+}
+
+/// `mdcache migrate --from disk:FROM --to disk:TO ARGS`: exit success, stdout
+/// and stderr.
+fn migrate(from: &Path, to: &Path, args: &[&str]) -> (bool, String, String) {
+    let (f, t) = (
+        format!("disk:{}", from.display()),
+        format!("disk:{}", to.display()),
+    );
+    let out = mdcache(
+        from,
+        &[&["migrate", "--from", &f, "--to", &t], args].concat(),
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    (out.status.success(), stdout(&out), err)
+}
+
+/// The copy summary's counts: copied, already there, differing, failed.
+#[track_caller]
+fn copy_summary(out: &str) -> [u64; 4] {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("copied "))
+        .unwrap_or_else(|| panic!("no summary in {out:?}"));
+    let nums: Vec<u64> = line
+        .split([',', '('])
+        .take(4)
+        .map(|part| part.trim().rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    nums.try_into().unwrap()
+}
+
+#[test]
+fn migrate_copies_every_document_and_verifies() {
+    let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let docs = tree::seed(src.path(), 40);
+    let (ok, out, err) = migrate(src.path(), &dst.path().join("new"), &["--jobs", "3"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(copy_summary(&out), [40, 0, 0, 0], "{out}");
+    assert!(
+        out.contains("verified 40 documents: 40 identical, 0 differing, 0 missing, 0 failed"),
+        "{out}"
+    );
+    assert_eq!(tree::read(&dst.path().join("new")), docs);
+    assert_eq!(err, "", "no progress bar without a terminal");
+
+    // --prefix: one directory only.
+    let part = tempfile::tempdir().unwrap();
+    let (ok, out, _) = migrate(src.path(), part.path(), &["--prefix", "shares/"]);
+    assert!(ok, "{out}");
+    let shares: std::collections::BTreeMap<_, _> = docs
+        .iter()
+        .filter(|(p, _)| p.starts_with("shares/"))
+        .map(|(p, c)| (p.clone(), c.clone()))
+        .collect();
+    assert_eq!(copy_summary(&out), [shares.len() as u64, 0, 0, 0], "{out}");
+    assert_eq!(tree::read(part.path()), shares);
+}
+
+#[test]
+fn migrate_resumes_a_partial_copy() {
+    let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let docs = tree::seed(src.path(), 30);
+    // An earlier run that stopped half-way.
+    for (path, content) in docs.iter().step_by(2) {
+        tree::write(dst.path(), path, content);
+    }
+    let (ok, out, err) = migrate(src.path(), dst.path(), &[]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(copy_summary(&out), [15, 15, 0, 0], "{out}");
+    assert!(out.contains("30 identical"), "{out}");
+    assert_eq!(tree::read(dst.path()), docs);
+    // Once more: all there already.
+    let (ok, out, _) = migrate(src.path(), dst.path(), &[]);
+    assert!(ok, "{out}");
+    assert_eq!(copy_summary(&out), [0, 30, 0, 0], "{out}");
+}
+
+#[test]
+fn migrate_never_overwrites_a_document_on_the_target() {
+    let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let docs = tree::seed(src.path(), 12);
+    let newer = b"{\"doc\":\"changed on the target\"}";
+    tree::write(dst.path(), "shares/g1/s1.json", newer);
+    let (ok, out, err) = migrate(src.path(), dst.path(), &[]);
+    assert!(!ok, "a difference fails the run: {out}");
+    assert_eq!(copy_summary(&out), [11, 0, 1, 0], "{out}");
+    assert!(
+        out.contains("verified 12 documents: 11 identical, 1 differing"),
+        "{out}"
+    );
+    let named: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        named.len(),
+        2,
+        "the copy and the verification name it: {err}"
+    );
+    assert!(
+        named
+            .iter()
+            .all(|l| l.starts_with("shares/g1/s1.json: differs")),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(dst.path().join("shares/g1/s1.json")).unwrap(),
+        newer
+    );
+    let mut want = docs;
+    want.insert("shares/g1/s1.json".into(), newer.to_vec());
+    assert_eq!(tree::read(dst.path()), want, "everything else copied");
+}
+
+#[test]
+fn migrate_refuses_bad_input_in_one_line() {
+    let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    tree::seed(src.path(), 2);
+    let s = format!("disk:{}", src.path().display());
+    let inside = format!("disk:{}/copy", src.path().display());
+    let missing = format!("disk:{}/no-such-dir", dst.path().display());
+    let d = dst.path().display().to_string();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--from", "ftp://host/x", "--to", &d], "ftp://host/x"),
+        (&["--from", &s, "--to", &s], "same storage"),
+        (
+            &["--from", &s, "--to", src.path().to_str().unwrap()],
+            "same directory",
+        ),
+        (&["--from", &s, "--to", &inside], "inside the other"),
+        (&["--from", &missing, "--to", &d], "no such directory"),
+        (
+            &["--from", &s, "--to", &d, "--prefix", "a//b"],
+            "not a storage path",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = one_line_error(&mdcache(dst.path(), &[&["migrate"], args].concat(), None));
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let err = one_line_error(&mdcache(
+        dst.path(),
+        &["migrate", "--from", &s, "--to", "memory:"],
+        None,
+    ));
+    assert!(err.contains("memory"), "{err}");
+    assert!(!dst.path().join("no-such-dir").exists(), "nothing created");
+    assert!(!src.path().join("copy").exists(), "nothing created");
+    assert_eq!(tree::read(dst.path()).len(), 0, "nothing copied");
+}
+
+/// The rows of the metrics table whose name (up to `}`) starts with
+/// `prefix`: (name with labels, first number after it).
+#[cfg(feature = "metrics")]
+fn metric_rows<'a>(text: &'a str, prefix: &str) -> Vec<(&'a str, u64)> {
+    let table = text
+        .split_once("\nmetrics, summed over ")
+        .unwrap_or_else(|| panic!("no metrics table in:\n{text}"))
+        .1;
+    table
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| {
+            let (name, rest) = l.split_once("} ").unwrap();
+            let n = rest.split_whitespace().next().unwrap().parse().unwrap();
+            (name, n)
+        })
+        .collect()
+}
+
+/// The sum of the first numbers of the rows `metric_rows` finds, filtered
+/// by a label.
+#[cfg(feature = "metrics")]
+fn metric_sum(text: &str, prefix: &str, label: &str) -> u64 {
+    metric_rows(text, prefix)
+        .iter()
+        .filter(|(name, _)| name.contains(label))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+#[cfg(feature = "metrics")]
+#[test]
+fn torture_metrics_add_up_to_the_table() {
+    let mut args = vec![
+        "--metrics",
+        "--replicas",
+        "3",
+        "--tasks",
+        "3",
+        "--keys",
+        "2",
+        "--updates",
+        "80",
+        "--seed",
+        "11",
+    ];
+    // With faults, updates end every way they can: Ok, Unavailable, failed.
+    if cfg!(feature = "faults") {
+        args.extend([
+            "--fault-ambiguous",
+            "0.1",
+            "--fault-unavailable",
+            "0.05",
+            "--fault-error",
+            "0.02",
+        ]);
+    }
+    let (out, text) = torture(&args);
+    assert!(
+        text.contains("metrics, summed over 3 replica processes"),
+        "{text}"
+    );
+    let n = |name: &str| row(&text, name).parse::<u64>().unwrap();
+    let uploads = metric_sum(&text, "metadatacache_uploads_total{", "");
+    assert_eq!(uploads, n("uploads"), "{text}");
+    // Fewer than the updates is possible: group commit writes several at once.
+    assert!(uploads > 0, "{text}");
+    // Every upload call is timed, whatever its outcome.
+    let upload_calls = metric_sum(&text, "metadatacache_storage_seconds{", "op=\"upload\"");
+    assert_eq!(upload_calls, uploads, "{text}");
+    for counter in ["conflicts", "retries"] {
+        let total = metric_sum(&text, &format!("metadatacache_{counter}_total{{"), "");
+        assert_eq!(total, n(counter), "{counter} in:\n{text}");
+    }
+    // One `update` observation per update call, labelled with its outcome.
+    let updates = metric_sum(&text, "metadatacache_operation_seconds{", "op=\"update\"");
+    let ended = n("acknowledged")
+        + n("unavailable (maybe applied)")
+        + n("failed (not applied)")
+        + n("give-ups");
+    assert_eq!(updates, 240, "{text}");
+    assert_eq!(updates, ended, "{text}");
+    let ok = metric_sum(&text, "metadatacache_operation_seconds{", "outcome=\"ok\"");
+    assert_eq!(ok, n("acknowledged"), "{text}");
+    let unavailable = metric_sum(
+        &text,
+        "metadatacache_operation_seconds{",
+        "outcome=\"unavailable\"",
+    );
+    assert_eq!(unavailable, n("unavailable (maybe applied)"), "{text}");
+    if n("failed (not applied)") == 0 {
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+#[test]
+fn torture_without_metrics_prints_none() {
+    let (out, text) = torture(&["--replicas", "1", "--tasks", "1", "--updates", "5"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!text.contains("metrics, summed"), "{text}");
+    // A build without the feature refuses the flag.
+    if cfg!(not(feature = "metrics")) {
+        let (out, _) = torture(&["--metrics", "--help"]);
+        assert!(!out.status.success(), "{out:?}");
+    }
 }

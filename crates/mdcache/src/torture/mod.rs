@@ -28,8 +28,11 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "faults")]
 mod faults;
+mod metrics_report;
 mod parent;
 mod protocol;
+#[cfg(feature = "metrics")]
+mod recorder;
 mod replica;
 mod report;
 
@@ -86,6 +89,12 @@ pub struct TortureArgs {
     /// one etag chain per key, no stale reads.
     #[arg(long, conflicts_with = "kill")]
     check: bool,
+    /// Record the library's metrics in every replica and print them,
+    /// summed, after the table (replicas killed by --kill count up to
+    /// their last report, at most 200 ms before the kill).
+    #[cfg_attr(feature = "metrics", arg(long))]
+    #[cfg_attr(not(feature = "metrics"), arg(skip))]
+    metrics: bool,
     #[cfg(feature = "faults")]
     #[command(flatten)]
     faults: FaultArgs,
@@ -110,6 +119,7 @@ impl TortureArgs {
             no_backoff: false,
             max_attempts: DEFAULT_ATTEMPTS,
             check: false,
+            metrics: false,
             #[cfg(feature = "faults")]
             faults: FaultArgs::default(),
             history_dir: None,
@@ -149,6 +159,10 @@ pub struct ReplicaArgs {
     /// Record storage calls into this file.
     #[arg(long)]
     history: Option<std::path::PathBuf>,
+    /// Report the library's metrics.
+    #[cfg_attr(feature = "metrics", arg(long))]
+    #[cfg_attr(not(feature = "metrics"), arg(skip))]
+    metrics: bool,
     #[cfg(feature = "faults")]
     #[command(flatten)]
     faults: FaultArgs,
@@ -364,5 +378,9 @@ pub(crate) struct RunResult {
     conflicts: u64,
     retries: u64,
     give_ups: u64,
+    /// Upload calls of the replicas' stores.
+    uploads: u64,
     history: Option<history::CheckReport>,
+    /// The replicas' metrics, summed (`--metrics`).
+    metrics: Option<metrics_report::Merged>,
 }

@@ -40,7 +40,8 @@ fn spawn_replica(
         .args(["--seed", &(seed ^ (incarnation as u64) << 16).to_string()])
         .args(["--max-attempts", &args.max_attempts.to_string()])
         .args(args.no_batching.then_some("--no-batching"))
-        .args(args.no_backoff.then_some("--no-backoff"));
+        .args(args.no_backoff.then_some("--no-backoff"))
+        .args(args.metrics.then_some("--metrics"));
     #[cfg(feature = "faults")]
     cmd.args(args.faults.to_args());
     let mut child = cmd
@@ -115,6 +116,7 @@ pub(super) fn orchestrate(
         short_reports: Vec::new(),
         ended: HashSet::new(),
         stats: HashMap::new(),
+        metrics: HashMap::new(),
         replicas,
         bar,
     };
@@ -217,10 +219,13 @@ pub(super) fn orchestrate(
     }
     books.bar.finish_and_clear();
     result?;
-    let (conflicts, retries, give_ups) = books
-        .stats
-        .values()
-        .fold((0, 0, 0), |a, s| (a.0 + s.0, a.1 + s.1, a.2 + s.2));
+    let (conflicts, retries, give_ups, uploads) =
+        books.stats.values().fold((0, 0, 0, 0), |a, s| {
+            (a.0 + s.0, a.1 + s.1, a.2 + s.2, a.3 + s.3)
+        });
+    let metrics = args
+        .metrics
+        .then(|| metrics_report::Merged::of(books.metrics.values()));
     Ok(RunResult {
         keys: args.keys,
         replicas: args.replicas,
@@ -238,7 +243,9 @@ pub(super) fn orchestrate(
         conflicts,
         retries,
         give_ups,
+        uploads,
         history: None,
+        metrics,
     })
 }
 
@@ -252,8 +259,11 @@ struct Books {
     short_reports: Vec<ShortReport>,
     /// Replica incarnations whose output has ended.
     ended: HashSet<(usize, usize)>,
-    /// Last reported (conflicts, retries, give-ups) per replica incarnation.
-    stats: HashMap<(usize, usize), (u64, u64, u64)>,
+    /// Last reported (conflicts, retries, give-ups, uploads) per replica
+    /// incarnation.
+    stats: HashMap<(usize, usize), (u64, u64, u64, u64)>,
+    /// Last reported value of each metric per replica incarnation.
+    metrics: HashMap<(usize, usize), BTreeMap<metrics_report::MetricKey, metrics_report::Value>>,
     replicas: Vec<Option<Replica>>,
     bar: ProgressBar,
 }
@@ -297,11 +307,19 @@ impl Books {
                 conflicts,
                 retries,
                 give_ups,
+                uploads,
             } => {
                 self.stats.insert(
                     (line.replica, line.incarnation),
-                    (*conflicts, *retries, *give_ups),
+                    (*conflicts, *retries, *give_ups, *uploads),
                 );
+                return;
+            }
+            Report::Metric(key, value) => {
+                self.metrics
+                    .entry((line.replica, line.incarnation))
+                    .or_default()
+                    .insert(key.clone(), *value);
                 return;
             }
             Report::Start(k) | Report::Acked(k) | Report::Unavailable(k) => *k,
@@ -330,7 +348,7 @@ impl Books {
                 }
                 k.count += 1;
             }
-            Report::Stats { .. } => return,
+            Report::Stats { .. } | Report::Metric(..) => return,
         }
         self.bar.inc(1);
         if let Some(Some(r)) = self.replicas.get_mut(line.replica)

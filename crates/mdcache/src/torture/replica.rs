@@ -5,6 +5,8 @@ use super::*;
 
 /// Runs in each replica process.
 pub async fn replica(url: &str, args: ReplicaArgs) -> Result<ExitCode> {
+    // Installed before the store exists, so that it sees every metric.
+    let metrics = metrics_reporter(args.metrics)?;
     let mut storage = metadatacache::open(url).await?;
     #[cfg(feature = "faults")]
     {
@@ -46,10 +48,12 @@ pub async fn replica(url: &str, args: ReplicaArgs) -> Result<ExitCode> {
     }
     let reporter = {
         let store = store.clone();
+        let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 print_stats(&store);
+                metrics();
             }
         })
     };
@@ -58,8 +62,32 @@ pub async fn replica(url: &str, args: ReplicaArgs) -> Result<ExitCode> {
             .map_err(|e| Error::new(ErrorKind::Other, "replica task failed").with_source(e))?;
     }
     reporter.abort();
+    // Wait for it to stop, so that no older report follows the last one.
+    let _ = reporter.await;
     print_stats(&store);
+    metrics();
     Ok(ExitCode::SUCCESS)
+}
+
+/// What prints this process's metrics (`--metrics`; a no-op without).
+type MetricsReporter = Arc<dyn Fn() + Send + Sync>;
+
+/// Installs the recorder when `on`, and returns what prints its metrics.
+fn metrics_reporter(on: bool) -> Result<MetricsReporter> {
+    #[cfg(feature = "metrics")]
+    if on {
+        let recorder = super::recorder::Recorder::install()?;
+        return Ok(Arc::new(move || {
+            let lines: String = recorder
+                .snapshot()
+                .into_iter()
+                .map(|(key, value)| format!("{}\n", Report::Metric(key, value)))
+                .collect();
+            print!("{lines}");
+        }));
+    }
+    let _ = on;
+    Ok(Arc::new(|| {}))
 }
 
 fn print_stats(store: &Store<usize, Counter>) {
@@ -68,6 +96,7 @@ fn print_stats(store: &Store<usize, Counter>) {
         conflicts: s.conflicts,
         retries: s.retries,
         give_ups: s.give_ups,
+        uploads: s.uploads,
     };
     println!("{stats}");
 }

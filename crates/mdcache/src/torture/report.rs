@@ -169,6 +169,7 @@ pub(super) fn report(run: &RunResult, finals: &[u64]) -> ExitCode {
         ("give-ups".into(), gave_up.to_string()),
         ("conflicts".into(), run.conflicts.to_string()),
         ("retries".into(), run.retries.to_string()),
+        ("uploads".into(), run.uploads.to_string()),
         ("kills".into(), run.kills.to_string()),
         ("final − initial".into(), applied.to_string()),
         ("lost".into(), lost.to_string()),
@@ -191,6 +192,9 @@ pub(super) fn report(run: &RunResult, finals: &[u64]) -> ExitCode {
     }
     let ok = verdicts.is_empty();
     println!("{:<30} {:>12}", "result", if ok { "OK" } else { "FAILED" });
+    if let Some(metrics) = &run.metrics {
+        metrics.print();
+    }
     if ok {
         ExitCode::SUCCESS
     } else {
@@ -227,7 +231,9 @@ mod tests {
             conflicts: 0,
             retries: 0,
             give_ups: 0,
+            uploads: 0,
             history: None,
+            metrics: None,
         }
     }
 
