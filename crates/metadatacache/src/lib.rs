@@ -111,7 +111,9 @@ pub use backend::disk::{DiskOptions, DiskStep, DiskStorage};
 pub use backend::etcd::{EtcdConfig, EtcdStorage};
 pub use backend::memory::MemoryStorage;
 #[cfg(feature = "s3")]
-pub use backend::object_store::{ObjectStoreStorage, S3Config};
+pub use backend::object_store::{
+    AzureConfig, GcsConfig, ObjectStoreConfig, ObjectStoreStorage, S3Config,
+};
 pub use backend::open::open;
 #[cfg(feature = "postgres")]
 pub use backend::postgres::{PostgresConfig, PostgresStorage};
