@@ -85,3 +85,21 @@ fn torture_on_s3_loses_nothing() {
         ],
     );
 }
+
+/// On Azurite; the torture's `init` creates the container.
+#[cfg(feature = "s3")]
+#[test]
+fn torture_on_azure_loses_nothing() {
+    let Some(server) = servers::azurite() else {
+        return;
+    };
+    let out = torture(
+        &format!(
+            "az://torture/run?endpoint=http://{}/{}&allow_http=true",
+            server.addr(),
+            servers::AZURITE_ACCOUNT
+        ),
+        &[("AZURE_STORAGE_ACCOUNT_KEY", servers::AZURITE_KEY)],
+    );
+    eprintln!("{out}");
+}

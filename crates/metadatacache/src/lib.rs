@@ -84,7 +84,8 @@
 //!   acknowledged or the stored version carries its write token
 //!   ([`Capabilities::write_tokens`]). On disk and S3, whose etags are
 //!   content hashes, equal content cannot tell one replica's write from
-//!   another's: the answer stays `Unavailable`.
+//!   another's, and Azure's and GCS's etags are not known never to repeat:
+//!   the answer stays `Unavailable`.
 //! - any other error: the change was not applied.
 //!
 //! # Consistency

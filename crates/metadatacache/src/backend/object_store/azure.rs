@@ -55,7 +55,7 @@ const FORM: UrlForm = UrlForm {
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct AzureConfig {
-    parts: UrlParts,
+    pub(super) parts: UrlParts,
     account: Option<String>,
     access_key: Option<String>,
 }
@@ -223,9 +223,6 @@ impl AzureConfig {
             read: Arc::new(self.build(READ_RETRIES)?),
             write,
             requests: Arc::new(requests),
-            backend: FORM.backend,
-            prefix: self.parts.prefix.clone(),
-            timeout: self.parts.timeout,
             etags: EtagStyle::QuotedETag,
         })
     }

@@ -28,7 +28,8 @@ pub(super) const READ_RETRIES: usize = 3;
 /// use metadatacache::{ObjectStoreConfig, AzureConfig};
 /// let config = ObjectStoreConfig::from_url("az://photos/app")?;
 /// assert!(matches!(config, ObjectStoreConfig::Azure(ref c) if c.container() == "photos"));
-/// let config = ObjectStoreConfig::from(AzureConfig::from_url("az://photos")?);
+/// let same = ObjectStoreConfig::from(AzureConfig::from_url("az://photos/app")?);
+/// assert_eq!(config, same);
 /// # Ok::<_, metadatacache::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -52,7 +52,7 @@ const IF_GENERATION_MATCH: &str = "x-goog-if-generation-match";
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct GcsConfig {
-    parts: UrlParts,
+    pub(super) parts: UrlParts,
     service_account_key: Option<String>,
 }
 
@@ -146,9 +146,6 @@ impl GcsConfig {
             read: Arc::new(self.build(READ_RETRIES)?),
             write,
             requests: Arc::new(requests),
-            backend: FORM.backend,
-            prefix: self.parts.prefix.clone(),
-            timeout: self.parts.timeout,
             etags: EtagStyle::Generation,
         })
     }

@@ -154,9 +154,6 @@ struct Connected {
     read: Arc<dyn ObjectStore>,
     write: Arc<dyn ObjectStore>,
     requests: Arc<dyn Requests>,
-    backend: &'static str,
-    prefix: String,
-    timeout: Duration,
     etags: EtagStyle,
 }
 
@@ -237,15 +234,14 @@ impl ObjectStoreStorage {
     /// # Cancel safety
     /// Cancel safe: nothing is sent.
     pub async fn new(config: impl Into<ObjectStoreConfig>) -> Result<ObjectStoreStorage> {
-        let connected = match config.into() {
-            ObjectStoreConfig::S3(c) => c.connect()?,
-            ObjectStoreConfig::Azure(c) => c.connect()?,
-            ObjectStoreConfig::Gcs(c) => c.connect()?,
+        let (connected, parts, backend) = match config.into() {
+            ObjectStoreConfig::S3(c) => (c.connect()?, c.parts, "s3"),
+            ObjectStoreConfig::Azure(c) => (c.connect()?, c.parts, "azure"),
+            ObjectStoreConfig::Gcs(c) => (c.connect()?, c.parts, "gcs"),
         };
-        let mut storage =
-            ObjectStoreStorage::from_store(connected.read, &connected.prefix, connected.backend)?
-                .with_write_store(connected.write)
-                .with_timeout(connected.timeout);
+        let mut storage = ObjectStoreStorage::from_store(connected.read, &parts.prefix, backend)?
+            .with_write_store(connected.write)
+            .with_timeout(parts.timeout);
         storage.requests = Some(connected.requests);
         storage.etags = connected.etags;
         Ok(storage)

@@ -162,9 +162,6 @@ impl S3Config {
             read: Arc::new(self.build(READ_RETRIES)?),
             write,
             requests: Arc::new(requests),
-            backend: FORM.backend,
-            prefix: self.parts.prefix.clone(),
-            timeout: self.parts.timeout,
             etags: EtagStyle::ETag,
         })
     }
