@@ -364,5 +364,23 @@ mod tests {
             ErrorKind::Unavailable
         );
         assert_eq!(status_in("status code: 4"), None);
+        // Azure's and S3's refusals that object_store leaves generic.
+        let denied = "Server returned non-2xx status code: 403 Forbidden: AuthorizationFailure";
+        assert_eq!(
+            map_error(generic(denied), Op::Read, "azure", "p").kind(),
+            ErrorKind::PermissionDenied
+        );
+        let missing = "Server returned non-2xx status code: 404 Not Found: NoSuchBucket";
+        assert_eq!(
+            map_error(generic(missing), Op::Read, "s3", "p").kind(),
+            ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn listed_azure_etags_get_quotes() {
+        assert_eq!(quoted("0x8DC"), "\"0x8DC\"");
+        assert_eq!(quoted("\"0x8DC\""), "\"0x8DC\"");
+        assert_eq!(quoted("W/\"x\""), "W/\"x\"");
     }
 }
