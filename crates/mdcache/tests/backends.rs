@@ -160,3 +160,21 @@ fn migrate_chain_disk_etcd_postgres_s3() {
     // Resuming a finished hop copies nothing.
     migrate(&chain[1], &chain[2], &aws, 0, N);
 }
+
+/// On Azurite; the torture's `init` creates the container.
+#[cfg(feature = "s3")]
+#[test]
+fn torture_on_azure_loses_nothing() {
+    let Some(server) = servers::azurite() else {
+        return;
+    };
+    let out = torture(
+        &format!(
+            "az://torture/run?endpoint=http://{}/{}&allow_http=true",
+            server.addr(),
+            servers::AZURITE_ACCOUNT
+        ),
+        &[("AZURE_STORAGE_ACCOUNT_KEY", servers::AZURITE_KEY)],
+    );
+    eprintln!("{out}");
+}

@@ -84,7 +84,8 @@
 //!   acknowledged or the stored version carries its write token
 //!   ([`Capabilities::write_tokens`]). On disk and S3, whose etags are
 //!   content hashes, equal content cannot tell one replica's write from
-//!   another's: the answer stays `Unavailable`.
+//!   another's, and Azure's and GCS's etags are not known never to repeat:
+//!   the answer stays `Unavailable`.
 //! - any other error: the change was not applied.
 //!
 //! # Metrics
@@ -130,7 +131,9 @@ pub use backend::disk::{DiskOptions, DiskStep, DiskStorage};
 pub use backend::etcd::{EtcdConfig, EtcdStorage};
 pub use backend::memory::MemoryStorage;
 #[cfg(feature = "s3")]
-pub use backend::object_store::{ObjectStoreStorage, S3Config};
+pub use backend::object_store::{
+    AzureConfig, GcsConfig, ObjectStoreConfig, ObjectStoreStorage, S3Config,
+};
 pub use backend::open::open;
 #[cfg(feature = "postgres")]
 pub use backend::postgres::{PostgresConfig, PostgresStorage};

@@ -54,6 +54,9 @@ fn public_types_are_send_and_sync() {
     {
         send_sync::<ObjectStoreStorage>();
         send_sync::<S3Config>();
+        send_sync::<AzureConfig>();
+        send_sync::<GcsConfig>();
+        send_sync::<ObjectStoreConfig>();
     }
     // Test support.
     send_sync::<FaultyStorage>();

@@ -234,3 +234,37 @@ async fn s3_etags_conditions_listing_and_errors() {
     assert_eq!(s.simple_download(odd).await.unwrap(), "odd");
     assert!(s.read_dir("d").await.unwrap().contains(&odd.to_owned()));
 }
+
+/// `init` creates a missing bucket (CreateBucket), and again is a no-op;
+/// before, every call on it fails with `NotFound`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_creates_the_bucket() {
+    let Some(server) = S3::launch() else {
+        return;
+    };
+    let s = open(server.addr(), "fresh/app", "").await;
+    assert_eq!(
+        kind(s.simple_upload("a.json", "1".into()).await),
+        ErrorKind::NotFound
+    );
+    s.init("").await.unwrap();
+    s.init("users").await.unwrap();
+    s.simple_upload("a.json", "1".into()).await.unwrap();
+    assert_eq!(s.read_dir("").await.unwrap(), ["a.json"]);
+}
+
+/// A bucket the server refuses to create (an invalid name): `init` fails
+/// with `NotFound`, naming the bucket and the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_refused_names_the_bucket() {
+    let Some(server) = S3::launch() else {
+        return;
+    };
+    let s = open(server.addr(), "ab/app", "").await;
+    let e = s.init("").await.unwrap_err();
+    eprintln!("{e}");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert_eq!(e.backend(), Some("s3"));
+    assert!(e.to_string().contains("bucket \"ab\""), "{e}");
+    assert!(e.to_string().contains("create bucket"), "{e}");
+}

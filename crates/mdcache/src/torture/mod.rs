@@ -289,6 +289,9 @@ pub(crate) async fn run(
         return Err(Error::invalid_input("--kill needs --kills of at least 1"));
     }
     let storage = metadatacache::open(&url).await?;
+    // Sets up the storage space: an object store's bucket or container is
+    // created where the service allows it.
+    storage.init("").await?;
     let checker = counter_store(Arc::clone(&storage), true, true, DEFAULT_ATTEMPTS);
     let initial = read_counts(&checker, args.keys).await?;
     let history_dir = if args.check {

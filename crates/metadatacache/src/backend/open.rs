@@ -13,6 +13,8 @@ use crate::storage::Storage;
 /// |---|---|
 /// | `memory:` | a new, empty [`MemoryStorage`] |
 /// | `disk:PATH`, or a bare `PATH` | [`DiskStorage::open`]`(PATH)`: `disk:./data`, `disk:/abs/dir`, `./data`, `/abs/dir` (`disk:///abs/dir` works too) |
+/// | `etcd://…`, `postgres://…` | the etcd and PostgreSQL backends (cargo features `etcd`, `postgres`) |
+/// | `s3://…`, `az://…`, `gs://…` | `ObjectStoreStorage`: S3, Azure Blob Storage, Google Cloud Storage (cargo feature `s3`) |
 ///
 /// A bare path is anything that does not start with a URL scheme
 /// (`letters:`); write a path that does as `disk:PATH`.
@@ -56,7 +58,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
             #[cfg(not(feature = "postgres"))]
             return Err(feature_missing(url, "postgres"));
         }
-        Some("s3") => {
+        Some("s3" | "az" | "gs") => {
             #[cfg(feature = "s3")]
             return Ok(Arc::new(
                 crate::backend::object_store::ObjectStoreStorage::from_url(url).await?,
@@ -66,7 +68,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
         }
         _ => Err(Error::invalid_input(format!(
             "unsupported storage URL {url:?}; expected memory:, disk:PATH, a path, \
-             etcd://, postgres:// or s3://"
+             etcd://, postgres://, s3://, az:// or gs://"
         ))),
     }
 }

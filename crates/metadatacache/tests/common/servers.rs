@@ -27,6 +27,7 @@ enum Kind {
     Etcd,
     Postgres,
     Moto,
+    Azurite,
 }
 
 /// A running (or stopped) test server.
@@ -153,6 +154,23 @@ pub fn moto() -> Option<Server> {
     Some(s)
 }
 
+/// Azurite's well-known development account, which every Azurite serves.
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+
+/// The key of [`AZURITE_ACCOUNT`], published with Azurite.
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Starts Azurite's blob service, or skips.
+pub fn azurite() -> Option<Server> {
+    if which("azurite-blob").is_none() {
+        return skip("azurite-blob (npm package azurite)");
+    }
+    let mut s = Server::new(Kind::Azurite);
+    s.start();
+    Some(s)
+}
+
 /// Creates a bucket on a moto server (moto accepts unsigned requests).
 pub fn create_bucket(addr: &str, bucket: &str) {
     let (status, body) = http(addr, "PUT", &format!("/{bucket}"));
@@ -228,7 +246,8 @@ impl Server {
     }
 
     /// Whether documents survive [`stop`](Server::stop) and
-    /// [`start`](Server::start): moto keeps them in memory and loses them.
+    /// [`start`](Server::start): moto keeps them in memory and loses them;
+    /// Azurite keeps them in its `--location` directory.
     pub fn keeps_data(&self) -> bool {
         self.kind != Kind::Moto
     }
@@ -286,6 +305,28 @@ impl Server {
                 self.pid = Some(child.id());
                 self.child = Some(child);
             }
+            Kind::Azurite => {
+                // No telemetry (it would leave the machine); path-style
+                // URLs only (the account is the first path segment).
+                let child = Command::new("azurite-blob")
+                    .args(["--blobHost", "127.0.0.1", "--blobPort"])
+                    .arg(self.port().to_string())
+                    .arg("--location")
+                    .arg(dir.join("azurite"))
+                    .args([
+                        "--silent",
+                        "--disableTelemetry",
+                        "--disableProductStyleUrl",
+                        "--skipApiVersionCheck",
+                    ])
+                    .stdin(Stdio::null())
+                    .stdout(log_file(&dir, "azurite.log"))
+                    .stderr(log_file(&dir, "azurite.log"))
+                    .spawn()
+                    .expect("start azurite-blob");
+                self.pid = Some(child.id());
+                self.child = Some(child);
+            }
             Kind::Postgres => {
                 let data = dir.join("data");
                 let opts = format!(
@@ -323,6 +364,7 @@ impl Server {
                 && match self.kind {
                     Kind::Etcd => http(&self.addr, "GET", "/health").1.contains("true"),
                     Kind::Moto => http(&self.addr, "GET", "/").0 != 0,
+                    Kind::Azurite => http(&self.addr, "GET", "/devstoreaccount1?comp=list").0 != 0,
                     Kind::Postgres => true,
                 };
             if healthy {
@@ -351,7 +393,8 @@ impl Server {
     /// in memory) and waits until it is gone.
     pub fn stop(&mut self) {
         let Some(pid) = self.pid.take() else { return };
-        // SIGINT is PostgreSQL's "fast" shutdown; etcd and moto exit on it too.
+        // SIGINT is PostgreSQL's "fast" shutdown; etcd, moto and Azurite
+        // (saving its data) exit on it too.
         let _ = Command::new("kill")
             .args(["-INT", &pid.to_string()])
             .status();

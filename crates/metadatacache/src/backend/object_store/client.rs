@@ -1,24 +1,12 @@
 //! Talking to the object store: the one mapping from `object_store` errors
-//! to [`ErrorKind`]s, and the conditional delete it cannot send itself.
-//!
-//! `object_store` 0.14 has no way to send `If-Match` on a delete. The request
-//! is therefore presigned by the store's own [`Signer`] (so credentials,
-//! region, endpoint and addressing style are exactly the store's), with the
-//! `If-Match` header bound into the signature, and sent with a plain HTTP
-//! client that never retries: a retried delete whose first attempt was
-//! applied would report a precondition failure instead of success.
+//! to [`ErrorKind`]s, the timeout of every call, and HEAD.
 
 use std::error::Error as StdError;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
 
 use ::object_store::client::HttpError;
 use ::object_store::path::Path as ObjectPath;
-use ::object_store::signer::{SignedUrlOptions, Signer};
-use ::object_store::{Error as OsError, ObjectMeta, ObjectStoreExt};
-use reqwest::header::{HeaderValue, IF_MATCH};
-use reqwest::{Method, StatusCode};
+use ::object_store::{Error as OsError, ObjectMeta, ObjectStoreExt, PutResult, UpdateVersion};
 
 use super::ObjectStoreStorage;
 use crate::backend::util::no_answer;
@@ -95,6 +83,8 @@ pub(super) fn map_error(e: OsError, op: Op, backend: &'static str, path: &str) -
                 "the object store asks to slow down; nothing was applied",
             ),
             Transport::Unreachable => (ErrorKind::Unavailable, unavailable_message(op)),
+            Transport::Denied => (ErrorKind::PermissionDenied, "access denied"),
+            Transport::Missing => (ErrorKind::NotFound, "no such bucket or document"),
             Transport::ClientError => (ErrorKind::Other, "request refused"),
             Transport::Unknown if op.is_write() => {
                 (ErrorKind::Unavailable, unavailable_message(op))
@@ -129,7 +119,11 @@ enum Transport {
     /// Turned away unprocessed to slow the client down (429, or 503 with
     /// the S3 code `SlowDown`).
     SlowDown,
-    /// The server answered with a 4xx status: the request was refused.
+    /// The server refused the credentials (401, 403).
+    Denied,
+    /// The server has no such thing (404): a missing bucket, say.
+    Missing,
+    /// The server answered with another 4xx status: the request was refused.
     ClientError,
     /// Something else.
     Unknown,
@@ -154,6 +148,8 @@ fn classify(e: &OsError) -> Transport {
                 429 => Transport::SlowDown,
                 503 if text.contains("<Code>SlowDown</Code>") => Transport::SlowDown,
                 408 | 500..=599 => Transport::Unreachable,
+                401 | 403 => Transport::Denied,
+                404 => Transport::Missing,
                 400..=499 => Transport::ClientError,
                 _ => Transport::Unknown,
             };
@@ -167,104 +163,6 @@ fn classify(e: &OsError) -> Transport {
 fn status_in(message: &str) -> Option<u16> {
     let (_, rest) = message.split_once("status code: ")?;
     rest.get(..3)?.parse().ok()
-}
-
-/// How long a presigned delete stays valid; it is sent at once.
-const PRESIGN_VALIDITY: Duration = Duration::from_secs(300);
-
-/// Sends `DELETE` with `If-Match` through presigned URLs.
-#[derive(Debug, Clone)]
-pub(super) struct ConditionalDelete {
-    signer: Arc<dyn Signer>,
-    http: reqwest::Client,
-}
-
-impl ConditionalDelete {
-    /// A deleter signing with `signer`; each request is bounded by
-    /// `timeout`.
-    pub(super) fn new(signer: Arc<dyn Signer>, timeout: Duration) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .map_err(|e| {
-                Error::new(ErrorKind::Other, "cannot build the HTTP client for deletes")
-                    .with_source(e)
-            })?;
-        Ok(ConditionalDelete { signer, http })
-    }
-
-    /// Deletes `key` only if its ETag is `etag` (as the server reports it,
-    /// quotes included).
-    ///
-    /// # Errors
-    /// [`ErrorKind::PreconditionFailed`] (412: the object has another
-    /// version, which is kept), [`ErrorKind::NotFound`] (404),
-    /// [`ErrorKind::PermissionDenied`] (401, 403), [`ErrorKind::Unavailable`]
-    /// when no answer came or the server failed (the delete may have been
-    /// applied), [`ErrorKind::Other`] for other refusals.
-    pub(super) async fn delete(&self, key: &ObjectPath, etag: &str) -> Result<()> {
-        let value = HeaderValue::from_str(etag).map_err(|e| {
-            Error::invalid_input("the etag cannot be sent in an If-Match header").with_source(e)
-        })?;
-        let options = SignedUrlOptions::default().with_signed_header(IF_MATCH, value.clone());
-        let url = self
-            .signer
-            .signed_url_opts(Method::DELETE, key, PRESIGN_VALIDITY, &options)
-            .await
-            .map_err(|e| {
-                let kind = match e {
-                    ::object_store::Error::PermissionDenied { .. }
-                    | ::object_store::Error::Unauthenticated { .. } => ErrorKind::PermissionDenied,
-                    // Getting credentials may need the network (instance
-                    // metadata): nothing was sent yet, but the outcome is
-                    // the same as for a store that is down.
-                    _ => ErrorKind::Unavailable,
-                };
-                Error::new(kind, "cannot sign the conditional delete").with_source(e)
-            })?;
-        let resp = self
-            .http
-            .request(Method::DELETE, url)
-            .header(IF_MATCH, value)
-            .send()
-            .await
-            .map_err(|e| {
-                Error::unavailable(
-                    "no answer to the conditional delete; it may or may not have been applied",
-                )
-                .with_source(e)
-            })?;
-        let status = resp.status();
-        let (kind, message) = match status {
-            s if s.is_success() => return Ok(()),
-            StatusCode::PRECONDITION_FAILED => (
-                ErrorKind::PreconditionFailed,
-                "etag precondition failed; the object was kept",
-            ),
-            StatusCode::NOT_FOUND => (ErrorKind::NotFound, "no such document"),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                (ErrorKind::PermissionDenied, "access denied")
-            }
-            StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => (
-                ErrorKind::Unavailable,
-                "the conditional delete failed in flight; it may or may not have been applied",
-            ),
-            s if s.is_server_error() => (
-                ErrorKind::Unavailable,
-                "the conditional delete failed in flight; it may or may not have been applied",
-            ),
-            _ => (ErrorKind::Other, "the conditional delete was refused"),
-        };
-        // The body names the reason (an S3 error document); keep its first
-        // line short.
-        let body = resp.text().await.unwrap_or_default();
-        let detail: String = body.chars().take(300).collect();
-        Err(
-            Error::new(kind, format!("{message} (HTTP {})", status.as_u16()))
-                .with_source(std::io::Error::other(detail)),
-        )
-    }
 }
 
 impl ObjectStoreStorage {
@@ -305,6 +203,62 @@ impl ObjectStoreStorage {
                 Error::new(ErrorKind::Other, "the object store reported no etag").with_path(path),
             )
         })
+    }
+
+    /// The etag this storage reports for an object: its ETag (on Azure
+    /// quoted also where a listing gives it bare), or on GCS its generation
+    /// (what conditional writes there compare).
+    pub(super) fn etag_in(&self, meta: &ObjectMeta) -> Option<String> {
+        match self.etags {
+            EtagStyle::ETag => meta.e_tag.clone(),
+            EtagStyle::QuotedETag => meta.e_tag.as_deref().map(quoted),
+            EtagStyle::Generation => meta.version.clone(),
+        }
+    }
+
+    /// The etag of a write's result, as [`etag_in`](Self::etag_in).
+    pub(super) fn etag_written(&self, res: &PutResult) -> Option<String> {
+        match self.etags {
+            EtagStyle::ETag => res.e_tag.clone(),
+            EtagStyle::QuotedETag => res.e_tag.as_deref().map(quoted),
+            EtagStyle::Generation => res.version.clone(),
+        }
+    }
+
+    /// The version a put conditional on `etag` names.
+    pub(super) fn version_of(&self, etag: &str) -> UpdateVersion {
+        let etag = Some(etag.to_owned());
+        match self.etags {
+            EtagStyle::ETag | EtagStyle::QuotedETag => UpdateVersion {
+                e_tag: etag,
+                version: None,
+            },
+            EtagStyle::Generation => UpdateVersion {
+                e_tag: None,
+                version: etag,
+            },
+        }
+    }
+}
+
+/// What a storage reports as a document's etag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum EtagStyle {
+    /// The ETag exactly as the server gives it (S3).
+    ETag,
+    /// The ETag in double quotes, as Azure's headers give it; its listings
+    /// give it bare.
+    QuotedETag,
+    /// The object's generation (GCS), which its conditional writes compare.
+    Generation,
+}
+
+/// `etag` in double quotes, unless it has them already.
+fn quoted(etag: &str) -> String {
+    if etag.starts_with('"') || etag.starts_with("W/") {
+        etag.to_owned()
+    } else {
+        format!("\"{etag}\"")
     }
 }
 
@@ -410,5 +364,23 @@ mod tests {
             ErrorKind::Unavailable
         );
         assert_eq!(status_in("status code: 4"), None);
+        // Azure's and S3's refusals that object_store leaves generic.
+        let denied = "Server returned non-2xx status code: 403 Forbidden: AuthorizationFailure";
+        assert_eq!(
+            map_error(generic(denied), Op::Read, "azure", "p").kind(),
+            ErrorKind::PermissionDenied
+        );
+        let missing = "Server returned non-2xx status code: 404 Not Found: NoSuchBucket";
+        assert_eq!(
+            map_error(generic(missing), Op::Read, "s3", "p").kind(),
+            ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn listed_azure_etags_get_quotes() {
+        assert_eq!(quoted("0x8DC"), "\"0x8DC\"");
+        assert_eq!(quoted("\"0x8DC\""), "\"0x8DC\"");
+        assert_eq!(quoted("W/\"x\""), "W/\"x\"");
     }
 }

@@ -1,54 +1,81 @@
-//! S3 and S3-compatible object storage through the `object_store` crate.
+//! Object storage through the `object_store` crate: S3 and S3-compatible
+//! buckets, Azure Blob Storage containers, Google Cloud Storage buckets.
 
+mod azure;
 mod client;
 mod config;
+mod gcs;
+mod read;
+mod requests;
+mod s3;
 mod write;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use ::object_store::path::Path as ObjectPath;
-use ::object_store::{GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, UpdateVersion};
+use ::object_store::signer::Signer;
+use ::object_store::{ObjectStore, ObjectStoreExt, PutMode};
 use async_trait::async_trait;
+use reqwest::header::IF_MATCH;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    Capabilities, DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage, UploadRequest,
+    Capabilities, DownloadRequest, DownloadResponse, FileInfo, Storage, UploadRequest,
     UploadResponse, check_delete_precondition, validate_path,
 };
-use ::object_store::signer::Signer;
-use client::ConditionalDelete;
-use client::Op;
-pub use config::S3Config;
+pub use azure::AzureConfig;
+use client::{EtagStyle, Op};
+pub use config::ObjectStoreConfig;
+pub use gcs::GcsConfig;
+use requests::{Requests, SignedDelete, SignerRequests};
+pub use s3::S3Config;
 
-/// Storage in an object store (S3 or S3-compatible such as MinIO, R2, Ceph;
-/// any other `object_store` backend with conditional put can be wrapped with
-/// [`ObjectStoreStorage::from_store`]).
+/// Storage in an object store: an S3 or S3-compatible bucket (MinIO, R2,
+/// Ceph, …), an Azure Blob Storage container or a Google Cloud Storage
+/// bucket; any other `object_store` store with conditional puts can be
+/// wrapped with [`ObjectStoreStorage::from_store`].
 ///
 /// Each document is one object at `PREFIX/PATH`; its etag is the object's
-/// ETag exactly as the server reports it (for S3 a quoted content MD5, e.g.
-/// `"\"9b2c…\""`), the same from upload, download, stat and list.
+/// ETag exactly as the server reports it (S3: a quoted content MD5, e.g.
+/// `"\"9b2c…\""`; Azure: `"\"0x8DC…\""`), or on GCS the object's
+/// generation (e.g. `"1712345678901234"`), the same from upload, download,
+/// stat and list.
 ///
-/// # URL
+/// # URLs
 ///
-/// `s3://BUCKET[/PREFIX][?timeout_ms=N&endpoint=URL&region=REGION&allow_http=true]`
+/// - `s3://BUCKET[/PREFIX][?timeout_ms=N&endpoint=URL&region=REGION&allow_http=true]`
+/// - `az://CONTAINER[/PREFIX][?timeout_ms=N&endpoint=URL&account=NAME&allow_http=true]`
+/// - `gs://BUCKET[/PREFIX][?timeout_ms=N&endpoint=URL&allow_http=true]`
 ///
-/// - `BUCKET` must exist already ([`init`](Storage::init) does not create it).
 /// - `PREFIX` (optional, percent-encoded) is prepended to every path.
 /// - `timeout_ms` bounds every call (default 5000): a dead endpoint yields
 ///   [`ErrorKind::Unavailable`] within it.
-/// - `endpoint`, `region`, `allow_http` override the environment.
+/// - `endpoint`, `region`, `allow_http` override the environment. On Azure
+///   the account is `account=`, else the path of a path-style endpoint
+///   (Azurite: `endpoint=http://127.0.0.1:10000/devstoreaccount1`), else
+///   `AZURE_STORAGE_ACCOUNT_NAME`.
+/// - [`init`](Storage::init) creates the bucket or container where the
+///   service lets these credentials (S3, Azure); a GCS bucket must exist.
 ///
-/// Everything else comes from the usual environment variables (read by
-/// `object_store`'s `AmazonS3Builder::from_env`): `AWS_ACCESS_KEY_ID`,
-/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` /
-/// `AWS_DEFAULT_REGION` (default `us-east-1`), `AWS_ENDPOINT` /
-/// `AWS_ENDPOINT_URL` (for S3-compatible servers), `AWS_ALLOW_HTTP=true`
-/// (for a plain-http endpoint), plus the other `AWS_*` options
-/// `object_store` knows (web identity, container credentials, …). Without
-/// credentials the client asks the instance metadata service. Credentials
-/// are never accepted in the URL and never printed by `Debug`.
+/// Everything else comes from the usual environment variables, read by
+/// `object_store`'s builders:
+/// - S3: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+///   `AWS_REGION` / `AWS_DEFAULT_REGION` (default `us-east-1`),
+///   `AWS_ENDPOINT` / `AWS_ENDPOINT_URL` (S3-compatible servers),
+///   `AWS_ALLOW_HTTP=true`, and the other `AWS_*` options `object_store`
+///   knows (web identity, container credentials, …); without credentials
+///   the client asks the instance metadata service.
+/// - Azure: `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, or
+///   `AZURE_STORAGE_SAS_KEY`, `AZURE_STORAGE_TOKEN`, `AZURE_CLIENT_ID` /
+///   `AZURE_CLIENT_SECRET` / `AZURE_TENANT_ID`, managed identity, and the
+///   other `AZURE_*` options `object_store` knows.
+/// - GCS: `GOOGLE_SERVICE_ACCOUNT` (a key file), `GOOGLE_SERVICE_ACCOUNT_KEY`,
+///   `GOOGLE_APPLICATION_CREDENTIALS`, else the instance metadata service.
+///
+/// Credentials are never accepted in the URL and never printed by `Debug`;
+/// in code they go into [`S3Config::credentials`],
+/// [`AzureConfig::access_key`] or [`GcsConfig::service_account_key`].
 ///
 /// ```no_run
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -58,25 +85,27 @@ pub use config::S3Config;
 ///     "s3://my-bucket/app/meta?endpoint=http://127.0.0.1:9000&allow_http=true&timeout_ms=2000",
 /// )
 /// .await?;
+/// storage.init("").await?; // creates the bucket if it is missing
 /// storage.simple_upload("users/alice.json", "{}".into()).await?;
-/// // Or through the generic opener, with everything else from AWS_* variables:
-/// let storage = metadatacache::open("s3://my-bucket/app/meta").await?;
-/// assert_eq!(storage.backend(), "s3");
+/// // Or through the generic opener, with everything else from AZURE_* variables:
+/// let storage = metadatacache::open("az://my-container/app/meta").await?;
+/// assert_eq!(storage.backend(), "azure");
 /// # Ok::<_, metadatacache::Error>(()) }).unwrap();
 /// ```
 ///
 /// # Consistency
 ///
-/// - Create-only uploads use `PutMode::Create` (`If-None-Match: *`), `if_match`
-///   uploads `PutMode::Update` (`If-Match`): the server checks them
+/// - Create-only uploads use `PutMode::Create` (`If-None-Match: *`; GCS:
+///   `x-goog-if-generation-match: 0`), `if_match` uploads `PutMode::Update`
+///   (`If-Match`; GCS: `x-goog-if-generation-match`): the server checks them
 ///   atomically with the write.
 /// - `if_none_match` with etags, `if_unmodified_since` and `if_match: "*"`
-///   have no S3 form on PUT: the object is read (HEAD), the condition checked
-///   against what was read, and the write made conditional on the etag read
-///   (or create-only when absent). The write therefore happens only on the
-///   very version the condition was checked against, which keeps it atomic;
-///   if another writer slipped in between, the check starts over (a few times,
-///   then [`ErrorKind::Aborted`]).
+///   have no form on PUT: the object is read (HEAD), the condition checked
+///   against what was read, and the write made conditional on the version
+///   read (or create-only when absent). The write therefore happens only on
+///   the very version the condition was checked against, which keeps it
+///   atomic; if another writer slipped in between, the check starts over (a
+///   few times, then [`ErrorKind::Aborted`]).
 /// - Writes (puts and deletes) are never retried by the HTTP client: an
 ///   answer lost in transit (timeout, reset, 5xx) is reported as
 ///   [`ErrorKind::Unavailable`], meaning "may have been applied", never as the
@@ -84,13 +113,16 @@ pub use config::S3Config;
 ///   delete a newer version written meanwhile. Reads are retried a few times
 ///   within the timeout.
 /// - Downloads with one `if_none_match` etag are conditional GETs: a 304
-///   answer transfers no content.
-/// - `delete_if_match` with an etag is one `DELETE` with `If-Match`,
-///   checked by the server atomically with the delete (a version written
-///   meanwhile is kept: [`ErrorKind::PreconditionFailed`]). `object_store`
-///   0.14 cannot send that header, so this one request is presigned with the
-///   store's own signer (`If-Match` bound into the signature) and sent with
-///   a plain HTTP client without retries; see
+///   answer transfers no content (GCS: a HEAD compares the generation).
+/// - `delete_if_match` with an etag is one `DELETE` that the server checks
+///   atomically with the delete (a version written meanwhile is kept:
+///   [`ErrorKind::PreconditionFailed`]). `object_store` 0.14 cannot send
+///   it, so this one request is sent by the backend itself without retries:
+///   S3 `If-Match` and GCS `x-goog-if-generation-match` presigned by the
+///   store's own signer with the header bound into the signature; Azure
+///   `If-Match` authorized with the store's own credential through
+///   `object_store`'s `AzureAuthorizer` (Shared Key signs the `If-Match`
+///   value; Azure's SAS URLs cannot bind a header). See
 ///   [`with_signer`](ObjectStoreStorage::with_signer). An unconditional
 ///   delete reads first only to answer [`ErrorKind::NotFound`] for a
 ///   missing object.
@@ -105,12 +137,24 @@ pub struct ObjectStoreStorage {
     store: Arc<dyn ObjectStore>,
     /// For writes: puts and deletes (configured without automatic retries).
     write_store: Arc<dyn ObjectStore>,
-    /// Sends `DELETE` with `If-Match`; `None` when no signer was given.
-    deleter: Option<ConditionalDelete>,
+    /// The conditional delete and bucket creation; `None` when neither a
+    /// URL nor a signer gave them.
+    requests: Option<Arc<dyn Requests>>,
     /// "" or a normalised path without a trailing slash.
     prefix: String,
     backend: &'static str,
     timeout: Duration,
+    /// What the etags are: ETags, or generations (GCS).
+    etags: EtagStyle,
+}
+
+/// What a service's config builds: the stores, the requests they cannot
+/// send, and how the storage reports itself.
+struct Connected {
+    read: Arc<dyn ObjectStore>,
+    write: Arc<dyn ObjectStore>,
+    requests: Arc<dyn Requests>,
+    etags: EtagStyle,
 }
 
 impl fmt::Debug for ObjectStoreStorage {
@@ -129,8 +173,8 @@ impl fmt::Debug for ObjectStoreStorage {
 impl ObjectStoreStorage {
     /// Wraps any `object_store` store; every path is stored under `prefix`
     /// ("" for none). `backend_name` is what [`Storage::backend`] and errors
-    /// report ("s3", "gcs", …). The timeout is 5 s (see
-    /// [`with_timeout`](Self::with_timeout)).
+    /// report ("s3", "minio", …). The timeout is 5 s (see
+    /// [`with_timeout`](Self::with_timeout)). Etags are the store's ETags.
     ///
     /// The same store serves writes. `object_store` retries some failed
     /// writes by itself (after a 5xx answer or a dropped connection), and a
@@ -156,17 +200,18 @@ impl ObjectStoreStorage {
         }
         Ok(ObjectStoreStorage {
             write_store: Arc::clone(&store),
-            deleter: None,
+            requests: None,
             store,
             prefix: prefix.to_owned(),
             backend: backend_name,
             timeout: config::DEFAULT_TIMEOUT,
+            etags: EtagStyle::ETag,
         })
     }
 
-    /// Opens an S3 bucket from a URL (see the [type docs](Self) for the URL
-    /// format and the environment variables). Nothing is sent to the server
-    /// yet.
+    /// Opens the bucket or container an `s3://`, `az://` or `gs://` URL
+    /// names (see the [type docs](Self) for the forms and the environment
+    /// variables). Nothing is sent to the server yet.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] naming the URL when it is malformed or the
@@ -175,11 +220,12 @@ impl ObjectStoreStorage {
     /// # Cancel safety
     /// Cancel safe: nothing is sent.
     pub async fn from_url(url: &str) -> Result<ObjectStoreStorage> {
-        Self::new(S3Config::from_url(url)?).await
+        Self::new(ObjectStoreConfig::from_url(url)?).await
     }
 
-    /// Opens an S3 bucket as `config` describes it. Nothing is sent to the
-    /// server yet.
+    /// Opens the bucket or container `config` describes (an
+    /// [`S3Config`], [`AzureConfig`], [`GcsConfig`] or
+    /// [`ObjectStoreConfig`]). Nothing is sent to the server yet.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] naming the URL the config came from when
@@ -187,19 +233,26 @@ impl ObjectStoreStorage {
     ///
     /// # Cancel safety
     /// Cancel safe: nothing is sent.
-    pub async fn new(config: S3Config) -> Result<ObjectStoreStorage> {
-        let store = config.build_read_store()?;
-        let write_store = config.build_write_store()?;
-        ObjectStoreStorage::from_store(store, &config.prefix, "s3")?
-            .with_write_store(write_store.clone())
-            .with_timeout(config.timeout)
-            .with_signer(write_store)
+    pub async fn new(config: impl Into<ObjectStoreConfig>) -> Result<ObjectStoreStorage> {
+        let (connected, parts, backend) = match config.into() {
+            ObjectStoreConfig::S3(c) => (c.connect()?, c.parts, "s3"),
+            ObjectStoreConfig::Azure(c) => (c.connect()?, c.parts, "azure"),
+            ObjectStoreConfig::Gcs(c) => (c.connect()?, c.parts, "gcs"),
+        };
+        let mut storage = ObjectStoreStorage::from_store(connected.read, &parts.prefix, backend)?
+            .with_write_store(connected.write)
+            .with_timeout(parts.timeout);
+        storage.requests = Some(connected.requests);
+        storage.etags = connected.etags;
+        Ok(storage)
     }
 
-    /// Enables conditional deletes: `delete_if_match` with an etag sends
-    /// one `DELETE` with `If-Match`, presigned by `signer` (the same bucket's
-    /// store, e.g. an `AmazonS3`) and checked by the server, never retried.
-    /// Without a signer, such deletes are refused: a read followed by an
+    /// Enables conditional deletes on a store made with
+    /// [`from_store`](Self::from_store): `delete_if_match` with an etag
+    /// sends one `DELETE` with `If-Match`, presigned by `signer` (the same
+    /// bucket's store, e.g. an `AmazonS3`, with the header bound into the
+    /// signature) and checked by the server, never retried. Without a
+    /// signer, such deletes are refused: a read followed by an
     /// unconditional delete could delete a version written in between.
     /// Call it after [`with_timeout`](Self::with_timeout): the deletes use
     /// the timeout set then.
@@ -207,7 +260,8 @@ impl ObjectStoreStorage {
     /// # Errors
     /// [`ErrorKind::Other`] when the HTTP client cannot be set up.
     pub fn with_signer(mut self, signer: Arc<dyn Signer>) -> Result<Self> {
-        self.deleter = Some(ConditionalDelete::new(signer, self.timeout).map_err(|e| self.tag(e))?);
+        let signed = SignedDelete::new(signer, IF_MATCH, self.timeout).map_err(|e| self.tag(e))?;
+        self.requests = Some(Arc::new(SignerRequests(signed)));
         Ok(self)
     }
 
@@ -240,77 +294,6 @@ impl ObjectStoreStorage {
     fn tag(&self, e: Error) -> Error {
         e.with_backend(self.backend)
     }
-
-    /// The object key of storage path `path` ("" is the prefix itself).
-    fn key(&self, path: &str) -> Result<ObjectPath> {
-        let key = match (self.prefix.is_empty(), path.is_empty()) {
-            (true, _) => path.to_owned(),
-            (false, true) => self.prefix.clone(),
-            (false, false) => format!("{}/{path}", self.prefix),
-        };
-        ObjectPath::parse(&key).map_err(|e| {
-            self.tag(
-                Error::invalid_input("not a valid object key")
-                    .with_path(path)
-                    .with_source(e),
-            )
-        })
-    }
-
-    /// The storage path of object key `key`, if it lies under the prefix.
-    fn path_of<'a>(&self, key: &'a ObjectPath) -> Option<&'a str> {
-        let key: &str = key.as_ref();
-        let rel = if self.prefix.is_empty() {
-            key
-        } else {
-            key.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?
-        };
-        validate_path(rel, false).ok().map(|()| rel)
-    }
-
-    async fn download_inner(
-        &self,
-        req: &DownloadRequest,
-        key: &ObjectPath,
-    ) -> Result<DownloadResponse> {
-        let path = req.path.as_str();
-        let mut opts = GetOptions::default();
-        if let [etag] = req.if_none_match.as_slice()
-            && etag != "*"
-        {
-            opts.if_none_match = Some(etag.clone());
-        }
-        let got = self
-            .store
-            .get_opts(key, opts)
-            .await
-            .map_err(self.map(Op::Read, path))?;
-        let etag = self.etag_of(path, got.meta.e_tag.clone())?;
-        let mtime = SystemTime::from(got.meta.last_modified);
-        // Several etags, or "*": checked here, after the transfer.
-        if req.if_none_match.iter().any(|e| *e == etag || e == "*") {
-            return Err(
-                self.tag(Error::new(ErrorKind::NotModified, "etag unchanged").with_path(path))
-            );
-        }
-        let content = got.bytes().await.map_err(self.map(Op::Read, path))?;
-        Ok(DownloadResponse {
-            content,
-            etag,
-            mtime,
-            write_token: None,
-        })
-    }
-
-    fn file_info(&self, path: &str, meta: ObjectMeta) -> FileInfo {
-        FileInfo {
-            path: path.to_owned(),
-            kind: EntryKind::File,
-            size: meta.size,
-            mtime: Some(SystemTime::from(meta.last_modified)),
-            etag: meta.e_tag,
-        }
-    }
 }
 
 #[async_trait]
@@ -319,25 +302,52 @@ impl Storage for ObjectStoreStorage {
         self.backend
     }
 
-    /// Conditional deletes when a signer is set (always for `s3://` URLs).
-    /// Etags are content hashes: they repeat.
+    /// Conditional deletes when the URL or a signer gave them (always for
+    /// `s3://`, `az://` and `gs://` URLs). Etags are content hashes (S3),
+    /// or may repeat (Azure), or are not known to be unique (GCS).
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            conditional_delete: self.deleter.is_some(),
+            conditional_delete: self.requests.is_some(),
             ..Capabilities::default()
         }
     }
 
-    /// Checks `name` and that the bucket answers (a directory needs no
-    /// creating; the bucket must exist already).
+    /// Creates the bucket or container where the service lets these
+    /// credentials (S3 CreateBucket, Azure Create Container; already there
+    /// is fine), else checks that it exists. `name` is only checked: a
+    /// directory needs no creating.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] for a bad name; [`ErrorKind::NotFound`]
-    /// naming the bucket when it does not exist; [`ErrorKind::Unavailable`]
-    /// or [`ErrorKind::PermissionDenied`] when it cannot be used.
+    /// naming the bucket when it does not exist and could not be created
+    /// (with the reason); [`ErrorKind::PermissionDenied`] or
+    /// [`ErrorKind::Unavailable`] naming it when it cannot be used.
     async fn init(&self, name: &str) -> Result<()> {
         validate_path(name, true).map_err(|e| self.tag(e))?;
-        self.list_dir(name).await.map(drop)
+        let (word, bucket) = self
+            .requests
+            .as_ref()
+            .map_or(("bucket", None), |r| r.bucket());
+        let named = bucket.map_or_else(|| format!("the {word}"), |b| format!("{word} {b:?}"));
+        let created = match &self.requests {
+            Some(requests) => self.timed(name, false, requests.create_bucket()).await,
+            None => Err(Error::new(ErrorKind::Other, "no way to create buckets")),
+        };
+        let Err(refused) = created else {
+            return Ok(());
+        };
+        match self.list_dir(name).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(self
+                .tag(Error::not_found(format!(
+                    "{named} does not exist and cannot be created here"
+                )))
+                .with_source(refused)),
+            Err(e) => {
+                let message = format!("{named} cannot be used: {}", e.message());
+                Err(e.with_message(message))
+            }
+        }
     }
 
     async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {
@@ -351,10 +361,7 @@ impl Storage for ObjectStoreStorage {
             } else if plain && req.if_match.is_none() {
                 self.put(path, &key, &req, PutMode::Overwrite).await
             } else if plain && let Some(etag) = req.if_match.as_ref().filter(|e| *e != "*") {
-                let version = UpdateVersion {
-                    e_tag: Some(etag.clone()),
-                    version: None,
-                };
+                let version = self.version_of(etag);
                 self.put(path, &key, &req, PutMode::Update(version)).await
             } else {
                 self.checked_put(path, &key, &req).await
@@ -374,7 +381,7 @@ impl Storage for ObjectStoreStorage {
         validate_path(path, false).map_err(|e| self.tag(e))?;
         let key = self.key(path)?;
         if let Some(etag) = if_match.filter(|e| *e != "*") {
-            let Some(deleter) = &self.deleter else {
+            let Some(requests) = &self.requests else {
                 return Err(self.tag(
                     Error::new(
                         ErrorKind::Other,
@@ -386,8 +393,8 @@ impl Storage for ObjectStoreStorage {
             };
             return self
                 .timed(path, true, async {
-                    deleter
-                        .delete(&key, etag)
+                    requests
+                        .delete_if_match(&key, etag)
                         .await
                         .map_err(|e| self.tag(e.with_path(path)))
                 })
@@ -397,7 +404,9 @@ impl Storage for ObjectStoreStorage {
             // An unconditional delete. S3 deletes a missing key silently:
             // look first, to answer NotFound.
             let current = self.head(path, &key).await?;
-            let etag = current.map(|m| self.etag_of(path, m.e_tag)).transpose()?;
+            let etag = current
+                .map(|m| self.etag_of(path, self.etag_in(&m)))
+                .transpose()?;
             check_delete_precondition(path, if_match, etag.as_deref()).map_err(|e| self.tag(e))?;
             self.write_store
                 .delete(&key)

@@ -3,7 +3,7 @@
 use std::time::SystemTime;
 
 use ::object_store::path::Path as ObjectPath;
-use ::object_store::{ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion};
+use ::object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
 use super::ObjectStoreStorage;
 use super::client::Op;
@@ -35,7 +35,7 @@ impl ObjectStoreStorage {
             .put_opts(key, payload, PutOptions::from(mode))
             .await
             .map_err(self.map(op, path))?;
-        let etag = res.e_tag.ok_or_else(|| {
+        let etag = self.etag_written(&res).ok_or_else(|| {
             // The write was applied but cannot be identified.
             self.tag(
                 Error::unavailable("the object store returned no etag for the write")
@@ -60,14 +60,11 @@ impl ObjectStoreStorage {
             let current = self.head(path, key).await?;
             let mode = match &current {
                 Some(meta) => {
-                    let etag = self.etag_of(path, meta.e_tag.clone())?;
+                    let etag = self.etag_of(path, self.etag_in(meta))?;
                     let mtime = SystemTime::from(meta.last_modified);
                     check_upload_preconditions(req, Some((&etag, mtime)))
                         .map_err(|e| self.tag(e))?;
-                    PutMode::Update(UpdateVersion {
-                        e_tag: Some(etag),
-                        version: None,
-                    })
+                    PutMode::Update(self.version_of(&etag))
                 }
                 None => {
                     check_upload_preconditions(req, None).map_err(|e| self.tag(e))?;

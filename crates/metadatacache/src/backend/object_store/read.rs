@@ -1,0 +1,98 @@
+//! Reads: object keys of storage paths and back, downloads (conditional
+//! where the service can), and the file info of an object.
+
+use std::time::SystemTime;
+
+use ::object_store::path::Path as ObjectPath;
+use ::object_store::{GetOptions, ObjectMeta, ObjectStore};
+
+use super::ObjectStoreStorage;
+use super::client::{EtagStyle, Op};
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::{DownloadRequest, DownloadResponse, EntryKind, FileInfo, validate_path};
+
+impl ObjectStoreStorage {
+    /// The object key of storage path `path` ("" is the prefix itself).
+    pub(super) fn key(&self, path: &str) -> Result<ObjectPath> {
+        let key = match (self.prefix.is_empty(), path.is_empty()) {
+            (true, _) => path.to_owned(),
+            (false, true) => self.prefix.clone(),
+            (false, false) => format!("{}/{path}", self.prefix),
+        };
+        ObjectPath::parse(&key).map_err(|e| {
+            self.tag(
+                Error::invalid_input("not a valid object key")
+                    .with_path(path)
+                    .with_source(e),
+            )
+        })
+    }
+
+    /// The storage path of object key `key`, if it lies under the prefix.
+    pub(super) fn path_of<'a>(&self, key: &'a ObjectPath) -> Option<&'a str> {
+        let key: &str = key.as_ref();
+        let rel = if self.prefix.is_empty() {
+            key
+        } else {
+            key.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?
+        };
+        validate_path(rel, false).ok().map(|()| rel)
+    }
+
+    /// One download. With one `if_none_match` etag it is a conditional GET
+    /// (a 304 answer transfers no content); on GCS, whose etags here are
+    /// generations that `If-None-Match` does not compare, a HEAD decides
+    /// instead.
+    pub(super) async fn download_inner(
+        &self,
+        req: &DownloadRequest,
+        key: &ObjectPath,
+    ) -> Result<DownloadResponse> {
+        let path = req.path.as_str();
+        let not_modified =
+            || self.tag(Error::new(ErrorKind::NotModified, "etag unchanged").with_path(path));
+        let mut opts = GetOptions::default();
+        if self.etags == EtagStyle::Generation && !req.if_none_match.is_empty() {
+            let Some(meta) = self.head(path, key).await? else {
+                return Err(self.tag(Error::not_found("no such document").with_path(path)));
+            };
+            let etag = self.etag_of(path, self.etag_in(&meta))?;
+            if req.if_none_match.iter().any(|e| *e == etag || e == "*") {
+                return Err(not_modified());
+            }
+        } else if let [etag] = req.if_none_match.as_slice()
+            && etag != "*"
+        {
+            opts.if_none_match = Some(etag.clone());
+        }
+        let got = self
+            .store
+            .get_opts(key, opts)
+            .await
+            .map_err(self.map(Op::Read, path))?;
+        let etag = self.etag_of(path, self.etag_in(&got.meta))?;
+        let mtime = SystemTime::from(got.meta.last_modified);
+        // Several etags, or "*": checked here, after the transfer.
+        if req.if_none_match.iter().any(|e| *e == etag || e == "*") {
+            return Err(not_modified());
+        }
+        let content = got.bytes().await.map_err(self.map(Op::Read, path))?;
+        Ok(DownloadResponse {
+            content,
+            etag,
+            mtime,
+            write_token: None,
+        })
+    }
+
+    /// The file info of the object `meta` describes, at storage path `path`.
+    pub(super) fn file_info(&self, path: &str, meta: ObjectMeta) -> FileInfo {
+        FileInfo {
+            path: path.to_owned(),
+            kind: EntryKind::File,
+            size: meta.size,
+            mtime: Some(SystemTime::from(meta.last_modified)),
+            etag: self.etag_in(&meta),
+        }
+    }
+}
