@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "mdcache", version, about)]
 struct Cli {
     /// Storage URL: memory:, disk:DIR (or a plain path), etcd://…, postgres://…,
-    /// s3://… [default: disk:./mdcache-data; for torture, a new temporary directory]
+    /// s3://…, nats://… [default: disk:./mdcache-data; for torture, a new temporary directory]
     #[arg(long, short, global = true, env = "MDCACHE_STORAGE")]
     storage: Option<String>,
 

@@ -424,6 +424,19 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Kills the server with SIGKILL (no shutdown of its own; what it
+    /// acknowledged is in its files) and waits until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(pid) = self.pid {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        self.stop();
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop();

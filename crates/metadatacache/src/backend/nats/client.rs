@@ -174,7 +174,12 @@ impl Conn {
             Err(_) => Err(self.not_connected()),
             Ok(()) => match tokio::time::timeout_at(deadline, op).await {
                 Ok(res) => res,
-                Err(_) => Err(no_answer(self.timeout, write)),
+                Err(_) => {
+                    // A deleted bucket's reads go unanswered: look it up
+                    // again next time.
+                    *self.cached_bucket() = None;
+                    Err(no_answer(self.timeout, write))
+                }
             },
         };
         res.map_err(|e| e.with_backend(BACKEND).with_path(path))
