@@ -552,3 +552,29 @@ async fn credentials_in_the_url() {
         }
     }
 }
+
+/// A `.creds` or nkey seed file that cannot be read is refused when the
+/// storage is set up, naming the file; `Debug` shows neither secret.
+#[tokio::test]
+async fn unreadable_credential_files_are_invalid_input() {
+    for param in ["creds", "nkey"] {
+        let url = format!("nats://127.0.0.1:1/b?{param}=/nonexistent/app.{param}");
+        for e in [
+            NatsStorage::from_url(&url).await.unwrap_err(),
+            metadatacache::open(&url).await.unwrap_err(),
+        ] {
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+            assert_eq!(e.backend(), Some("nats"), "{e}");
+            assert!(e.to_string().contains("/nonexistent/app."), "{e}");
+        }
+    }
+    let s = NatsStorage::from_url("nats://u:hunter2@127.0.0.1:1/b/p")
+        .await
+        .unwrap();
+    assert!(!format!("{s:?}").contains("hunter2"), "{s:?}");
+    assert_eq!((s.bucket(), s.prefix()), ("b", "p"));
+    let s = NatsStorage::from_url("nats://hunter2@127.0.0.1:1/b")
+        .await
+        .unwrap();
+    assert!(!format!("{s:?}").contains("hunter2"), "{s:?}");
+}

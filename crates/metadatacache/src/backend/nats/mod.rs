@@ -380,8 +380,14 @@ impl Storage for NatsStorage {
         self.conn.bounded(path, false, op).await
     }
 
-    /// Subscribes with a JetStream consumer of the whole storage and keeps
-    /// it up (see [`watch`]).
+    /// Subscribes with a JetStream consumer of the storage's keys (headers
+    /// only, from now on) and keeps it up until the stream is dropped: a
+    /// lost connection is reported as a gap at once, then it subscribes
+    /// again and reports that it is in sync.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad prefix; as
+    /// [`download`](Storage::download) when the first subscription fails.
     async fn watch(&self, prefix: &str) -> Result<ChangeStream> {
         self.check_path(prefix, true)?;
         watch::start(Arc::clone(&self.conn), self.layout.clone(), prefix).await
