@@ -259,6 +259,19 @@ async fn documents_are_plain_kv_entries() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
     storage.make_dir_if_not_exist("users/sub").await.unwrap();
+
+    // Larger than the server's largest message (1 MiB by default): refused
+    // before sending, and the connection stays usable.
+    let big = vec![b'x'; 2 << 20];
+    let e = storage
+        .simple_upload("big.json", big.into())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    storage
+        .simple_upload("small.json", "{}".into())
+        .await
+        .unwrap();
 }
 
 /// Paths of any printable characters, with what NATS subjects and the key

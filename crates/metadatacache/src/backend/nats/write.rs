@@ -112,16 +112,20 @@ impl NatsStorage {
     /// the key holds now decides between `NotFound` and
     /// `PreconditionFailed`.
     async fn why_refused(&self, bucket: &Bucket, req: &UploadRequest, subject: &str) -> Error {
-        let current = match self.read(bucket, subject).await {
-            Ok(v) => v.filter(|v| v.live),
-            Err(e) => return e,
-        };
+        let current = self.current(bucket, subject).await;
         let current = current.map(|v| (v.etag(), v.mtime));
-        match check_upload_preconditions(req, current.as_ref().map(|(e, m)| (e.as_str(), *m))) {
-            Err(e) => e,
-            // The revision moved on, so it cannot match now.
-            Ok(()) => Error::new(ErrorKind::PreconditionFailed, "the document changed")
-                .with_path(&req.path),
+        check_upload_preconditions(req, current.as_ref().map(|(e, m)| (e.as_str(), *m)))
+            .err()
+            .unwrap_or_else(|| changed(&req.path))
+    }
+
+    /// The live version of a subject after a refused write, for its error
+    /// only: the write was not applied whatever this read says, so a read
+    /// that fails counts as "changed".
+    async fn current(&self, bucket: &Bucket, subject: &str) -> Option<Version> {
+        match self.read(bucket, subject).await {
+            Ok(v) => v.filter(|v| v.live),
+            Err(_) => Some(Version::unknown()),
         }
     }
 
@@ -151,17 +155,11 @@ impl NatsStorage {
             match tombstone(rev).await {
                 Ok(_) => return Ok(()),
                 Err(e) if moved(&e) && want.is_some() => {
-                    let doc = self.read(&bucket, &subject).await?.filter(|v| v.live);
-                    check_delete_precondition(
-                        path,
-                        if_match,
-                        doc.as_ref().map(|v| v.etag()).as_deref(),
-                    )?;
-                    // Cannot happen: the revision moved away from `want`.
-                    return Err(
-                        Error::new(ErrorKind::PreconditionFailed, "the document changed")
-                            .with_path(path),
-                    );
+                    let doc = self.current(&bucket, &subject).await;
+                    let etag = doc.as_ref().map(Version::etag);
+                    return Err(check_delete_precondition(path, if_match, etag.as_deref())
+                        .err()
+                        .unwrap_or_else(|| changed(path)));
                 }
                 // Changed between the read and the delete: read again.
                 Err(e) if moved(&e) => {}
@@ -226,6 +224,12 @@ impl NatsStorage {
         }
         Ok(None)
     }
+}
+
+/// A write or delete refused because the revision moved on (when the
+/// state read afterwards does not say more).
+fn changed(path: &str) -> Error {
+    Error::new(ErrorKind::PreconditionFailed, "the document changed").with_path(path)
 }
 
 fn kept_changing(path: &str) -> Error {
