@@ -115,3 +115,68 @@ fn a_stale_read_is_caught() {
     assert_eq!(report.violations.len(), 1, "{:?}", report.violations);
     assert!(report.violations[0].contains("stale read"));
 }
+
+/// Two writes whose outcome was unknown both landed on one key: the chain
+/// has two gaps, each explained by one of them, and the walk resumes past
+/// each (a write already on the chain is not a place to resume from).
+#[test]
+fn two_landed_unknown_writes_are_two_gaps() {
+    use metadatacache::testing::history::Event;
+    let ev = |op: &str, pre: Option<&str>, etag: Option<&str>, outcome: &str, t0| Event {
+        op: op.into(),
+        path: "p".into(),
+        pre: pre.map(Into::into),
+        create: pre.is_none() && op == "w",
+        etag: etag.map(Into::into),
+        value: None,
+        outcome: outcome.into(),
+        t0,
+        t1: t0 + 10,
+    };
+    let events = vec![
+        ev("w", None, Some("e1"), "ok", 0),
+        // Landed as e2, but the reply was lost.
+        ev("w", Some("e1"), None, "unavailable", 20),
+        ev("w", Some("e2"), Some("e3"), "ok", 40),
+        // Landed as e4, reply lost.
+        ev("w", Some("e3"), None, "unavailable", 60),
+        ev("w", Some("e4"), Some("e5"), "ok", 80),
+        ev("r", None, Some("e5"), "ok", 100),
+    ];
+    let report = check(&events, &Initial::new(), |_, _| true);
+    assert_eq!(report.violations, Vec::<String>::new());
+}
+
+/// A storage that hands out a version twice (a cycle in the chain) is
+/// reported, also when reads saw that version (the checker once panicked
+/// there).
+#[test]
+fn a_repeated_version_is_reported() {
+    use metadatacache::testing::history::Event;
+    let ev = |op: &str, pre: Option<&str>, etag: &str, t0| Event {
+        op: op.into(),
+        path: "p".into(),
+        pre: pre.map(Into::into),
+        create: pre.is_none() && op == "w",
+        etag: Some(etag.into()),
+        value: None,
+        outcome: "ok".into(),
+        t0,
+        t1: t0 + 10,
+    };
+    let events = vec![
+        ev("w", None, "e1", 0),
+        ev("w", Some("e1"), "e2", 20),
+        ev("w", Some("e2"), "e1", 40),
+        ev("r", None, "e1", 60),
+    ];
+    let report = check(&events, &Initial::new(), |_, _| true);
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.contains("produced twice")),
+        "{:?}",
+        report.violations
+    );
+}

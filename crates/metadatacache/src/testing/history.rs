@@ -353,11 +353,14 @@ fn check_path(
             Some(w) => w,
             None => {
                 // Maybe an unknown-outcome write landed: resume from a
-                // successful write whose version nobody produced.
+                // successful write whose version nobody produced (and that
+                // is not on the chain already: after a second gap, the
+                // write resumed from at the first is still such a write).
                 let orphan = from
                     .iter()
                     .filter(|(pre, _)| !pos.contains_key(**pre) && **pre != "?")
                     .flat_map(|(_, ws)| ws.first().copied())
+                    .filter(|w| !pos.contains_key(w.etag.as_deref().unwrap_or_default()))
                     .min_by_key(|w| w.t0);
                 match orphan {
                     Some(w) if gaps_allowed > 0 => {
@@ -387,10 +390,11 @@ fn check_path(
         }
         cur = next.etag.clone().unwrap_or_default();
         cur_value.clone_from(&next.value);
-        if pos.insert(cur.clone(), chain.len()).is_some() {
+        if pos.contains_key(&cur) {
             v.push(format!("{path}: version {cur:?} produced twice (cycle)"));
             break;
         }
+        pos.insert(cur.clone(), chain.len());
         chain.push(Some(next));
         walked += 1;
     }
