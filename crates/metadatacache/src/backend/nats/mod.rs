@@ -67,8 +67,9 @@ const BACKEND: &str = "nats";
 /// * A document is one key of the bucket holding exactly the document's
 ///   bytes. The key encodes the path one segment per token: `A-Z a-z 0-9 -
 ///   _` stay, every other byte becomes `=XX`, and `/` becomes `.`, so
-///   `users/alice.json` is the key `users.alice=2Ejson` (`nats kv get
-///   bucket users.alice=2Ejson` shows the plain document). Every path has a
+///   `users/alice.json` is the key `users.alice=2Ejson` (after the
+///   prefix's key, if any), where other NATS key-value clients see the
+///   plain document. Every path has a
 ///   key of its own, and a directory's keys are exactly those under
 ///   `<its key>.>`. Keys that this encoding never makes (written by other
 ///   tools) are not listed.
@@ -114,11 +115,16 @@ const BACKEND: &str = "nats";
 /// [`new`](NatsStorage::new) and [`from_url`](NatsStorage::from_url) do
 /// not wait for the server: the client connects in the background,
 /// reconnects by itself after the connection breaks, and the bucket is
-/// looked up (or created) by the first call. While the server is away,
-/// calls fail with [`ErrorKind::Unavailable`] at their timeout; a write
-/// that timed out may still be sent once the client reconnects (it is
-/// answered as "may have been applied", and its expected revision lets it
-/// land at most once).
+/// looked up (or created) by the first call. A call waits for the
+/// connection within its timeout and hands nothing to a disconnected
+/// client (which would keep a write and send it whenever it reconnects,
+/// long after the caller gave up): while the server is away, calls fail
+/// with [`ErrorKind::Unavailable`] at their timeout, having sent nothing,
+/// or with [`ErrorKind::PermissionDenied`] when the server refuses the
+/// credentials. Only a write caught in the client's queue at the moment
+/// the connection breaks may still be sent after it reconnects (a
+/// conditional write then lands only over the version it was written
+/// against).
 ///
 /// ```no_run
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
