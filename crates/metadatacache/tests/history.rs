@@ -180,3 +180,40 @@ fn a_repeated_version_is_reported() {
         report.violations
     );
 }
+
+/// A write whose reply was lost landed, and the store settled it by its
+/// write token: a read returned the version it made before the next write
+/// built on it; another one landed last and only a read saw its version.
+/// Each unknown write explains one such version; a version nothing explains
+/// is still caught.
+#[test]
+fn versions_of_landed_unknown_writes_may_be_read() {
+    use metadatacache::testing::history::Event;
+    let ev = |op: &str, pre: Option<&str>, etag: Option<&str>, outcome: &str, t0| Event {
+        op: op.into(),
+        path: "p".into(),
+        pre: pre.map(Into::into),
+        create: pre.is_none() && op == "w",
+        etag: etag.map(Into::into),
+        value: None,
+        outcome: outcome.into(),
+        t0,
+        t1: t0 + 10,
+    };
+    let mut events = vec![
+        ev("w", None, Some("e1"), "ok", 0),
+        ev("w", Some("e1"), None, "unavailable", 20),
+        // The resend finds e2 (its own write) in place.
+        ev("w", Some("e1"), None, "conflict", 40),
+        ev("r", None, Some("e2"), "ok", 60),
+        ev("w", Some("e2"), Some("e3"), "ok", 80),
+        ev("w", Some("e3"), None, "unavailable", 100),
+        ev("r", None, Some("e4"), "ok", 120),
+        ev("r", None, Some("e4"), "ok", 140),
+    ];
+    let report = check(&events, &Initial::new(), |_, _| true);
+    assert_eq!(report.violations, Vec::<String>::new());
+    events.push(ev("r", None, Some("e9"), "ok", 160));
+    let report = check(&events, &Initial::new(), |_, _| true);
+    assert_eq!(report.violations.len(), 1, "{:?}", report.violations);
+}
