@@ -17,8 +17,8 @@ use clap::{Parser, Subcommand};
 #[command(name = "mdcache", version, about)]
 struct Cli {
     /// Storage URL: memory:, disk:DIR (or a plain path), etcd://…, postgres://…,
-    /// s3://…, az://…, gs://… [default: disk:./mdcache-data; for torture, a new
-    /// temporary directory]
+    /// s3://…, az://…, gs://…, nats://… [default: disk:./mdcache-data; for
+    /// torture, a new temporary directory]
     #[arg(long, short, global = true, env = "MDCACHE_STORAGE")]
     storage: Option<String>,
 

@@ -178,3 +178,67 @@ fn torture_on_azure_loses_nothing() {
     );
     eprintln!("{out}");
 }
+
+#[cfg(feature = "nats")]
+#[test]
+fn torture_on_nats_loses_nothing() {
+    let Some(server) = servers::nats() else {
+        return;
+    };
+    torture(&format!("nats://{}/torture", server.addr()), &[]);
+}
+
+/// The NATS server is killed (SIGKILL) in the middle of a run and started
+/// again: the replicas ride it out (calls wait for the connection within
+/// their timeout, then fail `Unavailable`) and nothing acknowledged is lost.
+#[cfg(feature = "nats")]
+#[test]
+fn torture_on_nats_survives_a_server_kill() {
+    use std::time::{Duration, Instant};
+    let Some(mut server) = servers::nats() else {
+        return;
+    };
+    let url = format!("nats://{}/torture?timeout_ms=1000", server.addr());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mdcache"))
+        .args(["--storage", &url, "torture", "--check"])
+        .args(["--replicas", "3", "--tasks", "3", "--keys", "2"])
+        .args(["--updates", "2000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the run is well under way.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let storage = rt.block_on(metadatacache::open(&url)).unwrap();
+    let count = || {
+        rt.block_on(storage.simple_download("torture/key-0.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["count"].as_u64())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count() < 200 {
+        assert!(Instant::now() < deadline, "the torture never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run ended before the kill"
+    );
+    server.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    server.start();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}");
+    assert!(out.status.success(), "{out:?}");
+    assert_rows(
+        &text,
+        &[
+            ("lost", "0"),
+            ("applied twice", "0"),
+            ("history: violations", "0"),
+            ("result", "OK"),
+        ],
+    );
+}

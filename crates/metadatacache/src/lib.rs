@@ -12,8 +12,8 @@
 //!   compare-and-swap and re-runs your closure on conflict, so no replica
 //!   ever loses another's change;
 //! - **a storage that fits**: memory, a local directory, or (behind cargo
-//!   features) etcd, PostgreSQL and S3, all behind one [`Storage`] trait and
-//!   opened from a URL with [`open`].
+//!   features) etcd, PostgreSQL, S3 and NATS JetStream key-value buckets,
+//!   all behind one [`Storage`] trait and opened from a URL with [`open`].
 //!
 //! # Tutorial
 //!
@@ -79,7 +79,7 @@
 //!
 //!   Where the backend allows it, a store settles a lost reply instead: on
 //!   backends whose etags never repeat ([`Capabilities::unique_etags`]:
-//!   memory, etcd, PostgreSQL) it sends the very same write again, so that
+//!   memory, etcd, PostgreSQL, NATS) it sends the very same write again, so that
 //!   of all copies at most one can land, and answers `Ok` when a copy is
 //!   acknowledged or the stored version carries its write token
 //!   ([`Capabilities::write_tokens`]). On disk and S3, whose etags are
@@ -130,6 +130,8 @@ pub use backend::disk::{DiskOptions, DiskStep, DiskStorage};
 #[cfg(feature = "etcd")]
 pub use backend::etcd::{EtcdConfig, EtcdStorage};
 pub use backend::memory::MemoryStorage;
+#[cfg(feature = "nats")]
+pub use backend::nats::{NatsConfig, NatsStorage};
 #[cfg(feature = "s3")]
 pub use backend::object_store::{
     AzureConfig, GcsConfig, ObjectStoreConfig, ObjectStoreStorage, S3Config,

@@ -58,6 +58,11 @@ fn public_types_are_send_and_sync() {
         send_sync::<GcsConfig>();
         send_sync::<ObjectStoreConfig>();
     }
+    #[cfg(feature = "nats")]
+    {
+        send_sync::<NatsStorage>();
+        send_sync::<NatsConfig>();
+    }
     // Test support.
     send_sync::<FaultyStorage>();
     send_sync::<Faults>();
@@ -84,6 +89,8 @@ fn public_futures_are_send() {
     send(&storage.upload(UploadRequest::new("a", "b")));
     send(&storage.download(DownloadRequest::new("a")));
     send(&metadatacache::open("memory:"));
+    #[cfg(feature = "nats")]
+    send(&NatsStorage::from_url("nats://127.0.0.1:4222/bucket"));
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();

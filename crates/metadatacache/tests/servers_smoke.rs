@@ -35,6 +35,16 @@ fn postgres_starts_stops_and_restarts() {
 }
 
 #[test]
+fn nats_starts_stops_and_restarts() {
+    let Some(mut s) = servers::nats() else { return };
+    assert!(reachable(s.addr()));
+    s.stop();
+    assert!(!reachable(s.addr()));
+    s.start();
+    assert!(reachable(s.addr()));
+}
+
+#[test]
 fn moto_starts_and_creates_buckets() {
     let Some(s) = servers::moto() else { return };
     servers::create_bucket(s.addr(), "smoke");

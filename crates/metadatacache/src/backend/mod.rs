@@ -4,6 +4,8 @@ pub(crate) mod disk;
 #[cfg(feature = "etcd")]
 pub(crate) mod etcd;
 pub(crate) mod memory;
+#[cfg(feature = "nats")]
+pub(crate) mod nats;
 #[cfg(feature = "s3")]
 pub(crate) mod object_store;
 pub(crate) mod open;

@@ -66,9 +66,17 @@ pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
             #[cfg(not(feature = "s3"))]
             return Err(feature_missing(url, "s3"));
         }
+        Some("nats" | "tls") => {
+            #[cfg(feature = "nats")]
+            return Ok(Arc::new(
+                crate::backend::nats::NatsStorage::from_url(url).await?,
+            ));
+            #[cfg(not(feature = "nats"))]
+            return Err(feature_missing(url, "nats"));
+        }
         _ => Err(Error::invalid_input(format!(
             "unsupported storage URL {url:?}; expected memory:, disk:PATH, a path, \
-             etcd://, postgres://, s3://, az:// or gs://"
+             etcd://, postgres://, s3://, az://, gs:// or nats://"
         ))),
     }
 }

@@ -4,7 +4,12 @@
 
 // Only the networked backends (cargo features) read URLs.
 #![cfg_attr(
-    not(any(feature = "etcd", feature = "postgres", feature = "s3")),
+    not(any(
+        feature = "etcd",
+        feature = "postgres",
+        feature = "s3",
+        feature = "nats"
+    )),
     allow(dead_code)
 )]
 
@@ -14,20 +19,26 @@ use std::time::Duration;
 use crate::error::Error;
 
 /// `url` with the password of its user-info and the value of any
-/// `password` query parameter replaced by `***`, for messages and `Debug`.
+/// `password` or `token` query parameter replaced by `***`, for messages
+/// and `Debug`. In a NATS URL (`nats://`, `tls://`) a user-info without a
+/// colon is a token and is hidden whole.
 ///
 /// ```text
 /// etcd://u:hunter2@h:2379/p?password=x  →  etcd://u:***@h:2379/p?password=***
+/// nats://s3cret@h:4222/bucket           →  nats://***@h:4222/bucket
 /// ```
 pub(crate) fn redact_url(url: &str) -> String {
     let mut out = url.to_owned();
     if let Some(start) = out.find("://").map(|i| i + 3) {
         let rest = &out[start..];
         let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@')
-            && let Some(colon) = rest[..at].find(':')
-        {
-            out.replace_range(start + colon + 1..start + at, "***");
+        let token_scheme = matches!(&out[..start - 3], "nats" | "tls");
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            match rest[..at].find(':') {
+                Some(colon) => out.replace_range(start + colon + 1..start + at, "***"),
+                None if token_scheme => out.replace_range(start..start + at, "***"),
+                None => {}
+            }
         }
     }
     if let Some(q) = out.find('?') {
@@ -35,7 +46,11 @@ pub(crate) fn redact_url(url: &str) -> String {
         let query: Vec<String> = query
             .split('&')
             .map(|p| match p.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                Some((k, _))
+                    if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("token") =>
+                {
+                    format!("{k}=***")
+                }
                 _ => p.to_owned(),
             })
             .collect();
@@ -136,6 +151,11 @@ mod tests {
             ),
             ("s3://key:hunter2@b/x@y?z=1", "s3://key:***@b/x@y?z=1"),
             ("memory:", "memory:"),
+            (
+                "nats://hunter2@h:4222/b?token=x&y=1",
+                "nats://***@h:4222/b?token=***&y=1",
+            ),
+            ("tls://u:pw@h/b", "tls://u:***@h/b"),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }

@@ -28,6 +28,7 @@ enum Kind {
     Postgres,
     Moto,
     Azurite,
+    Nats,
 }
 
 /// A running (or stopped) test server.
@@ -39,6 +40,8 @@ pub struct Server {
     dir: tempfile::TempDir,
     child: Option<Child>,
     pid: Option<u32>,
+    /// More command-line arguments for the server (NATS: credentials).
+    args: Vec<String>,
 }
 
 /// True when the user opted out of tests whose server is missing.
@@ -171,6 +174,24 @@ pub fn azurite() -> Option<Server> {
     Some(s)
 }
 
+/// Starts nats-server with JetStream (its store in the server's temporary
+/// directory), or skips.
+pub fn nats() -> Option<Server> {
+    nats_with(&[])
+}
+
+/// Starts nats-server with JetStream and the extra command-line `args`
+/// (`--user u --pass p`, `--auth token`), or skips.
+pub fn nats_with(args: &[&str]) -> Option<Server> {
+    if which("nats-server").is_none() {
+        return skip("nats-server (Debian package nats-server)");
+    }
+    let mut s = Server::new(Kind::Nats);
+    s.args = args.iter().map(|a| (*a).to_owned()).collect();
+    s.start();
+    Some(s)
+}
+
 /// Creates a bucket on a moto server (moto accepts unsigned requests).
 pub fn create_bucket(addr: &str, bucket: &str) {
     let (status, body) = http(addr, "PUT", &format!("/{bucket}"));
@@ -237,6 +258,7 @@ impl Server {
             dir,
             child: None,
             pid: None,
+            args: Vec::new(),
         }
     }
 
@@ -327,6 +349,21 @@ impl Server {
                 self.pid = Some(child.id());
                 self.child = Some(child);
             }
+            Kind::Nats => {
+                // The monitoring port (`-m`) answers the readiness check.
+                let child = Command::new("nats-server")
+                    .args(["-js", "-a", "127.0.0.1", "-p", &self.port().to_string()])
+                    .args(["-m", &self.peer_port.to_string(), "-sd"])
+                    .arg(dir.join("jetstream"))
+                    .args(&self.args)
+                    .stdin(Stdio::null())
+                    .stdout(log_file(&dir, "nats.log"))
+                    .stderr(log_file(&dir, "nats.log"))
+                    .spawn()
+                    .expect("start nats-server");
+                self.pid = Some(child.id());
+                self.child = Some(child);
+            }
             Kind::Postgres => {
                 let data = dir.join("data");
                 let opts = format!(
@@ -365,6 +402,11 @@ impl Server {
                     Kind::Etcd => http(&self.addr, "GET", "/health").1.contains("true"),
                     Kind::Moto => http(&self.addr, "GET", "/").0 != 0,
                     Kind::Azurite => http(&self.addr, "GET", "/devstoreaccount1?comp=list").0 != 0,
+                    Kind::Nats => {
+                        let monitor = format!("127.0.0.1:{}", self.peer_port);
+                        TcpStream::connect(&monitor).is_ok()
+                            && http(&monitor, "GET", "/healthz").1.contains("ok")
+                    }
                     Kind::Postgres => true,
                 };
             if healthy {
@@ -393,8 +435,8 @@ impl Server {
     /// in memory) and waits until it is gone.
     pub fn stop(&mut self) {
         let Some(pid) = self.pid.take() else { return };
-        // SIGINT is PostgreSQL's "fast" shutdown; etcd, moto and Azurite
-        // (saving its data) exit on it too.
+        // SIGINT is PostgreSQL's "fast" shutdown; etcd, moto, nats-server and
+        // Azurite (saving its data) exit on it too.
         let _ = Command::new("kill")
             .args(["-INT", &pid.to_string()])
             .status();
@@ -421,6 +463,19 @@ impl Server {
         while TcpStream::connect(&self.addr).is_ok() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+impl Server {
+    /// Kills the server with SIGKILL (no shutdown of its own; what it
+    /// acknowledged is in its files) and waits until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(pid) = self.pid {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        self.stop();
     }
 }
 

@@ -1,0 +1,241 @@
+//! Writes and deletes: each one publish that names the revision it
+//! replaces, so the server applies it only over exactly that version.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+
+use super::client::Bucket;
+use super::version::{Version, delete_headers, etag, is_put, live, put_headers, revision};
+use super::{NatsStorage, ancestors};
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::{
+    UploadRequest, UploadResponse, check_delete_precondition, check_upload_preconditions,
+};
+
+/// How often a write re-reads and tries again when the key changes
+/// between its read and its write.
+const MAX_ATTEMPTS: usize = 16;
+
+/// True for the error of a publish whose expected revision was not the
+/// key's.
+fn moved(e: &Error) -> bool {
+    e.kind() == ErrorKind::PreconditionFailed
+}
+
+impl NatsStorage {
+    /// [`Storage::upload`](crate::Storage::upload), within the timeout.
+    pub(super) async fn write(&self, req: &UploadRequest) -> Result<UploadResponse> {
+        let bucket = self.conn.bucket().await?;
+        let path = req.path.as_str();
+        let subject = self.layout.subject(path);
+        let mtime = req.mtime.unwrap_or_else(SystemTime::now);
+        let token = req.write_token.as_deref();
+        let put = |expected: Option<u64>| {
+            self.conn.publish(
+                subject.clone(),
+                put_headers(mtime, token, expected),
+                req.content.clone(),
+            )
+        };
+        let done = |rev: u64| {
+            Ok(UploadResponse {
+                etag: etag(rev),
+                mtime,
+            })
+        };
+
+        if req.is_create_only() {
+            self.check_placement(&bucket, path).await?;
+            // Over no message at all, else over the tombstone found.
+            let mut expected = 0;
+            for _ in 0..MAX_ATTEMPTS {
+                match put(Some(expected)).await {
+                    Ok(rev) => return done(rev),
+                    Err(e) if moved(&e) => {}
+                    Err(e) => return Err(e),
+                }
+                match self.read(&bucket, &subject).await? {
+                    Some(v) if v.live => {
+                        return Err(Error::new(
+                            ErrorKind::AlreadyExists,
+                            "document already exists",
+                        )
+                        .with_path(path));
+                    }
+                    v => expected = v.map_or(0, |v| v.revision),
+                }
+            }
+            return Err(kept_changing(path));
+        }
+
+        // The usual compare-and-swap: one publish naming the revision.
+        let plain_if_match = req.if_none_match.is_empty() && req.if_unmodified_since.is_none();
+        if plain_if_match && let Some(rev) = req.if_match.as_deref().and_then(revision) {
+            return match put(Some(rev)).await {
+                Ok(rev) => done(rev),
+                Err(e) if moved(&e) => Err(self.why_refused(&bucket, req, &subject).await),
+                Err(e) => Err(e),
+            };
+        }
+
+        // Anything else: read, check, then write over exactly what was read.
+        let unconditional = req.if_match.is_none() && plain_if_match;
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.read(&bucket, &subject).await?;
+            let doc = current.as_ref().filter(|v| v.live);
+            check_upload_preconditions(
+                req,
+                doc.map(|v| (v.etag(), v.mtime))
+                    .as_ref()
+                    .map(|(e, m)| (e.as_str(), *m)),
+            )?;
+            if doc.is_none() {
+                self.check_placement(&bucket, path).await?;
+            }
+            // An unconditional write over a document need not name it.
+            let expected = match (unconditional, doc) {
+                (true, Some(_)) => None,
+                _ => Some(current.map_or(0, |v| v.revision)),
+            };
+            match put(expected).await {
+                Ok(rev) => return done(rev),
+                Err(e) if moved(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(kept_changing(path))
+    }
+
+    /// The precondition error of a write refused for its revision: what
+    /// the key holds now decides between `NotFound` and
+    /// `PreconditionFailed`.
+    async fn why_refused(&self, bucket: &Bucket, req: &UploadRequest, subject: &str) -> Error {
+        let current = self.current(bucket, subject).await;
+        let current = current.map(|v| (v.etag(), v.mtime));
+        check_upload_preconditions(req, current.as_ref().map(|(e, m)| (e.as_str(), *m)))
+            .err()
+            .unwrap_or_else(|| changed(&req.path))
+    }
+
+    /// The live version of a subject after a refused write, for its error
+    /// only: the write was not applied whatever this read says, so a read
+    /// that fails counts as "changed".
+    async fn current(&self, bucket: &Bucket, subject: &str) -> Option<Version> {
+        match self.read(bucket, subject).await {
+            Ok(v) => v.filter(|v| v.live),
+            Err(_) => Some(Version::unknown()),
+        }
+    }
+
+    /// [`Storage::delete_if_match`](crate::Storage::delete_if_match),
+    /// within the timeout: a tombstone naming the revision it deletes.
+    pub(super) async fn remove(&self, path: &str, if_match: Option<&str>) -> Result<()> {
+        let bucket = self.conn.bucket().await?;
+        let subject = self.layout.subject(path);
+        let tombstone = |rev: u64| {
+            self.conn
+                .publish(subject.clone(), delete_headers(rev), Bytes::new())
+        };
+        let want = if_match.filter(|e| *e != "*");
+        for _ in 0..MAX_ATTEMPTS {
+            let rev = match want.and_then(revision) {
+                Some(rev) => rev,
+                None => {
+                    let doc = self.read(&bucket, &subject).await?.filter(|v| v.live);
+                    check_delete_precondition(
+                        path,
+                        if_match,
+                        doc.as_ref().map(|v| v.etag()).as_deref(),
+                    )?;
+                    doc.map_or(0, |v| v.revision)
+                }
+            };
+            match tombstone(rev).await {
+                Ok(_) => return Ok(()),
+                Err(e) if moved(&e) && want.is_some() => {
+                    let doc = self.current(&bucket, &subject).await;
+                    let etag = doc.as_ref().map(Version::etag);
+                    return Err(check_delete_precondition(path, if_match, etag.as_deref())
+                        .err()
+                        .unwrap_or_else(|| changed(path)));
+                }
+                // Changed between the read and the delete: read again.
+                Err(e) if moved(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(kept_changing(path))
+    }
+
+    /// The current version (or tombstone) of a subject.
+    pub(super) async fn read(&self, bucket: &Bucket, subject: &str) -> Result<Option<Version>> {
+        Ok(self
+            .conn
+            .read(bucket, subject, None)
+            .await?
+            .map(Version::of_message))
+    }
+
+    /// Refuses to create a document below a document or where documents
+    /// lie below. Not atomic with the write that follows (a KV bucket has
+    /// no multi-key transactions): two first writes of a path and a path
+    /// below it, at the same moment, can both succeed.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] naming what is in the way.
+    pub(super) async fn check_placement(&self, bucket: &Bucket, path: &str) -> Result<()> {
+        if let Some(doc) = self.first_document(bucket, ancestors(path)).await? {
+            return Err(
+                Error::invalid_input(format!("parent {doc:?} is a document")).with_path(path),
+            );
+        }
+        let below = self
+            .conn
+            .scan(bucket, &self.layout.below(path), |m| {
+                m.message.headers.as_ref().is_none_or(is_put)
+            })
+            .await?;
+        if below.iter().any(|s| is_put(&s.headers)) {
+            return Err(
+                Error::invalid_input("documents lie below this path (it is a directory)")
+                    .with_path(path),
+            );
+        }
+        Ok(())
+    }
+
+    /// The first of `paths` that is a document, reading them all at once.
+    pub(super) async fn first_document<'p>(
+        &self,
+        bucket: &Bucket,
+        paths: impl Iterator<Item = &'p str>,
+    ) -> Result<Option<&'p str>> {
+        let paths: Vec<&str> = paths.collect();
+        let reads = paths.iter().map(|p| {
+            let subject = self.layout.subject(p);
+            async move { self.conn.read(bucket, &subject, None).await }
+        });
+        for (p, found) in paths.iter().zip(join_all(reads).await) {
+            if live(found?).is_some() {
+                return Ok(Some(p));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A write or delete refused because the revision moved on (when the
+/// state read afterwards does not say more).
+fn changed(path: &str) -> Error {
+    Error::new(ErrorKind::PreconditionFailed, "the document changed").with_path(path)
+}
+
+fn kept_changing(path: &str) -> Error {
+    Error::new(
+        ErrorKind::Aborted,
+        "the document kept changing during the write",
+    )
+    .with_path(path)
+}
