@@ -242,7 +242,7 @@ impl Conn {
     async fn fail(&self, e: etcd_client::Error) -> Error {
         let explanation = match tls_failure(&e) {
             Some(why) => Some(why),
-            None if closed_by_client_side(&e) => {
+            None if closed_by_server(&e) => {
                 tls::probe(&self.endpoints, self.tls.as_ref(), self.timeout / 4).await
             }
             None => None,
@@ -314,12 +314,33 @@ fn tls_failure(e: &etcd_client::Error) -> Option<String> {
     }
 }
 
-/// True when the connection broke on the client's side, which a server
-/// that refuses the client's TLS (or lack of it) causes, rather than an
-/// error status that etcd sent (those carry no source).
-fn closed_by_client_side(e: &etcd_client::Error) -> bool {
-    matches!(e, etcd_client::Error::GRpcStatus(s)
-        if std::error::Error::source(s).is_some() && !never_sent(e))
+/// True when the server closed or reset the connection under the request
+/// (what a server that refuses the client's TLS, or lack of it, does), as
+/// opposed to a timeout, a refused connection or a status etcd sent.
+fn closed_by_server(e: &etcd_client::Error) -> bool {
+    use std::io::ErrorKind as Io;
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return false;
+    };
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        let io = e.downcast_ref::<std::io::Error>();
+        if io.is_some_and(|io| {
+            matches!(
+                io.kind(),
+                Io::BrokenPipe | Io::ConnectionReset | Io::ConnectionAborted | Io::UnexpectedEof
+            )
+        }) || e.to_string().contains("connection closed")
+        {
+            return true;
+        }
+        // An io::Error's `source` skips the error it wraps.
+        next = match io.and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    false
 }
 
 /// True when etcd refused the auth token (expired, issued before a restart,
