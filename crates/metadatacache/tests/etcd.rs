@@ -25,8 +25,13 @@ impl TestServer for Etcd {
     const BACKEND: &'static str = "etcd";
     const CONNECTS_ON_OPEN: bool = false;
     const SECRET_URL: &'static str = "etcd://u:hunter2@h:1/x?password=hunter2&bogus=1";
-    // No host; TLS, which this build does not speak.
-    const BAD_URLS: &'static [&'static str] = &["etcd://", "etcds://127.0.0.1:2379/x"];
+    // No host; no etcds:// scheme (TLS is `?cacert=`); a client
+    // certificate without TLS.
+    const BAD_URLS: &'static [&'static str] = &[
+        "etcd://",
+        "etcds://127.0.0.1:2379/x",
+        "etcd://127.0.0.1:2379/x?cert=c.pem&key=k.pem",
+    ];
     const BAD_SPACES: &'static [&'static str] = &["../x", "a//b"];
 
     fn launch() -> Option<Server> {
@@ -290,4 +295,64 @@ async fn a_transaction_stalled_past_the_timeout_lands_once() {
     for id in &ok {
         assert!(seen.contains(id), "update {id} answered Ok but is missing");
     }
+}
+
+/// With only a user in the URL, the password comes from `ETCDCTL_PASSWORD`
+/// (etcdctl's variable) and shows in no message. The variable is set for a
+/// child process (this test binary, running only
+/// [`password_from_the_environment_child`]): changing the environment of
+/// the running, multi-threaded test process would be unsound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_from_the_environment() {
+    let Some(server) = Etcd::launch() else {
+        return;
+    };
+    let mut raw = raw(server.addr()).await;
+    raw.user_add("root", "s3cret", None).await.unwrap();
+    raw.user_grant_role("root", "root").await.unwrap();
+    raw.auth_enable().await.unwrap();
+    let url = format!("etcd://root@{}/auth?timeout_ms=2000", server.addr());
+    for (password, expect) in [("s3cret", "ok"), ("not-the-password-42", "denied")] {
+        let out = tokio::task::block_in_place(|| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "password_from_the_environment_child",
+                    "--nocapture",
+                ])
+                .env("ETCDCTL_PASSWORD", password)
+                .env("MDCACHE_TEST_ETCD_URL", &url)
+                .env("MDCACHE_TEST_EXPECT", expect)
+                .output()
+                .unwrap()
+        });
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{expect}: {stdout}\n{stderr}");
+        // The child ran the test, not nothing.
+        assert!(stdout.contains("1 passed"), "{expect}: {stdout}");
+    }
+}
+
+/// The child of [`password_from_the_environment`]; does nothing when run
+/// by itself.
+#[tokio::test]
+async fn password_from_the_environment_child() {
+    let (Ok(url), Ok(expect)) = (
+        std::env::var("MDCACHE_TEST_ETCD_URL"),
+        std::env::var("MDCACHE_TEST_EXPECT"),
+    ) else {
+        return;
+    };
+    let password = std::env::var("ETCDCTL_PASSWORD").unwrap();
+    let storage = connect(&url).await;
+    let res = storage.simple_upload("doc", "1".into()).await;
+    if expect == "ok" {
+        res.unwrap();
+    } else {
+        let e = res.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+        assert!(!e.to_string().contains(&password), "{e}");
+    }
+    assert!(!format!("{storage:?}").contains(&password));
 }

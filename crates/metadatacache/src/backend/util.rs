@@ -77,6 +77,15 @@ pub(crate) fn percent_decode(s: &str) -> Option<String> {
         .map(|s| s.into_owned())
 }
 
+/// The file path a query part `key=value` names: the value percent-decoded
+/// as a path part is (a `+` stays a `+`, as libpq and etcdctl read file
+/// names). `None` for a malformed escape.
+#[cfg_attr(not(any(feature = "etcd", feature = "postgres")), allow(dead_code))]
+pub(crate) fn query_path(part: &str) -> Option<std::path::PathBuf> {
+    let raw = part.split_once('=').map_or("", |(_, value)| value);
+    percent_decode(raw).map(std::path::PathBuf::from)
+}
+
 /// A positive whole number of milliseconds, as `timeout_ms=` takes it.
 pub(crate) fn parse_millis(value: &str) -> Option<Duration> {
     value

@@ -1,5 +1,6 @@
 //! Shared helpers of the integration tests.
 
+pub mod certs;
 pub mod counter;
 pub mod proxy;
 pub mod servers;

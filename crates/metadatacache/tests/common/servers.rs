@@ -42,6 +42,25 @@ pub struct Server {
     pid: Option<u32>,
     /// More command-line arguments for the server (NATS: credentials).
     args: Vec<String>,
+    /// TLS on the client port, when the server speaks it.
+    tls: Option<ServerTls>,
+    /// etcd: this member's name and `--initial-cluster`, for one member of
+    /// a cluster (`None`: a cluster of its own).
+    member: Option<(String, String)>,
+    /// How long the log was when the server last started: what it says
+    /// after that is about this run.
+    log_start: usize,
+}
+
+/// What a TLS server presents and whom it accepts: it requires a client
+/// certificate signed by `ca`.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The CA that client certificates must chain to.
+    pub ca: PathBuf,
+    /// The server's certificate and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// True when the user opted out of tests whose server is missing.
@@ -109,12 +128,59 @@ pub fn etcd() -> Option<Server> {
     Some(s)
 }
 
+/// Starts etcd speaking only TLS on its client port (`--client-cert-auth`:
+/// every client must show a certificate signed by `tls.ca`), or skips.
+pub fn etcd_tls(tls: &ServerTls) -> Option<Server> {
+    if which("etcd").is_none() {
+        return skip("etcd (Debian package etcd-server)");
+    }
+    let mut s = Server::new(Kind::Etcd);
+    s.tls = Some(tls.clone());
+    s.start();
+    Some(s)
+}
+
+/// Starts a cluster of `n` etcd members (plain HTTP), or skips. The
+/// members start together and are ready once they have elected a leader.
+pub fn etcd_cluster(n: usize) -> Option<Vec<Server>> {
+    if which("etcd").is_none() {
+        skip("etcd (Debian package etcd-server)");
+        return None;
+    }
+    let mut members: Vec<Server> = (0..n).map(|_| Server::new(Kind::Etcd)).collect();
+    let cluster = members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| format!("m{i}=http://127.0.0.1:{}", m.peer_port))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (i, m) in members.iter_mut().enumerate() {
+        m.member = Some((format!("m{i}"), cluster.clone()));
+        m.spawn();
+    }
+    for m in &mut members {
+        m.wait_ready();
+    }
+    Some(members)
+}
+
 /// Starts PostgreSQL 15 (user postgres, trust auth), or skips.
 pub fn postgres() -> Option<Server> {
+    postgres_with(None)
+}
+
+/// Starts PostgreSQL 15 with `ssl=on` that accepts only TLS connections
+/// from 127.0.0.1 with a client certificate signed by `tls.ca` (user
+/// postgres, no password), or skips.
+pub fn postgres_tls(tls: &ServerTls) -> Option<Server> {
+    postgres_with(Some(tls))
+}
+
+fn postgres_with(tls: Option<&ServerTls>) -> Option<Server> {
     if which(&format!("{PG_BIN}/initdb")).is_none() {
         return skip("PostgreSQL 15 (Debian package postgresql)");
     }
-    let s = Server::new(Kind::Postgres);
+    let mut s = Server::new(Kind::Postgres);
     let data = s.dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
     // The server runs as user postgres when we are root (initdb refuses root).
@@ -142,9 +208,39 @@ pub fn postgres() -> Option<Server> {
         "initdb failed: see {}",
         s.dir.path().display()
     );
-    let mut s = s;
+    if let Some(tls) = tls {
+        s.tls = Some(postgres_tls_files(&data, tls));
+    }
     s.start();
     Some(s)
+}
+
+/// Copies the server's TLS files into its data directory, owned by the
+/// server's user with the modes PostgreSQL insists on, and lets in only
+/// TLS connections with a client certificate.
+fn postgres_tls_files(data: &Path, tls: &ServerTls) -> ServerTls {
+    let copy = |from: &Path, name: &str| {
+        let to = data.join(name);
+        std::fs::copy(from, &to).unwrap();
+        chmod(&to, 0o600);
+        to
+    };
+    let files = ServerTls {
+        ca: copy(&tls.ca, "tls-ca.pem"),
+        cert: copy(&tls.cert, "tls-cert.pem"),
+        key: copy(&tls.key, "tls-key.pem"),
+    };
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        "local all all trust\n\
+         hostssl all all 127.0.0.1/32 trust clientcert=verify-ca\n\
+         hostnossl all all 127.0.0.1/32 reject\n",
+    )
+    .unwrap();
+    if is_root() {
+        chown_postgres(data);
+    }
+    files
 }
 
 /// Starts the moto S3 server, or skips.
@@ -259,6 +355,9 @@ impl Server {
             child: None,
             pid: None,
             args: Vec::new(),
+            tls: None,
+            member: None,
+            log_start: 0,
         }
     }
 
@@ -282,14 +381,37 @@ impl Server {
     /// Starts the server (again, on the same port and data) and waits until
     /// it accepts connections.
     pub fn start(&mut self) {
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// Starts the server without waiting for it.
+    fn spawn(&mut self) {
         assert!(self.pid.is_none(), "already running");
         let dir = self.dir.path().to_owned();
+        self.log_start = std::fs::read(dir.join("etcd.log")).map_or(0, |log| log.len());
         match self.kind {
             Kind::Etcd => {
-                let client = format!("http://{}", self.addr);
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                let client = format!("{scheme}://{}", self.addr);
                 let peer = format!("http://127.0.0.1:{}", self.peer_port);
-                let child = Command::new("etcd")
-                    .args(["--name", "test", "--data-dir"])
+                let (name, cluster) = self
+                    .member
+                    .clone()
+                    .unwrap_or_else(|| ("test".to_owned(), format!("test={peer}")));
+                let mut command = Command::new("etcd");
+                if let Some(tls) = &self.tls {
+                    command
+                        .arg("--cert-file")
+                        .arg(&tls.cert)
+                        .arg("--key-file")
+                        .arg(&tls.key)
+                        .arg("--trusted-ca-file")
+                        .arg(&tls.ca)
+                        .arg("--client-cert-auth");
+                }
+                let child = command
+                    .args(["--name", &name, "--data-dir"])
                     .arg(dir.join("etcd"))
                     .args([
                         "--listen-client-urls",
@@ -303,7 +425,7 @@ impl Server {
                         "--initial-advertise-peer-urls",
                         &peer,
                     ])
-                    .args(["--initial-cluster", &format!("test={peer}")])
+                    .args(["--initial-cluster", &cluster])
                     .stdin(Stdio::null())
                     .stdout(log_file(&dir, "etcd.log"))
                     .stderr(log_file(&dir, "etcd.log"))
@@ -366,11 +488,19 @@ impl Server {
             }
             Kind::Postgres => {
                 let data = dir.join("data");
-                let opts = format!(
+                let mut opts = format!(
                     "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
                     self.port(),
                     data.display()
                 );
+                if let Some(tls) = &self.tls {
+                    opts += &format!(
+                        " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c ssl_ca_file={}",
+                        tls.cert.display(),
+                        tls.key.display(),
+                        tls.ca.display()
+                    );
+                }
                 let status = pg_command("pg_ctl")
                     .args(["-D", data.to_str().unwrap(), "-o", &opts, "-l"])
                     .arg(data.join("server.log"))
@@ -388,7 +518,6 @@ impl Server {
                 self.pid = pidfile.lines().next().and_then(|l| l.trim().parse().ok());
             }
         }
-        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
@@ -399,6 +528,13 @@ impl Server {
                     .is_ok();
             let healthy = up
                 && match self.kind {
+                    // Plain HTTP cannot ask a TLS server; its log says it.
+                    Kind::Etcd if self.tls.is_some() => {
+                        std::fs::read(self.dir.path().join("etcd.log")).is_ok_and(|log| {
+                            String::from_utf8_lossy(&log[self.log_start.min(log.len())..])
+                                .contains("ready to serve client requests")
+                        })
+                    }
                     Kind::Etcd => http(&self.addr, "GET", "/health").1.contains("true"),
                     Kind::Moto => http(&self.addr, "GET", "/").0 != 0,
                     Kind::Azurite => http(&self.addr, "GET", "/devstoreaccount1?comp=list").0 != 0,
@@ -429,6 +565,17 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Ends the server at once with SIGKILL, as a crash would, and waits
+    /// until it is gone.
+    pub fn crash(&mut self) {
+        if let Some(pid) = self.pid {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        self.stop();
     }
 
     /// Stops the server by PID (its data stays, except moto's, which lives

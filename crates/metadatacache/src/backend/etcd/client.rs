@@ -1,5 +1,5 @@
-//! Running one transaction against etcd: the timeout, lazy authentication
-//! and the mapping of driver errors.
+//! Running one transaction against etcd: the timeout, lazy authentication,
+//! failing over between endpoints, and the mapping of driver errors.
 
 use std::fmt;
 use std::future::Future;
@@ -11,11 +11,13 @@ use etcd_client::{
     Watcher,
 };
 
+use crate::backend::tls::explain;
 use crate::backend::util::no_answer;
 use crate::error::{Error, ErrorKind, Result};
 
 use super::BACKEND;
 use super::config::EtcdConfig;
+use super::tls::{self, Tls};
 
 /// Largest response accepted (directory listings carry every document
 /// below the directory).
@@ -31,6 +33,14 @@ const AUTH_MESSAGES: [&str; 4] = [
 
 /// etcd's message when it sheds load before proposing a request.
 const TOO_MANY_REQUESTS: &str = "too many requests";
+
+/// The driver's message for a connection that could not be opened (refused,
+/// unreachable): the request was never sent.
+const CONNECT_FAILED: &str = "tcp connect error";
+
+/// The longest wait between two tries of a request that found an endpoint
+/// dead.
+const MAX_FAILOVER_DELAY: Duration = Duration::from_millis(100);
 
 /// gRPC status codes (the numbers are fixed by the gRPC specification).
 mod code {
@@ -53,6 +63,9 @@ mod code {
 pub(super) struct Conn {
     client: Client,
     timeout: Duration,
+    /// `http(s)://host:port` of each endpoint.
+    endpoints: Vec<String>,
+    tls: Option<Tls>,
     credentials: Option<(String, String)>,
     /// False while the client holds no token, or one etcd rejected.
     signed_in: AtomicBool,
@@ -67,27 +80,39 @@ impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Conn")
             .field("timeout", &self.timeout)
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls)
             .field("user", &self.credentials.as_ref().map(|(u, _)| u))
             .finish_non_exhaustive()
     }
 }
 
 impl Conn {
-    /// Builds the client. No network traffic: connections are made lazily,
-    /// and re-made after they break, by the first call that needs one.
+    /// Builds the client, reading the certificate files. No network
+    /// traffic: connections are made lazily, and re-made after they break,
+    /// by the first call that needs one.
     pub(super) async fn new(config: &EtcdConfig) -> Result<Conn> {
-        let options = ConnectOptions::new()
+        let tls = match &config.tls {
+            Some(files) => Some(tls::load(files, config.timeout)?),
+            None => None,
+        };
+        let mut options = ConnectOptions::new()
             .with_timeout(config.timeout)
             .with_connect_timeout(config.timeout)
             .with_keep_alive(Duration::from_secs(10), config.timeout)
             .with_keep_alive_while_idle(false)
             .with_tcp_keepalive(Duration::from_secs(30));
+        if let Some(tls) = &tls {
+            options = options.with_tls(tls.options.clone());
+        }
         let client = Client::connect(&config.endpoints, Some(options))
             .await
             .map_err(|e| map_error(e).with_message("cannot set up the etcd client"))?;
         Ok(Conn {
             client,
             timeout: config.timeout,
+            endpoints: config.endpoints.clone(),
+            tls,
             credentials: config.credentials.clone(),
             signed_in: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
@@ -164,7 +189,7 @@ impl Conn {
     {
         for retry in [true, false] {
             let epoch = self.sign_in().await?;
-            match call(self.client.clone()).await {
+            match self.failing_over(&mut call).await {
                 Ok(value) => return Ok(value),
                 Err(e) if retry && self.credentials.is_some() && token_rejected(&e) => {
                     // Unless another task has signed in since.
@@ -172,13 +197,67 @@ impl Conn {
                         self.signed_in.store(false, Ordering::SeqCst);
                     }
                 }
-                Err(e) => return Err(map_error(e)),
+                Err(e) => return Err(self.fail(e).await),
             }
         }
         Err(Error::new(
             ErrorKind::PermissionDenied,
             "etcd rejected a fresh auth token",
         ))
+    }
+
+    /// Runs `call`, and again while it fails because the endpoint it was
+    /// sent to cannot be connected to (the request never left), for up to
+    /// half the timeout, when there are other endpoints to try: the client
+    /// spreads requests over every endpoint, and keeps trying a dead one.
+    async fn failing_over<T, F, Fut>(
+        &self,
+        call: &mut F,
+    ) -> std::result::Result<T, etcd_client::Error>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let give_up = tokio::time::Instant::now() + self.timeout / 2;
+        let mut delay = Duration::from_millis(1);
+        loop {
+            match call(self.client.clone()).await {
+                Err(e)
+                    if self.endpoints.len() > 1
+                        && never_sent(&e)
+                        && tokio::time::Instant::now() + delay < give_up =>
+                {
+                    tracing::debug!(error = %e, "etcd: an endpoint is unreachable; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_FAILOVER_DELAY);
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// The error for a failed call: a TLS failure (found in the driver's
+    /// error, or by a probe when a server closed the connection at once)
+    /// names the endpoints and the certificate files.
+    async fn fail(&self, e: etcd_client::Error) -> Error {
+        let explanation = match tls_failure(&e) {
+            Some(why) => Some(why),
+            None if closed_by_server(&e) => {
+                tls::probe(&self.endpoints, self.tls.as_ref(), self.timeout / 4).await
+            }
+            None => None,
+        };
+        match explanation {
+            Some(why) => {
+                let context = format!(
+                    "endpoints {}; {}",
+                    self.endpoints.join(","),
+                    tls::describe(self.tls.as_ref())
+                );
+                Error::new(ErrorKind::PermissionDenied, format!("{why} ({context})")).with_source(e)
+            }
+            None => map_error(e),
+        }
     }
 
     /// Signs in unless the client holds a token that was not rejected yet;
@@ -198,13 +277,70 @@ impl Conn {
         // The client sends its token with every request, the sign-in too,
         // and etcd refuses a sign-in that carries a stale token.
         auth.remove_client_auth();
-        auth.set_client_auth(user.clone(), password.clone())
-            .await
-            .map_err(|e| map_error(e).with_message("signing in to etcd failed"))?;
+        let signed_in = self
+            .failing_over(&mut |_| {
+                let (mut auth, user, password) = (auth.clone(), user.clone(), password.clone());
+                async move { auth.set_client_auth(user, password).await }
+            })
+            .await;
+        if let Err(e) = signed_in {
+            let e = self.fail(e).await;
+            let message = format!("signing in to etcd failed: {}", e.message());
+            return Err(e.with_message(message));
+        }
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         self.signed_in.store(true, Ordering::SeqCst);
         Ok(epoch)
     }
+}
+
+/// True when the request never left: the endpoint it was sent to could not
+/// be connected to.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() as i32 == code::UNAVAILABLE
+            && s.message().starts_with(CONNECT_FAILED)
+            && std::error::Error::source(s).is_some())
+}
+
+/// A TLS failure the driver reports with its cause.
+fn tls_failure(e: &etcd_client::Error) -> Option<String> {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(s) => std::error::Error::source(s).and_then(explain),
+        E::TransportError(e) => explain(e),
+        E::IoError(e) => explain(e),
+        _ => None,
+    }
+}
+
+/// True when the server closed or reset the connection under the request
+/// (what a server that refuses the client's TLS, or lack of it, does), as
+/// opposed to a timeout, a refused connection or a status etcd sent.
+fn closed_by_server(e: &etcd_client::Error) -> bool {
+    use std::io::ErrorKind as Io;
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return false;
+    };
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        let io = e.downcast_ref::<std::io::Error>();
+        if io.is_some_and(|io| {
+            matches!(
+                io.kind(),
+                Io::BrokenPipe | Io::ConnectionReset | Io::ConnectionAborted | Io::UnexpectedEof
+            )
+        }) || e.to_string().contains("connection closed")
+        {
+            return true;
+        }
+        // An io::Error's `source` skips the error it wraps.
+        next = match io.and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    false
 }
 
 /// True when etcd refused the auth token (expired, issued before a restart,

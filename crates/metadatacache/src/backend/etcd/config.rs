@@ -1,9 +1,10 @@
 //! Parsing of `etcd://` URLs.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::backend::util::{bad_url, parse_millis, percent_decode};
+use crate::backend::util::{bad_url, parse_millis, percent_decode, query_path};
 use crate::error::Result;
 use crate::storage::validate_path;
 
@@ -12,9 +13,14 @@ use super::layout::check_not_reserved;
 /// The default bound on every call.
 pub(super) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The environment variable that holds the password when the URL names a
+/// user but no password (etcdctl reads its flags from `ETCDCTL_*`
+/// variables, `--password` from this one).
+pub(super) const PASSWORD_ENV: &str = "ETCDCTL_PASSWORD";
+
 /// How to reach an etcd cluster: what an `etcd://` URL says (see
 /// [`EtcdStorage`](super::EtcdStorage) for its form). `Debug` never shows
-/// the password.
+/// the password (it shows the certificate files' paths).
 ///
 /// ```
 /// use metadatacache::EtcdConfig;
@@ -33,6 +39,17 @@ pub struct EtcdConfig {
     pub(super) timeout: Duration,
     /// User name and password, if the cluster has authentication enabled.
     pub(super) credentials: Option<(String, String)>,
+    /// TLS: the files that `cacert`, `cert` and `key` name.
+    pub(super) tls: Option<TlsFiles>,
+}
+
+/// The certificate files of an `etcd://` URL: TLS is on when it names a CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TlsFiles {
+    /// The CA certificate(s) that the servers' certificates must chain to.
+    pub(super) cacert: PathBuf,
+    /// A client certificate and its key, for `--client-cert-auth` clusters.
+    pub(super) identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl fmt::Debug for EtcdConfig {
@@ -43,90 +60,130 @@ impl fmt::Debug for EtcdConfig {
             .field("timeout", &self.timeout)
             .field("user", &self.credentials.as_ref().map(|(user, _)| user))
             .field("password", &self.credentials.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
 impl EtcdConfig {
-    /// Reads `etcd://[user[:password]@]host:port[,host:port...][/prefix][?timeout_ms=N&user=U&password=P]`.
+    /// Reads `etcd://[user[:password]@]host:port[,host:port...][/prefix][?timeout_ms=N&user=U&password=P&cacert=PATH&cert=PATH&key=PATH]`.
+    /// When the URL names a user but no password, the password is read from
+    /// the environment variable `ETCDCTL_PASSWORD` (unset: empty). Certificate files are read later, by
+    /// [`EtcdStorage::new`](super::EtcdStorage::new).
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming
     /// the URL (password hidden) and what is wrong with it.
     pub fn from_url(url: &str) -> Result<EtcdConfig> {
-        let bad = |why: &str| bad_url("etcd", url, why);
-        let rest = if let Some(rest) = url.strip_prefix("etcd://") {
-            rest
-        } else if url.starts_with("etcds://") {
-            return Err(bad(
-                "TLS (etcds://) is not built in: this build's etcd-client lacks its \"tls\" \
-                 feature; use etcd:// (plain HTTP/2)",
-            ));
-        } else {
-            return Err(bad("expected etcd://host:port[,host:port...]/prefix"));
-        };
-        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-
-        let mut user = None;
-        let mut password = None;
-        let hosts = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => {
-                let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                user =
-                    Some(percent_decode(u).ok_or_else(|| bad("bad percent-encoding in the user"))?);
-                if userinfo.contains(':') {
-                    password = Some(
-                        percent_decode(p)
-                            .ok_or_else(|| bad("bad percent-encoding in the password"))?,
-                    );
-                }
-                hosts
-            }
-            None => authority,
-        };
-        let mut endpoints = Vec::new();
-        for host in hosts.split(',') {
-            endpoints.push(endpoint(host).ok_or_else(|| {
-                bad("expected host:port endpoints separated by commas (port 2379 when left out)")
-            })?);
-        }
-
-        let prefix = percent_decode(path.trim_end_matches('/'))
-            .ok_or_else(|| bad("bad percent-encoding in the key prefix"))?;
-        validate_path(&prefix, true).map_err(|e| bad(&format!("key prefix: {}", e.message())))?;
-        check_not_reserved(&prefix).map_err(|e| bad(&format!("key prefix: {}", e.message())))?;
-
-        let mut timeout = DEFAULT_TIMEOUT;
-        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            match &*key {
-                "timeout_ms" => {
-                    timeout = parse_millis(&value)
-                        .ok_or_else(|| bad("timeout_ms must be a positive integer"))?;
-                }
-                "user" => user = Some(value.into_owned()),
-                "password" => password = Some(value.into_owned()),
-                other => {
-                    return Err(bad(&format!(
-                        "unknown parameter {other:?}; known: timeout_ms, user, password"
-                    )));
-                }
-            }
-        }
-        let credentials = match (user, password) {
-            (Some(user), password) if !user.is_empty() => {
-                Some((user, password.unwrap_or_default()))
-            }
-            (None, None) => None,
-            _ => return Err(bad("a password needs a user name")),
-        };
-        Ok(EtcdConfig {
-            endpoints,
-            prefix,
-            timeout,
-            credentials,
-        })
+        parse(url, &|name| std::env::var(name).ok())
     }
+}
+
+/// [`EtcdConfig::from_url`], with the environment `env` (for tests).
+fn parse(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<EtcdConfig> {
+    let bad = |why: &str| bad_url("etcd", url, why);
+    let rest = if let Some(rest) = url.strip_prefix("etcd://") {
+        rest
+    } else if url.starts_with("etcds://") {
+        return Err(bad(
+            "there is no etcds:// scheme: TLS is on when the URL names the CA, \
+                 etcd://host:port/prefix?cacert=PATH[&cert=PATH&key=PATH]",
+        ));
+    } else {
+        return Err(bad("expected etcd://host:port[,host:port...]/prefix"));
+    };
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+
+    let mut user = None;
+    let mut password = None;
+    let hosts = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            user = Some(percent_decode(u).ok_or_else(|| bad("bad percent-encoding in the user"))?);
+            if userinfo.contains(':') {
+                password = Some(
+                    percent_decode(p).ok_or_else(|| bad("bad percent-encoding in the password"))?,
+                );
+            }
+            hosts
+        }
+        None => authority,
+    };
+    let mut endpoints = Vec::new();
+    for host in hosts.split(',') {
+        endpoints.push(endpoint(host).ok_or_else(|| {
+            bad("expected host:port endpoints separated by commas (port 2379 when left out)")
+        })?);
+    }
+    let (mut cacert, mut cert, mut cert_key) = (None, None, None);
+
+    let prefix = percent_decode(path.trim_end_matches('/'))
+        .ok_or_else(|| bad("bad percent-encoding in the key prefix"))?;
+    validate_path(&prefix, true).map_err(|e| bad(&format!("key prefix: {}", e.message())))?;
+    check_not_reserved(&prefix).map_err(|e| bad(&format!("key prefix: {}", e.message())))?;
+
+    let mut timeout = DEFAULT_TIMEOUT;
+    for part in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = url::form_urlencoded::parse(part.as_bytes())
+            .next()
+            .unwrap_or_default();
+        let path = || query_path(part).ok_or_else(|| bad("bad percent-encoding in a file name"));
+        match &*name {
+            "timeout_ms" => {
+                timeout = parse_millis(&value)
+                    .ok_or_else(|| bad("timeout_ms must be a positive integer"))?;
+            }
+            "user" => user = Some(value.into_owned()),
+            "password" => password = Some(value.into_owned()),
+            "cacert" | "cert" | "key" if value.is_empty() => {
+                return Err(bad(&format!("{name} needs a file name")));
+            }
+            "cacert" => cacert = Some(path()?),
+            "cert" => cert = Some(path()?),
+            "key" => cert_key = Some(path()?),
+            other => {
+                return Err(bad(&format!(
+                    "unknown parameter {other:?}; known: timeout_ms, user, password, \
+                         cacert, cert, key"
+                )));
+            }
+        }
+    }
+    let identity = match (cert, cert_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => return Err(bad("cert and key go together: give both or neither")),
+    };
+    let tls = match (cacert, identity) {
+        (Some(cacert), identity) => Some(TlsFiles { cacert, identity }),
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(bad(
+                "a client certificate needs TLS, which is on when cacert=PATH names the CA",
+            ));
+        }
+    };
+    if tls.is_some() {
+        for endpoint in &mut endpoints {
+            endpoint.replace_range(.."http".len(), "https");
+        }
+    }
+    if user.is_some() && password.is_none() {
+        password = env(PASSWORD_ENV);
+    }
+    let credentials = match (user, password) {
+        (Some(user), password) if !user.is_empty() => Some((user, password.unwrap_or_default())),
+        (None, None) => None,
+        _ => return Err(bad("a password needs a user name")),
+    };
+    Ok(EtcdConfig {
+        endpoints,
+        prefix,
+        timeout,
+        credentials,
+        tls,
+    })
 }
 
 impl EtcdConfig {
@@ -227,6 +284,11 @@ mod tests {
             "etcd://h:1/%zz",
             "etcds://h:1/x",
             "http://h:1/x",
+            "etcd://h:1/x?cert=c.pem&key=k.pem",
+            "etcd://h:1/x?cacert=ca.pem&cert=c.pem",
+            "etcd://h:1/x?cacert=ca.pem&key=k.pem",
+            "etcd://h:1/x?cacert=",
+            "etcd://h:1/x?cacert=%zz",
         ] {
             let e = EtcdConfig::from_url(url).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{url}");
@@ -236,6 +298,43 @@ mod tests {
                 "{url}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn tls_when_the_url_names_a_ca() {
+        let c = EtcdConfig::from_url(
+            "etcd://a:1,b:2/p?cacert=/pki/ca.pem&cert=/pki/c+1.pem&key=/pki/c%201.key",
+        )
+        .unwrap();
+        assert_eq!(c.endpoints, ["https://a:1", "https://b:2"]);
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.cacert, PathBuf::from("/pki/ca.pem"));
+        assert_eq!(
+            tls.identity,
+            Some((PathBuf::from("/pki/c+1.pem"), PathBuf::from("/pki/c 1.key")))
+        );
+        assert!(format!("{c:?}").contains("/pki/ca.pem"));
+
+        let c = EtcdConfig::from_url("etcd://a:1/p?cacert=ca.pem").unwrap();
+        assert_eq!(c.endpoints, ["https://a:1"]);
+        assert_eq!(c.tls.unwrap().identity, None);
+    }
+
+    #[test]
+    fn password_from_etcdctl_password_when_the_url_has_none() {
+        let env = |name: &str| (name == "ETCDCTL_PASSWORD").then(|| "from-env".to_owned());
+        let c = parse("etcd://root@h:1/p", &env).unwrap();
+        assert_eq!(c.credentials, Some(("root".into(), "from-env".into())));
+        assert!(!format!("{c:?}").contains("from-env"));
+        let c = parse("etcd://h:1/p?user=root", &env).unwrap();
+        assert_eq!(c.credentials, Some(("root".into(), "from-env".into())));
+        // The URL's password wins; no user, no password.
+        let c = parse("etcd://root:url@h:1/p", &env).unwrap();
+        assert_eq!(c.credentials, Some(("root".into(), "url".into())));
+        let c = parse("etcd://h:1/p", &env).unwrap();
+        assert_eq!(c.credentials, None);
+        let c = parse("etcd://root@h:1/p", &|_| None).unwrap();
+        assert_eq!(c.credentials, Some(("root".into(), String::new())));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod client;
 mod config;
 mod layout;
+mod tls;
 mod watch;
 mod write;
 
@@ -41,19 +42,36 @@ const BACKEND: &str = "etcd";
 ///
 /// # URL
 ///
-/// `etcd://[user[:password]@]host:port[,host:port...][/prefix][?timeout_ms=N&user=U&password=P]`
+/// `etcd://[user[:password]@]host:port[,host:port...][/prefix][?timeout_ms=N&user=U&password=P&cacert=PATH&cert=PATH&key=PATH]`
 ///
 /// * endpoints: one or more `host:port` (port 2379 when left out; `[v6]:port`
-///   for IPv6), spoken to over plain HTTP/2. `etcds://` (TLS) is refused with
-///   [`ErrorKind::InvalidInput`]: this build's etcd-client has no TLS.
+///   for IPv6), spoken to over HTTP/2. Requests are spread over the
+///   endpoints; one that finds its endpoint dead (the connection refused or
+///   unreachable, so nothing was sent) is sent again, to another, for up to
+///   half the timeout.
+/// * `cacert`, `cert`, `key` (etcdctl's names): TLS is on when `cacert`
+///   names the CA file (PEM) that signed the servers' certificates, which
+///   must be valid for the host names (or addresses) of the endpoints.
+///   `cert` and `key` (PEM, together) are a client certificate, for clusters
+///   started with `--client-cert-auth`. There is no `etcds://`, and no
+///   trust in the system's CAs. A missing or unusable file is
+///   [`ErrorKind::InvalidInput`] naming it, from [`new`](EtcdStorage::new).
+///   A wrong CA, a missing or refused client certificate, or a plain-text
+///   URL at a TLS-only server fail the first call with
+///   [`ErrorKind::PermissionDenied`] and a message that says it is a TLS
+///   problem and names the endpoints and files (the last two the client
+///   learns by one handshake of its own after the server closed the
+///   connection).
 /// * `prefix`: the key prefix (may be empty or nested, `a/b`); a document at
 ///   `path` is the key `<prefix>/<path>` (just `<path>` without a prefix).
 /// * `timeout_ms`: the bound on every call, default 5000. A call that gets
 ///   no answer within it fails with [`ErrorKind::Unavailable`].
 /// * `user`, `password`: for clusters with authentication enabled (also
 ///   accepted as `user:password@` before the hosts; percent-encode special
-///   characters). The password is never printed, neither by `Debug` nor in
-///   error messages.
+///   characters). With a user but no password in the URL, the password is
+///   read from the environment variable `ETCDCTL_PASSWORD` (etcdctl reads
+///   `--password` from it). The password is never printed, neither by
+///   `Debug` nor in error messages.
 ///
 /// # Layout and semantics
 ///
@@ -123,12 +141,14 @@ impl fmt::Debug for EtcdStorage {
 }
 
 impl EtcdStorage {
-    /// A storage on the cluster `config` describes. No network traffic
-    /// happens here: connections are made by the first call.
+    /// A storage on the cluster `config` describes, with its certificate
+    /// files read. No network traffic happens here: connections are made by
+    /// the first call.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] naming the endpoints when the client
-    /// cannot be set up with them.
+    /// cannot be set up with them, or naming a certificate file that is
+    /// missing, unreadable or unusable.
     ///
     /// # Cancel safety
     /// Cancel safe: nothing is sent.
@@ -149,7 +169,8 @@ impl EtcdStorage {
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] naming the URL (with any password hidden)
-    /// when it is malformed or asks for TLS.
+    /// when it is malformed, or naming a certificate file that is missing,
+    /// unreadable or unusable.
     ///
     /// # Cancel safety
     /// Cancel safe: nothing is sent.

@@ -3,13 +3,19 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Object, Pool, PoolError};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
 use tokio::time::{Instant, timeout_at};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use crate::backend::tls::explain;
 use crate::backend::util::no_answer;
 use crate::error::{Error, ErrorKind};
+
+use super::config::PostgresConfig;
+use super::tls::Tls;
 
 /// Statement parameters.
 pub(super) type Params<'a> = [&'a (dyn ToSql + Sync)];
@@ -31,8 +37,19 @@ impl From<tokio_postgres::Error> for Failure {
     }
 }
 
+/// The TLS failure in `failure`, in one line; `None` for any other.
+fn tls_failure(failure: &Failure) -> Option<String> {
+    match failure {
+        Failure::Pool(PoolError::Backend(e)) | Failure::Pg(e) => explain(e),
+        _ => None,
+    }
+}
+
 /// THE mapping of driver failures to error kinds.
 ///
+/// - a failed TLS handshake (an untrusted certificate, a server without
+///   TLS) → `PermissionDenied`: it happens before any statement is sent,
+///   and trying again cannot help;
 /// - deadline passed, pool wait/create/recycle timeouts, a closed pool or
 ///   connection, I/O and connect errors, SQLSTATE classes 08 (connection),
 ///   53 (insufficient resources) and 57 (shutdown, cancel) → `Unavailable`;
@@ -45,6 +62,9 @@ impl From<tokio_postgres::Error> for Failure {
 ///   not have been applied;
 /// - everything else → `Other`.
 pub(super) fn classify(failure: &Failure, write_in_flight: bool) -> ErrorKind {
+    if tls_failure(failure).is_some() {
+        return ErrorKind::PermissionDenied;
+    }
     let e = match failure {
         Failure::Timeout => return ErrorKind::Unavailable,
         Failure::Pool(PoolError::Backend(e)) => e,
@@ -97,18 +117,48 @@ pub(super) fn to_error(failure: Failure, write_in_flight: bool, timeout: Duratio
     } else {
         ""
     };
+    if let Some(why) = tls_failure(&failure) {
+        return match failure {
+            Failure::Pool(e) => Error::new(kind, why).with_source(e),
+            Failure::Pg(e) => Error::new(kind, why).with_source(e),
+            Failure::Timeout => no_answer(timeout, write_in_flight),
+        };
+    }
     match failure {
         Failure::Timeout => no_answer(timeout, write_in_flight),
+        Failure::Pool(PoolError::Backend(e)) if e.as_db_error().is_some() => {
+            let message = server_message(&e, "");
+            Error::new(kind, message).with_source(e)
+        }
         Failure::Pool(e) => Error::new(kind, "cannot get a database connection").with_source(e),
         Failure::Pg(e) => {
             let message = match e.as_db_error() {
-                // The server's own words are more useful than "db error".
-                Some(db) => format!("{}: {}{ambiguous}", db.code().code(), db.message()),
+                Some(_) => server_message(&e, ambiguous),
                 None => format!("statement failed{ambiguous}"),
             };
             Error::new(kind, message).with_source(e)
         }
     }
+}
+
+/// The server's own words, more useful than "db error"; a refused login
+/// that is about TLS says so first.
+fn server_message(e: &tokio_postgres::Error, ambiguous: &str) -> String {
+    let Some(db) = e.as_db_error() else {
+        return e.to_string();
+    };
+    let (code, text) = (db.code().code(), db.message());
+    let prefix = if !code.starts_with("28") {
+        ""
+    } else if text.contains("no encryption") {
+        "TLS problem: the server takes only TLS connections, and this one was plain text \
+         (sslmode=disable): "
+    } else if text.contains("certificate") {
+        "TLS certificate problem: "
+    } else {
+        ""
+    };
+    format!("{prefix}{code}: {text}{ambiguous}")
 }
 
 /// True when the connection a failure came from must not be used again.
@@ -125,21 +175,50 @@ fn breaks_connection(failure: &Failure) -> bool {
     }
 }
 
+/// The pool of connections that `config` describes, each made with `tls`.
+/// No connection is made here.
+pub(super) fn pool(config: &PostgresConfig, tls: Tls) -> Result<Pool, Error> {
+    let manager = Manager::from_config(
+        config.pg.clone(),
+        tls,
+        ManagerConfig {
+            // A connection closed by the server is noticed by the driver
+            // and replaced here; one that fails silently is dropped by
+            // `Conn` after its first failure.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.pool_size)
+        .wait_timeout(Some(config.timeout))
+        .create_timeout(Some(config.timeout))
+        .recycle_timeout(Some(config.timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| {
+            Error::new(ErrorKind::Other, "cannot build the connection pool").with_source(e)
+        })
+}
+
 /// A pooled connection; dropped from the pool instead of returned to it once
 /// a statement on it timed out or hit a connection error, so that the next
 /// call gets a fresh one (the server may have restarted).
 pub(super) struct Conn {
     object: Option<Object>,
     broken: bool,
+    /// For cancel requests, which open a connection of their own.
+    tls: Tls,
 }
 
 impl Conn {
-    /// A connection from `pool`, waiting no longer than `deadline`.
-    pub(super) async fn get(pool: &Pool, deadline: Instant) -> Result<Conn, Failure> {
+    /// A connection from `pool` (whose connections use `tls`), waiting no
+    /// longer than `deadline`.
+    pub(super) async fn get(pool: &Pool, tls: &Tls, deadline: Instant) -> Result<Conn, Failure> {
         match timeout_at(deadline, pool.get()).await {
             Ok(Ok(object)) => Ok(Conn {
                 object: Some(object),
                 broken: false,
+                tls: tls.clone(),
             }),
             Ok(Err(e)) => Err(Failure::Pool(e)),
             Err(_) => Err(Failure::Timeout),
@@ -183,7 +262,7 @@ impl Conn {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => Failure::Pg(e),
             Err(_) => {
-                cancel(client);
+                cancel(client, self.tls.clone());
                 Failure::Timeout
             }
         };
@@ -196,11 +275,10 @@ impl Conn {
 /// running: a statement we stopped waiting for (say, blocked on a lock)
 /// should not be applied long after we reported it as unknown. Best effort
 /// and racy — the caller still reports the outcome as unknown.
-fn cancel(client: &tokio_postgres::Client) {
+fn cancel(client: &tokio_postgres::Client, tls: Tls) {
     let token = client.cancel_token();
     tokio::spawn(async move {
-        let _ =
-            tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(tokio_postgres::NoTls)).await;
+        let _ = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(tls)).await;
     });
 }
 

@@ -1,24 +1,28 @@
 //! Parsing a `postgres://` URL into the driver's configuration and ours.
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::SslMode as DriverSslMode;
 
-use crate::backend::util::{bad_url, parse_millis, redact_url};
+use crate::backend::util::{bad_url, parse_millis, query_path, redact_url};
 use crate::error::Result;
 
 /// Table used when the URL names none.
 pub(super) const DEFAULT_TABLE: &str = "metadatacache";
 /// Bound of every call when the URL sets no `timeout_ms`.
 pub(super) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The environment variable that holds the password when the URL has none
+/// (libpq's).
+const PASSWORD_ENV: &str = "PGPASSWORD";
 /// Connections kept when the URL sets no `pool_size`.
 pub(super) const DEFAULT_POOL_SIZE: usize = 10;
 const MAX_POOL_SIZE: usize = 1000;
 
 /// How to reach PostgreSQL and which table to use: what a `postgres://`
 /// URL says (see [`PostgresStorage`](super::PostgresStorage) for its form).
-/// `Debug` never shows the password.
+/// `Debug` never shows the password, also not one from `PGPASSWORD`.
 ///
 /// ```
 /// use metadatacache::PostgresConfig;
@@ -35,8 +39,31 @@ pub struct PostgresConfig {
     pub(super) table: String,
     pub(super) timeout: Duration,
     pub(super) pool_size: usize,
+    /// TLS: `sslmode` and the certificate files.
+    pub(super) tls: TlsSettings,
     /// The URL with its password replaced by `***`, for messages and Debug.
     pub(super) redacted: String,
+}
+
+/// libpq's `sslmode` values (but `allow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// The TLS parameters of a URL: `sslmode`, `sslrootcert`, `sslcert`,
+/// `sslkey`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TlsSettings {
+    pub(super) mode: SslMode,
+    /// The CA certificate(s) the server's certificate must chain to.
+    pub(super) root_cert: Option<PathBuf>,
+    /// A client certificate and its key.
+    pub(super) identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -46,20 +73,25 @@ impl std::fmt::Debug for PostgresConfig {
             .field("table", &self.table)
             .field("timeout", &self.timeout)
             .field("pool_size", &self.pool_size)
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
 impl PostgresConfig {
     /// Reads a `postgres://` (or `postgresql://`) URL: our parameters
-    /// `table`, `timeout_ms` and `pool_size`, and the driver's (libpq's)
-    /// for everything else.
+    /// `table`, `timeout_ms` and `pool_size`, libpq's TLS parameters
+    /// `sslmode`, `sslrootcert`, `sslcert` and `sslkey`, and the driver's
+    /// (libpq's) for everything else. Without a password in the URL, the
+    /// one in the environment variable `PGPASSWORD` is used, as libpq does.
+    /// Certificate files are read later, by
+    /// [`PostgresStorage::new`](super::PostgresStorage::new).
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming
     /// the URL (password hidden) and what is wrong with it.
     pub fn from_url(url: &str) -> Result<PostgresConfig> {
-        parse(url)
+        parse_with_env(url, &|name| std::env::var(name).ok())
     }
 
     /// The table.
@@ -73,9 +105,15 @@ impl PostgresConfig {
     }
 }
 
-/// Parses `postgres://user:pass@host:port/db?table=NAME&timeout_ms=N&pool_size=N`
-/// (or `postgresql://`). Other query parameters go to the driver unchanged.
+#[cfg(test)]
 fn parse(url: &str) -> Result<PostgresConfig> {
+    parse_with_env(url, &|_| None)
+}
+
+/// Parses `postgres://user:pass@host:port/db?table=NAME&timeout_ms=N&pool_size=N`
+/// (or `postgresql://`) with the TLS parameters. Other query parameters go
+/// to the driver unchanged. `env` looks up environment variables.
+fn parse_with_env(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<PostgresConfig> {
     let redacted = redact_url(url);
     let bad = |why: String| bad_url("postgres", url, why);
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -88,6 +126,8 @@ fn parse(url: &str) -> Result<PostgresConfig> {
     let mut table = DEFAULT_TABLE.to_owned();
     let mut timeout = DEFAULT_TIMEOUT;
     let mut pool_size = DEFAULT_POOL_SIZE;
+    let mut mode = SslMode::Prefer;
+    let (mut root_cert, mut cert, mut cert_key) = (None, None, None);
     let mut driver_params = Vec::new();
     for part in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = url::form_urlencoded::parse(part.as_bytes())
@@ -118,8 +158,61 @@ fn parse(url: &str) -> Result<PostgresConfig> {
                     )));
                 }
             },
+            "sslmode" => {
+                mode = match value.as_ref() {
+                    "disable" => SslMode::Disable,
+                    "prefer" => SslMode::Prefer,
+                    "require" => SslMode::Require,
+                    "verify-ca" => SslMode::VerifyCa,
+                    "verify-full" => SslMode::VerifyFull,
+                    _ => {
+                        return Err(bad(format!(
+                            "sslmode {value:?} is not one of disable, prefer, require, \
+                             verify-ca, verify-full"
+                        )));
+                    }
+                }
+            }
+            "sslrootcert" | "sslcert" | "sslkey" if value.is_empty() => {
+                return Err(bad(format!("{key} needs a file name")));
+            }
+            "sslrootcert" if value == "system" => {
+                return Err(bad(
+                    "sslrootcert=system (the system's CAs) is not supported: name a CA file".into(),
+                ));
+            }
+            "sslrootcert" | "sslcert" | "sslkey" => {
+                let path = query_path(part)
+                    .ok_or_else(|| bad(format!("bad percent-encoding in {key}")))?;
+                match key.as_ref() {
+                    "sslrootcert" => root_cert = Some(path),
+                    "sslcert" => cert = Some(path),
+                    _ => cert_key = Some(path),
+                }
+            }
             _ => driver_params.push(part),
         }
+    }
+    let identity = match (cert, cert_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => {
+            return Err(bad(
+                "sslcert and sslkey go together: give both or neither".into()
+            ));
+        }
+    };
+    if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && root_cert.is_none() {
+        return Err(bad(
+            "sslmode=verify-ca and verify-full need sslrootcert=PATH, the CA that signed \
+             the server's certificate"
+                .into(),
+        ));
+    }
+    if mode == SslMode::Disable && (root_cert.is_some() || identity.is_some()) {
+        return Err(bad(
+            "sslmode=disable with certificate files: TLS is off, so they would be ignored".into(),
+        ));
     }
     let driver_url = if driver_params.is_empty() {
         base.to_owned()
@@ -131,10 +224,15 @@ fn parse(url: &str) -> Result<PostgresConfig> {
     if pg.get_hosts().is_empty() {
         return Err(bad("no host".into()));
     }
-    if pg.get_ssl_mode() == SslMode::Require {
-        return Err(bad(
-            "sslmode=require is not supported: this backend connects without TLS".into(),
-        ));
+    pg.ssl_mode(match mode {
+        SslMode::Disable => DriverSslMode::Disable,
+        SslMode::Prefer => DriverSslMode::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => DriverSslMode::Require,
+    });
+    if pg.get_password().is_none()
+        && let Some(password) = env(PASSWORD_ENV)
+    {
+        pg.password(password);
     }
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(timeout);
@@ -147,6 +245,11 @@ fn parse(url: &str) -> Result<PostgresConfig> {
         table,
         timeout,
         pool_size,
+        tls: TlsSettings {
+            mode,
+            root_cert,
+            identity,
+        },
         redacted,
     })
 }
@@ -212,7 +315,12 @@ mod tests {
             "postgres://u@h/db?timeout_ms=0",
             "postgres://u@h/db?timeout_ms=soon",
             "postgres://u@h/db?pool_size=0",
-            "postgres://u@h/db?sslmode=require",
+            "postgres://u@h/db?sslmode=allow",
+            "postgres://u@h/db?sslmode=verify-full",
+            "postgres://u@h/db?sslmode=verify-ca&sslcert=c.pem&sslkey=",
+            "postgres://u@h/db?sslmode=require&sslcert=c.pem",
+            "postgres://u@h/db?sslmode=disable&sslrootcert=ca.pem",
+            "postgres://u@h/db?sslrootcert=system",
             "postgres://u@h/db?port=notaport",
             "postgres://u@h:99999/db",
             "postgres://u@h/db#frag",
@@ -225,6 +333,56 @@ mod tests {
         let long = format!("postgres://u@h/db?table={}", "t".repeat(64));
         assert_eq!(parse_err(&long).kind(), ErrorKind::InvalidInput);
         parse(&format!("postgres://u@h/db?table={}", "t".repeat(63))).unwrap();
+    }
+
+    #[test]
+    fn reads_libpq_tls_parameters() {
+        let s = parse("postgres://u@h/db").unwrap();
+        assert_eq!(s.tls.mode, SslMode::Prefer);
+        assert_eq!(s.pg.get_ssl_mode(), DriverSslMode::Prefer);
+
+        let s = parse("postgres://u@h/db?sslmode=disable").unwrap();
+        assert_eq!(s.pg.get_ssl_mode(), DriverSslMode::Disable);
+
+        let s = parse(
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c.pem&sslkey=/c.key&table=t",
+        )
+        .unwrap();
+        assert_eq!(s.tls.mode, SslMode::VerifyFull);
+        assert_eq!(s.pg.get_ssl_mode(), DriverSslMode::Require);
+        assert_eq!(s.tls.root_cert, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(
+            s.tls.identity,
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/c.key")))
+        );
+        assert_eq!(s.table, "t");
+        assert!(format!("{s:?}").contains("/ca.pem"));
+
+        for (mode, expected) in [
+            ("require", SslMode::Require),
+            ("verify-ca", SslMode::VerifyCa),
+        ] {
+            let s = parse(&format!(
+                "postgres://u@h/db?sslmode={mode}&sslrootcert=ca.pem"
+            ))
+            .unwrap();
+            assert_eq!(s.tls.mode, expected);
+            assert_eq!(s.pg.get_ssl_mode(), DriverSslMode::Require);
+        }
+    }
+
+    #[test]
+    fn password_from_pgpassword_unless_the_url_has_one() {
+        let env = |name: &str| (name == "PGPASSWORD").then(|| "from-env".to_owned());
+        let s = parse_with_env("postgres://u@h/db", &env).unwrap();
+        assert_eq!(s.pg.get_password(), Some(&b"from-env"[..]));
+        assert!(!format!("{s:?}").contains("from-env"));
+        let s = parse_with_env("postgres://u:in-url@h/db", &env).unwrap();
+        assert_eq!(s.pg.get_password(), Some(&b"in-url"[..]));
+        let s = parse_with_env("postgres://u@h/db?password=q", &env).unwrap();
+        assert_eq!(s.pg.get_password(), Some(&b"q"[..]));
+        let s = parse("postgres://u@h/db").unwrap();
+        assert_eq!(s.pg.get_password(), None);
     }
 
     #[test]

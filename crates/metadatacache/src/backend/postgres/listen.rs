@@ -12,10 +12,11 @@ use std::future::{Future, poll_fn};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Notification, Socket};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, Client, Connection, Notification, Socket};
 
 use super::client::{Failure, to_error};
+use super::tls::Tls;
 use super::{BACKEND, PostgresStorage};
 use crate::backend::util::Backoff;
 use crate::error::{Error, Result};
@@ -24,11 +25,13 @@ use crate::storage::{Change, ChangeSender, ChangeStream, is_within, validate_pat
 /// How often an idle listening connection is checked.
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
-type PgConnection = Connection<Socket, NoTlsStream>;
+type PgConnection = Connection<Socket, <Tls as MakeTlsConnect<Socket>>::Stream>;
 
 /// What one change stream listens to.
 struct Listener {
     config: tokio_postgres::Config,
+    /// The same TLS as the pool's connections.
+    tls: Tls,
     channel: String,
     /// The storage path below which documents are reported ("" for all).
     prefix: String,
@@ -63,6 +66,7 @@ impl PostgresStorage {
         validate_path(prefix, true).map_err(|e| e.with_backend(BACKEND))?;
         let listener = Listener {
             config: self.inner.pg.clone(),
+            tls: self.inner.tls.clone(),
             channel: self.inner.sql.channel.clone(),
             prefix: prefix.to_owned(),
             timeout: self.inner.timeout,
@@ -93,7 +97,7 @@ impl Listener {
 
     /// Opens a connection and listens on the channel.
     async fn connect(&self) -> std::result::Result<Session, Lost> {
-        let (client, mut connection) = self.config.connect(NoTls).await.map_err(Some)?;
+        let (client, mut connection) = self.config.connect(self.tls.clone()).await.map_err(Some)?;
         let listen = format!("LISTEN \"{}\"", self.channel);
         drive(&mut connection, client.batch_execute(&listen), |_| {}).await?;
         Ok(Session { client, connection })

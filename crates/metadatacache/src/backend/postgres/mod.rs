@@ -7,6 +7,7 @@ pub use self::config::PostgresConfig;
 mod client;
 mod listen;
 mod sql;
+mod tls;
 mod write;
 
 use std::fmt;
@@ -15,13 +16,13 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use tokio::time::Instant;
-use tokio_postgres::NoTls;
 use tokio_postgres::Row;
 
 use self::client::{Conn, Failure, Params, retry_read, to_error};
 use self::sql::{Sql, below};
+use self::tls::Tls;
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
     Capabilities, ChangeStream, DownloadRequest, DownloadResponse, EntryKind, FileInfo, Storage,
@@ -44,9 +45,34 @@ const BACKEND: &str = "postgres";
 ///   `connect_timeout` is given;
 /// - `pool_size` — connections kept open (default 10).
 ///
+/// libpq's TLS parameters, for every connection (the pool's, the listening
+/// connections of change streams, and cancel requests), with rustls:
+///
+/// - `sslmode` — `disable`: plain text. `prefer` (the default, as in
+///   libpq): TLS when the server offers it, plain text when it has TLS off;
+///   unlike libpq, a TLS handshake that fails is not retried in plain text.
+///   `require`: TLS or fail. With these two, the server's certificate is
+///   not checked, unless `sslrootcert` is given: then its chain is, as
+///   libpq does. `verify-ca`: TLS, the certificate must chain to
+///   `sslrootcert` (required), whatever host name it is for.
+///   `verify-full`: that, and the certificate must be valid for the host
+///   name (or address) connected to. libpq's `allow` is refused.
+/// - `sslrootcert` — the CA file (PEM). libpq's default
+///   `~/.postgresql/root.crt` is not read, and `system` is refused.
+/// - `sslcert`, `sslkey` — a client certificate and its key (PEM),
+///   together; no `~/.postgresql/postgresql.crt` default.
+///
+/// A missing or unusable file is [`ErrorKind::InvalidInput`] naming it,
+/// before any connection is made. A handshake that fails (a certificate
+/// not trusted or for another host, a client certificate refused, a server
+/// without TLS for `require`) is [`ErrorKind::PermissionDenied`] with one
+/// line that says it is a TLS problem and names the URL; so is a server that
+/// takes only TLS connections (`hostssl`) reached with `sslmode=disable`.
+///
+/// Without a password in the URL (`user:password@` or `password=`), the
+/// one in the environment variable `PGPASSWORD` is used, as libpq does.
 /// Every other query parameter (`application_name`, `options`, `host` for a
-/// Unix socket directory, …) goes to the driver as in libpq. Connections do
-/// not use TLS (`sslmode=require` is refused).
+/// Unix socket directory, …) goes to the driver as in libpq.
 ///
 /// # Table and semantics
 ///
@@ -108,6 +134,8 @@ struct Inner {
     pool: Pool,
     /// How to open the listening connection of a change stream.
     pg: tokio_postgres::Config,
+    /// The TLS of every connection (the pool's, listening ones, cancels).
+    tls: Tls,
     sql: Sql,
     table: String,
     timeout: Duration,
@@ -135,9 +163,10 @@ impl PostgresStorage {
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] naming the URL (password hidden) when it
-    /// is malformed; [`ErrorKind::Unavailable`] when the server cannot be
+    /// is malformed, or naming a certificate file that is missing or
+    /// unusable; [`ErrorKind::Unavailable`] when the server cannot be
     /// reached within the timeout; [`ErrorKind::PermissionDenied`] when it
-    /// refuses the login or the table cannot be created.
+    /// refuses the login, TLS fails, or the table cannot be created.
     ///
     /// # Cancel safety
     /// Cancel safe: a table half-created by a cancelled call is rolled
@@ -149,41 +178,23 @@ impl PostgresStorage {
     /// Connects as `config` says and creates the table if it is missing.
     ///
     /// # Errors
-    /// [`ErrorKind::Unavailable`] when the server cannot be reached within
-    /// the timeout; [`ErrorKind::PermissionDenied`] when it refuses the
-    /// login or the table cannot be created.
+    /// [`ErrorKind::InvalidInput`] naming a certificate file that is missing
+    /// or unusable; [`ErrorKind::Unavailable`] when the server cannot be
+    /// reached within the timeout; [`ErrorKind::PermissionDenied`] when it
+    /// refuses the login, TLS fails, or the table cannot be created.
     ///
     /// # Cancel safety
     /// Cancel safe: a table half-created by a cancelled call is rolled
     /// back by the server.
     pub async fn new(config: PostgresConfig) -> Result<PostgresStorage> {
         let settings = config;
-        let manager = Manager::from_config(
-            settings.pg.clone(),
-            NoTls,
-            ManagerConfig {
-                // A connection closed by the server is noticed by the
-                // driver and replaced here; one that fails silently is
-                // dropped by `Conn` after its first failure.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(settings.pool_size)
-            .wait_timeout(Some(settings.timeout))
-            .create_timeout(Some(settings.timeout))
-            .recycle_timeout(Some(settings.timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| {
-                Error::new(ErrorKind::Other, "cannot build the connection pool")
-                    .with_backend(BACKEND)
-                    .with_source(e)
-            })?;
+        let tls = tls::connector(&settings.tls).map_err(|e| e.with_backend(BACKEND))?;
+        let pool = client::pool(&settings, tls.clone()).map_err(|e| e.with_backend(BACKEND))?;
         let storage = PostgresStorage {
             inner: Arc::new(Inner {
                 pool,
                 pg: settings.pg,
+                tls,
                 sql: Sql::new(&settings.table),
                 table: settings.table,
                 timeout: settings.timeout,
@@ -210,6 +221,12 @@ impl PostgresStorage {
 
     fn fail(&self, failure: Failure, write_in_flight: bool, path: &str) -> Error {
         let e = to_error(failure, write_in_flight, self.inner.timeout);
+        let e = if e.message().starts_with("TLS") {
+            let message = format!("{} (at {})", e.message(), self.inner.redacted_url);
+            e.with_message(message)
+        } else {
+            e
+        };
         tag(e, path)
     }
 
@@ -220,7 +237,7 @@ impl PostgresStorage {
     async fn ensure_schema(&self) -> Result<()> {
         let deadline = self.deadline();
         let run = async {
-            let mut conn = Conn::get(&self.inner.pool, deadline).await?;
+            let mut conn = Conn::get(&self.inner.pool, &self.inner.tls, deadline).await?;
             conn.batch(deadline, &self.inner.sql.schema).await
         };
         match run.await {
@@ -259,7 +276,7 @@ impl PostgresStorage {
         let mut retried = false;
         loop {
             let res = async {
-                let mut conn = Conn::get(&self.inner.pool, deadline).await?;
+                let mut conn = Conn::get(&self.inner.pool, &self.inner.tls, deadline).await?;
                 conn.query(deadline, sql, params).await
             }
             .await;

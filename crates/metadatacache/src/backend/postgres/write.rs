@@ -33,7 +33,7 @@ impl PostgresStorage {
         let if_match = req.if_match.as_deref().filter(|e| *e != "*");
         let since = req.if_unmodified_since;
         let sql = &self.inner.sql;
-        let mut conn = Conn::get(&self.inner.pool, deadline)
+        let mut conn = Conn::get(&self.inner.pool, &self.inner.tls, deadline)
             .await
             .map_err(|f| self.fail(f, false, path))?;
         let res = if req.is_create_only() {
@@ -95,7 +95,7 @@ impl PostgresStorage {
         validate_path(path, false).map_err(|e| e.with_backend(BACKEND))?;
         let deadline = self.deadline();
         let want = if_match.filter(|e| *e != "*");
-        let mut conn = Conn::get(&self.inner.pool, deadline)
+        let mut conn = Conn::get(&self.inner.pool, &self.inner.tls, deadline)
             .await
             .map_err(|f| self.fail(f, false, path))?;
         let rows = conn
