@@ -133,9 +133,12 @@ pub async fn update(
     let mut result = Value::Null;
     store
         .update(path.to_owned(), create, |doc| {
+            let old = doc.clone();
             let new = json_edit::apply(doc, &edits).map_err(|e| e.with_path(path))?;
             result.clone_from(&new);
-            Ok((new, true))
+            // Edits that change nothing write nothing (no new version).
+            let changed = new != old;
+            Ok((new, changed))
         })
         .await?;
     let text = serde_json::to_string_pretty(&result).map_err(Error::from)?;

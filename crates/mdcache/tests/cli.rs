@@ -102,6 +102,18 @@ fn put_get_update_ls_stat_rm() {
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("users/a.json")).unwrap()).unwrap();
     assert_eq!(doc, serde_json::json!({"n": 2, "m": {"k": "x"}}));
+    // Edits that change nothing write nothing: the file is not replaced.
+    let inode =
+        || std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(d.join("users/a.json")).unwrap());
+    let before = inode();
+    let out = mdcache(
+        d,
+        &["update", "users/a.json", "--set", "n=2", "--unset", "gone"],
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(inode(), before, "a no-op update rewrote the document");
+    assert!(stdout(&out).contains("\"n\": 2"), "{out:?}");
 
     // A write with the old etag is refused.
     let out = mdcache(d, &["put", "users/a.json", "--if-match", &etag], Some("{}"));

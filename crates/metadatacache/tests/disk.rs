@@ -321,6 +321,17 @@ async fn opened_from_a_url() {
     assert_eq!(s.simple_download("x.json").await.unwrap(), "1");
     let e = metadatacache::open("disk:").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    // Parameters are refused, not taken as part of the directory name.
+    let with_query = format!("disk:{}?fsync=false", dir.path().join("c").display());
+    let e = metadatacache::open(&with_query).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("takes no parameters"), "{e}");
+    assert!(!dir.path().join("c?fsync=false").exists());
+    // A bare path is taken as it is.
+    let odd = dir.path().join("d?e");
+    let s = metadatacache::open(odd.to_str().unwrap()).await.unwrap();
+    s.simple_upload("z.json", "3".into()).await.unwrap();
+    assert!(odd.join("z.json").is_file());
 }
 
 // ---------------------------------------------------------------- races

@@ -76,7 +76,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
         }
         _ => Err(Error::invalid_input(format!(
             "unsupported storage URL {url:?}; expected memory:, disk:PATH, a path, \
-             etcd://, postgres://, s3://, az://, gs:// or nats://"
+             etcd://, postgres:// (postgresql://), s3://, az://, gs://, nats:// or tls://"
         ))),
     }
 }

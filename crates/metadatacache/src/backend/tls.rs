@@ -284,6 +284,14 @@ pub(crate) fn explain(error: &(dyn std::error::Error + 'static)) -> Option<Strin
         if text == "server does not support TLS" {
             return Some("TLS required, but the server does not support TLS".to_owned());
         }
+        // An alert that HTTP/2 passed on as text (the rustls error is gone).
+        if let Some(name) = text.strip_prefix("received fatal alert: ")
+            && let Some(alert) = (0..=u8::MAX)
+                .map(AlertDescription::from)
+                .find(|a| format!("{a:?}") == name)
+        {
+            return Some(explain_rustls(&rustls::Error::AlertReceived(alert)));
+        }
         next = e.source();
     }
     None
@@ -374,6 +382,16 @@ mod tests {
                 .unwrap()
                 .contains("requires a client certificate")
         );
+
+        // HTTP/2 passes a received alert on as text only.
+        let text = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "received fatal alert: BadCertificate",
+        );
+        let text = explain(&text).unwrap();
+        assert!(text.contains("rejected the client certificate"), "{text}");
+        let other = std::io::Error::new(std::io::ErrorKind::InvalidData, "received fatal alert: ?");
+        assert_eq!(explain(&other), None);
 
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert_eq!(explain(&refused), None);

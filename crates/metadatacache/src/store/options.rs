@@ -81,9 +81,8 @@ impl<K, V> Options<K, V> {
         self
     }
 
-    /// The name the Go package and the contract use for
-    /// [`max_attempts`](Self::max_attempts): the most attempts, not the
-    /// number of retries after the first.
+    /// The contract's name for [`max_attempts`](Self::max_attempts): the
+    /// most attempts, not the number of retries after the first.
     #[must_use]
     pub fn retries(self, n: usize) -> Self {
         self.max_attempts(n)

@@ -5,10 +5,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// A snapshot of a store's counters since it was created.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Reads answered from the cache without a storage round trip (coalesced
-    /// or within `max_staleness`).
+    /// Reads answered from the cache without a storage round trip (coalesced,
+    /// within `max_staleness`, or vouched for by the watch).
     pub hits: u64,
-    /// Downloads that transferred and decoded a document.
+    /// Downloads that transferred a document (counted before it is
+    /// decoded).
     pub downloads: u64,
     /// Conditional downloads answered `NotModified` (nothing transferred).
     pub not_modified: u64,

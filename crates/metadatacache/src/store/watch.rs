@@ -167,7 +167,12 @@ impl Watch {
                         Some(change) => self.apply(change),
                         None => {
                             self.broken("the change stream ended");
-                            break;
+                            // Reads revalidate meanwhile; a stream that keeps
+                            // ending at once must not spin.
+                            tokio::select! {
+                                () = self.stop.notified() => return,
+                                () = tokio::time::sleep(RESUBSCRIBE) => break,
+                            }
                         }
                     },
                 }

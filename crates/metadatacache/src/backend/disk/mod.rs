@@ -145,7 +145,8 @@ impl DiskStorage {
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] naming the URL when it names no
-    /// directory; otherwise as [`open`](Self::open).
+    /// directory or a `disk:` URL has a `?` (disk URLs take no
+    /// parameters); otherwise as [`open`](Self::open).
     pub fn from_url(url: &str) -> Result<DiskStorage> {
         let path = match url.strip_prefix("disk:") {
             Some(path) => path.strip_prefix("//").unwrap_or(path),
@@ -156,6 +157,14 @@ impl DiskStorage {
                 BACKEND,
                 url,
                 "no directory; expected disk:PATH",
+            ));
+        }
+        if url.starts_with("disk:") && path.contains('?') {
+            return Err(crate::backend::util::bad_url(
+                BACKEND,
+                url,
+                "a disk URL takes no parameters (DiskOptions are set in code); \
+                 for a directory whose name has a '?', give it as a bare path",
             ));
         }
         Self::open(path)

@@ -241,7 +241,7 @@ impl Conn {
     /// names the endpoints and the certificate files.
     async fn fail(&self, e: etcd_client::Error) -> Error {
         let explanation = match tls_failure(&e) {
-            Some(why) => Some(why),
+            Some(why) => Some(tls::refine(why, self.tls.as_ref())),
             None if closed_by_server(&e) => {
                 tls::probe(&self.endpoints, self.tls.as_ref(), self.timeout / 4).await
             }

@@ -147,16 +147,20 @@ async fn refused(address: &str, tls: &Tls) -> Option<String> {
             Err(e) => break tls::explain(&e)?,
         }
     };
-    // Servers answer a missing certificate as a bad one (etcd 3.4's Go
-    // sends "bad certificate"): the client knows which it was.
-    if !tls.has_identity && refusal.contains("client certificate") {
+    Some(refine(refusal, Some(tls)))
+}
+
+/// Servers answer a missing client certificate as a bad one (etcd 3.4's
+/// Go sends "bad certificate"): the client knows which it was, and says so.
+pub(super) fn refine(refusal: String, tls: Option<&Tls>) -> String {
+    if tls.is_some_and(|tls| !tls.has_identity) && refusal.contains("client certificate") {
         let alert = refusal.find("received").map_or("", |at| &refusal[at..]);
-        return Some(format!(
+        return format!(
             "TLS certificate problem: the server requires a client certificate, and the URL \
              names none (cert=PATH&key=PATH): {alert}"
-        ));
+        );
     }
-    Some(refusal)
+    refusal
 }
 
 /// A TCP connection to `host:port` and the server name to check.

@@ -160,6 +160,10 @@ impl NatsConfig {
         let (mut cert, mut key) = (None, None);
         for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
             let value = value.into_owned();
+            let is_file = matches!(&*name, "creds" | "nkey" | "tls_ca" | "tls_cert" | "tls_key");
+            if is_file && value.is_empty() {
+                return Err(bad(&format!("{name} needs a file name")));
+            }
             match &*name {
                 "timeout_ms" => {
                     timeout = parse_millis(&value)
@@ -338,6 +342,8 @@ mod tests {
             "nats://h/b?tls_cert=c.pem",
             "nats://u:p@h/b?token=t",
             "nats://h/b?creds=a&nkey=b",
+            "nats://h/b?creds=",
+            "nats://h/b?tls_ca=",
             "http://h/b",
         ] {
             let e = NatsConfig::from_url(url).unwrap_err();
