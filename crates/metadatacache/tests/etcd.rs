@@ -356,3 +356,62 @@ async fn password_from_the_environment_child() {
     }
     assert!(!format!("{storage:?}").contains(&password));
 }
+
+/// A directory larger than a page, with subtrees larger than a page around
+/// its documents, is listed whole, once per entry, in order, with the
+/// metadata of the documents that have some; keys that are no path are
+/// left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_directories_are_listed_page_by_page() {
+    let Some(server) = Etcd::launch() else {
+        return;
+    };
+    let raw = raw(server.addr()).await;
+    let mut keys: Vec<String> = (0..1100).map(|i| format!("big/f{i:04}.json")).collect();
+    keys.extend((0..1200).map(|i| format!("big/a-dir/x{i:04}.json")));
+    keys.extend((0..600).map(|i| format!("big/z-dir/deeper/y{i:04}.json")));
+    keys.push("big/g-dir/one.json".to_owned());
+    keys.push("big/bad//x".to_owned());
+    let mut puts = tokio::task::JoinSet::new();
+    for chunk in keys.chunks(100) {
+        let (mut raw, chunk) = (raw.clone(), chunk.to_vec());
+        puts.spawn(async move {
+            for key in chunk {
+                raw.put(format!("app/{key}"), "{}", None).await.unwrap();
+            }
+        });
+    }
+    puts.join_all().await;
+    let storage = connect(&format!("etcd://{}/app", server.addr())).await;
+    // Some documents (at page edges) written through the backend, with an mtime.
+    for i in [0, 499, 500, 1000, 1099] {
+        storage
+            .simple_upload(&format!("big/f{i:04}.json"), "{\"n\":1}".into())
+            .await
+            .unwrap();
+    }
+
+    let listed = storage.list_dir("big").await.unwrap();
+    let mut want: Vec<String> = (0..1100).map(|i| format!("big/f{i:04}.json")).collect();
+    want.extend(["big/a-dir", "big/g-dir", "big/z-dir"].map(str::to_owned));
+    want.sort();
+    let paths: Vec<&str> = listed.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, want);
+    for f in &listed {
+        let written = ["0000", "0499", "0500", "1000", "1099"]
+            .iter()
+            .any(|i| f.path == format!("big/f{i}.json"));
+        assert_eq!(f.is_dir(), f.path.ends_with("-dir"), "{}", f.path);
+        if f.is_dir() {
+            continue;
+        }
+        assert_eq!(f.mtime.is_some(), written, "{}", f.path);
+        if written {
+            assert_eq!(f.size, 7, "{}", f.path);
+        }
+    }
+    let a = storage.list_dir("big/a-dir").await.unwrap();
+    assert_eq!(a.len(), 1200);
+    let root = storage.read_dir("").await.unwrap();
+    assert_eq!(root, ["big"]);
+}

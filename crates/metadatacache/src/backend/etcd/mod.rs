@@ -9,25 +9,25 @@
 mod client;
 mod config;
 mod layout;
+mod list;
 mod tls;
 mod watch;
 mod write;
 
 pub use self::config::EtcdConfig;
 
-use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
     Capabilities, ChangeStream, DownloadRequest, DownloadResponse, FileInfo, Storage,
-    UploadRequest, UploadResponse, check_delete_precondition, join,
+    UploadRequest, UploadResponse, check_delete_precondition,
 };
 
 use client::{Conn, count_at, kvs_at};
@@ -344,41 +344,7 @@ impl Storage for EtcdStorage {
 
     async fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
         check_path(path, true).map_err(tag)?;
-        let under = self.layout.under(path);
-        let meta_under = self.layout.meta_under(path);
-        // With no prefix at the root, "" would be no range at all.
-        let docs = if under.is_empty() {
-            GetOptions::new().with_all_keys()
-        } else {
-            GetOptions::new().with_prefix()
-        };
-        let txn = Txn::new().and_then([
-            TxnOp::get(under.as_str(), Some(docs)),
-            TxnOp::get(meta_under.as_str(), Some(GetOptions::new().with_prefix())),
-        ]);
-        let mut ops = self.conn.txn(path, txn, false).await?.op_responses();
-        let metas: HashMap<Vec<u8>, KeyValue> = kvs_at(&mut ops, 1)
-            .into_iter()
-            .filter_map(|kv| {
-                let rest = kv.key().strip_prefix(meta_under.as_bytes())?.to_vec();
-                Some((rest, kv))
-            })
-            .collect();
-        let mut out = BTreeMap::new();
-        for kv in kvs_at(&mut ops, 0) {
-            let Some((child, deeper)) = self.layout.child(&under, kv.key()) else {
-                continue;
-            };
-            let child_path = join(path, child);
-            if deeper {
-                out.entry(child_path.clone())
-                    .or_insert_with(|| FileInfo::dir(child_path));
-            } else {
-                let meta = metas.get(child.as_bytes());
-                out.insert(child_path.clone(), file_info(child_path, &kv, meta));
-            }
-        }
-        Ok(out.into_values().collect())
+        list::list_dir(&self.conn, &self.layout, path).await
     }
 
     /// Stores nothing: directories exist while documents lie below them.
