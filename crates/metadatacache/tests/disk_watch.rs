@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::watching::{
-    Counting, changed, increment, next_change, percentiles, until_change, until_in_sync,
-    until_seen, watched_store,
+    Counting, changed, count_through, increment, next_change, percentiles, serve_from_memory,
+    until_change, until_in_sync, until_seen, watched_store,
 };
 use metadatacache::{Change, DiskStorage, Storage};
 
@@ -119,29 +119,7 @@ async fn a_document_renamed_into_a_brand_new_directory_is_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watched_stores_serve_from_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let counting = Counting::new(open(dir.path()));
-    let a = watched_store(Arc::clone(&counting) as Arc<dyn Storage>);
-    let b = watched_store(open(dir.path()));
-    increment(&b, "k").await;
-    until_seen(&a, "k", 1).await;
-    until_in_sync(&a, &counting, "k").await;
-    let before = counting.calls();
-    for _ in 0..200 {
-        assert_eq!(a.get("k".into()).await.unwrap().as_deref(), Some(&1));
-        a.update("k".into(), false, |n| Ok((n, false)))
-            .await
-            .unwrap();
-    }
-    assert_eq!(
-        counting.calls(),
-        before,
-        "unchanged watched reads asked storage"
-    );
-    increment(&b, "k").await;
-    until_seen(&a, "k", 2).await;
-    increment(&a, "k").await;
-    until_seen(&b, "k", 3).await;
-    assert_eq!((a.stats().watch_gaps, b.stats().watch_gaps), (0, 0));
+    serve_from_memory(open(dir.path()), open(dir.path())).await;
 }
 
 /// (d) 2 replicas × 2 tasks × 100 increments through watched stores end
@@ -153,22 +131,7 @@ async fn watched_replicas_count_exactly() {
         watched_store(open(dir.path())),
         watched_store(open(dir.path())),
     ];
-    let mut tasks = Vec::new();
-    for r in &replicas {
-        for _ in 0..2 {
-            let r = r.clone();
-            tasks.push(tokio::spawn(async move {
-                for _ in 0..100 {
-                    r.update("n".into(), true, |n| Ok((n + 1, true)))
-                        .await
-                        .unwrap();
-                }
-            }));
-        }
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    count_through(&replicas).await;
     let n = open(dir.path()).simple_download("n.json").await.unwrap();
     assert_eq!(n, "400");
     for r in &replicas {

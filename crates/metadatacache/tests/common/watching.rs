@@ -181,3 +181,54 @@ pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
     (at(0.5), at(0.99))
 }
+
+/// Two watched stores, `a` on `watching` (counted) and `b` on `other`, two
+/// handles of one storage: once in sync, unchanged reads and read-only
+/// updates of `a` make no storage call at all, and each replica sees the
+/// other's writes, with no gap.
+pub async fn serve_from_memory(watching: Arc<dyn Storage>, other: Arc<dyn Storage>) {
+    let counting = Counting::new(watching);
+    let a = watched_store(Arc::clone(&counting) as Arc<dyn Storage>);
+    let b = watched_store(other);
+    increment(&b, "k").await;
+    until_seen(&a, "k", 1).await;
+    until_in_sync(&a, &counting, "k").await;
+    let before = counting.calls();
+    for _ in 0..200 {
+        assert_eq!(a.get("k".into()).await.unwrap().as_deref(), Some(&1));
+        a.update("k".into(), false, |n| Ok((n, false)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        counting.calls(),
+        before,
+        "unchanged watched reads asked storage"
+    );
+    increment(&b, "k").await;
+    until_seen(&a, "k", 2).await;
+    increment(&a, "k").await;
+    until_seen(&b, "k", 3).await;
+    assert_eq!((a.stats().watch_gaps, b.stats().watch_gaps), (0, 0));
+}
+
+/// 2 tasks on each of `replicas` make 100 increments of key `n` each and
+/// are awaited; the caller checks what storage and the replicas show.
+pub async fn count_through(replicas: &[Store<String, u64>; 2]) {
+    let mut tasks = Vec::new();
+    for r in replicas {
+        for _ in 0..2 {
+            let r = r.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..100 {
+                    r.update("n".into(), true, |n| Ok((n + 1, true)))
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}

@@ -14,8 +14,8 @@ use metadatacache::{Change, ErrorKind, Storage};
 use super::{TestServer, start, stop};
 use crate::common::servers::Server;
 use crate::common::watching::{
-    Counting, changed, increment, next_change, percentiles, until_change, until_in_sync,
-    until_seen, watched_store,
+    Counting, changed, count_through, increment, next_change, percentiles, serve_from_memory,
+    until_change, until_in_sync, until_seen, watched_store,
 };
 use crate::common::{GUARD, eventually};
 
@@ -84,29 +84,11 @@ pub async fn watch_reports_changes_of_another_handle<S: TestServer>(server: &mut
 /// reads and read-only updates make no storage call at all, and a write on
 /// one replica is seen by the other.
 pub async fn watched_stores_serve_from_memory<S: TestServer>(server: &mut Server) {
-    let counting = Counting::new(S::open(server, "memo", None).await);
-    let a = watched_store(Arc::clone(&counting) as Arc<dyn Storage>);
-    let b = watched_store(S::open(server, "memo", None).await);
-    increment(&b, "k").await;
-    until_seen(&a, "k", 1).await;
-    until_in_sync(&a, &counting, "k").await;
-    let before = counting.calls();
-    for _ in 0..200 {
-        assert_eq!(a.get("k".into()).await.unwrap().as_deref(), Some(&1));
-        a.update("k".into(), false, |n| Ok((n, false)))
-            .await
-            .unwrap();
-    }
-    assert_eq!(
-        counting.calls(),
-        before,
-        "unchanged watched reads asked storage"
-    );
-    increment(&b, "k").await;
-    until_seen(&a, "k", 2).await;
-    increment(&a, "k").await;
-    until_seen(&b, "k", 3).await;
-    assert_eq!((a.stats().watch_gaps, b.stats().watch_gaps), (0, 0));
+    serve_from_memory(
+        S::open(server, "memo", None).await,
+        S::open(server, "memo", None).await,
+    )
+    .await;
 }
 
 /// (c) The server stops and starts again under a change stream and two
@@ -269,22 +251,7 @@ pub async fn watched_counter_counts_exactly<S: TestServer>(server: &mut Server) 
         watched_store(S::open(server, "watchrace", None).await),
         watched_store(S::open(server, "watchrace", None).await),
     ];
-    let mut tasks = Vec::new();
-    for r in &replicas {
-        for _ in 0..2 {
-            let r = r.clone();
-            tasks.push(tokio::spawn(async move {
-                for _ in 0..100 {
-                    r.update("n".into(), true, |n| Ok((n + 1, true)))
-                        .await
-                        .unwrap();
-                }
-            }));
-        }
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    count_through(&replicas).await;
     let check = S::open(server, "watchrace", None).await;
     let n = check.simple_download("n.json").await.unwrap();
     assert_eq!(n, "400");
