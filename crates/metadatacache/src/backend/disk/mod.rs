@@ -148,9 +148,9 @@ impl DiskStorage {
     /// directory or a `disk:` URL has a `?` (disk URLs take no
     /// parameters); otherwise as [`open`](Self::open).
     pub fn from_url(url: &str) -> Result<DiskStorage> {
-        let path = match url.strip_prefix("disk:") {
-            Some(path) => path.strip_prefix("//").unwrap_or(path),
-            None => url,
+        let (path, is_url) = match url.strip_prefix("disk:") {
+            Some(path) => (path.strip_prefix("//").unwrap_or(path), true),
+            None => (url, false),
         };
         if path.is_empty() {
             return Err(crate::backend::util::bad_url(
@@ -159,7 +159,7 @@ impl DiskStorage {
                 "no directory; expected disk:PATH",
             ));
         }
-        if url.starts_with("disk:") && path.contains('?') {
+        if is_url && path.contains('?') {
             return Err(crate::backend::util::bad_url(
                 BACKEND,
                 url,

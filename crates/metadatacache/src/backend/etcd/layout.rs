@@ -87,18 +87,6 @@ impl Layout {
         let full = std::str::from_utf8(key).ok()?.strip_prefix(&self.base)?;
         (validate_path(full, false).is_ok() && check_not_reserved(full).is_ok()).then_some(full)
     }
-
-    /// The storage path of a document key below `dir_prefix` (from
-    /// [`under`](Layout::under)), split into the direct child name and
-    /// whether it lies deeper. `None` for internal and foreign keys.
-    pub(super) fn child<'k>(&self, dir_prefix: &str, key: &'k [u8]) -> Option<(&'k str, bool)> {
-        self.path_of(key)?;
-        let rest = std::str::from_utf8(key).ok()?.strip_prefix(dir_prefix)?;
-        Some(match rest.split_once('/') {
-            Some((child, _)) => (child, true),
-            None => (rest, false),
-        })
-    }
 }
 
 /// The ancestors of `path`, nearest first (not the root).
@@ -199,13 +187,6 @@ mod tests {
         assert_eq!(root.doc("x"), "x");
         assert_eq!(root.meta("x"), ".mdcache-meta/x");
         assert_eq!(root.under(""), "");
-
-        assert_eq!(l.child("app/", b"app/x.json"), Some(("x.json", false)));
-        assert_eq!(l.child("app/", b"app/d/x.json"), Some(("d", true)));
-        assert_eq!(l.child("app/", b"app/.mdcache-meta/x"), None);
-        assert_eq!(l.child("app/", b"app/a//b"), None);
-        assert_eq!(l.child("app/", b"app/"), None);
-        assert_eq!(l.child("app/a/", b"app/a/b/c"), Some(("b", true)));
 
         assert_eq!(l.path_of(b"app/a/b.json"), Some("a/b.json"));
         assert_eq!(l.path_of(b"app/.mdcache-meta/a/b.json"), None);

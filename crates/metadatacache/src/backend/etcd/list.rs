@@ -9,7 +9,7 @@ use etcd_client::{GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
 use super::client::Conn;
 use super::layout::{Layout, META_DIR, file_info};
 use crate::error::Result;
-use crate::storage::FileInfo;
+use crate::storage::{FileInfo, join};
 
 /// Keys per request.
 const PAGE: i64 = 500;
@@ -156,15 +156,11 @@ async fn snapshot(conn: &Conn, layout: &Layout, path: &str) -> Result<Vec<FileIn
         if path.is_empty() && e.child == META_DIR {
             return true;
         }
-        // Foreign keys and keys that are no valid path are no entries.
-        if layout.child(&under, e.kv.key()).is_none() {
+        // Keys that are no valid path are no entries.
+        if layout.path_of(e.kv.key()).is_none() {
             return false;
         }
-        let child_path = if path.is_empty() {
-            e.child.to_owned()
-        } else {
-            format!("{path}/{}", e.child)
-        };
+        let child_path = join(path, e.child);
         if e.deeper {
             out.entry(child_path.clone())
                 .or_insert_with(|| FileInfo::dir(child_path));
