@@ -113,7 +113,10 @@
 //! (unless [`Options::max_staleness`] allows an older one), so a change made
 //! by any replica is visible to every read that starts after it completed.
 //! Tasks queued on one key share a revalidation that started after their
-//! call, instead of one round trip each.
+//! call, instead of one round trip each. An update of a key this store
+//! wrote last may skip the revalidation and let its compare-and-swap check
+//! the cached version instead ([`Options::optimistic_writes`]); an outcome
+//! is still never decided on a stale value.
 #![doc(test(attr(deny(warnings))))]
 #![warn(missing_docs)]
 

@@ -386,14 +386,27 @@ where
 /// will not happen before the test lets it.
 const HANG: Duration = Duration::from_secs(20);
 
+/// A store over a [`Gate`], with batches that revalidate first (no
+/// optimistic writes).
 fn gated() -> (Arc<Gate>, Store<String, Doc>) {
+    gated_with(false)
+}
+
+fn gated_with(optimistic: bool) -> (Arc<Gate>, Store<String, Doc>) {
     let gate = Arc::new(Gate {
         inner: MemoryStorage::new(),
         open: tokio::sync::Semaphore::new(0),
         waiting: Default::default(),
         fail_next: Default::default(),
     });
-    let store = store(Arc::clone(&gate) as Arc<dyn Storage>, true);
+    let store = Store::new(
+        Options::new(Arc::clone(&gate) as Arc<dyn Storage>, |k: &String| {
+            format!("{k}.json")
+        })
+        .init(Doc::new)
+        .retries(1000)
+        .optimistic_writes(optimistic),
+    );
     (gate, store)
 }
 
@@ -448,6 +461,64 @@ async fn a_read_only_member_returns_ok_without_waiting_for_the_write() {
     gate.open();
     let e = writer.await.unwrap().unwrap_err();
     assert_eq!(e.message(), "gate: refused");
+}
+
+/// In a batch written from the cached version (optimistic), a read-only
+/// member's decision on that version stands only once the write lands, so
+/// it waits for the write; when the write is refused it decides again on
+/// what storage holds, and never gets the writer's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_member_of_an_optimistic_batch_waits_for_its_write() {
+    let (gate, s) = gated_with(true);
+    gate.open.add_permits(1);
+    s.update("k".into(), true, |d| Ok((d, true))).await.unwrap();
+    let g = s.lock("k".into()).await;
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.update("k".into(), true, |mut d| {
+                d.insert("x".into(), 1);
+                Ok((d, true))
+            })
+            .await
+        })
+    };
+    until_users(&s, 2).await;
+    let reader = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let mut saw_x = Vec::new();
+            s.update("k".into(), false, |d| {
+                saw_x.push(d.contains_key("x"));
+                Ok((d, false))
+            })
+            .await
+            .map(|()| saw_x)
+        })
+    };
+    until_users(&s, 3).await;
+    gate.fail_next.store(1, std::sync::atomic::Ordering::SeqCst);
+    drop(g);
+    while gate.waiting() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !reader.is_finished(),
+        "the reader returned before the write that confirms its value"
+    );
+    gate.open();
+    let e = writer.await.unwrap().unwrap_err();
+    assert_eq!(e.message(), "gate: refused");
+    let saw_x = tokio::time::timeout(HANG, reader)
+        .await
+        .expect("the reader hung")
+        .unwrap()
+        .unwrap();
+    // The writer's value, the cached one (provisional); then leading on its
+    // own, the cached one again and, confirmed by a revalidation, the
+    // stored one.
+    assert_eq!(saw_x, [true, false, false, false]);
 }
 
 /// A read-only leader returns at once too: the writers queued behind it

@@ -17,8 +17,10 @@ use crate::torture::{self, TortureArgs};
 use metadatacache::{DownloadRequest, Error, ErrorKind, Options, Storage, Store, UploadRequest};
 use serde::{Deserialize, Serialize};
 
+mod group;
 mod large;
 mod report;
+mod scale;
 mod watch;
 
 use self::report::{Goal, Row, compare};
@@ -31,6 +33,10 @@ pub struct BenchArgs {
     /// Fewer iterations (a smoke run; ratios are noisier).
     #[arg(long)]
     quick: bool,
+    /// Also time `list_dir` over a directory of this many documents
+    /// (`bench/ls`, written on the first run and kept for the next).
+    #[arg(long, value_name = "N")]
+    ls: Option<usize>,
 }
 
 /// A document of roughly `size` bytes of JSON, shaped like real metadata.
@@ -426,6 +432,8 @@ pub async fn bench(url: Option<&str>, args: BenchArgs) -> Result<ExitCode> {
         "{:<8} {:<44} {:>10} {:>10} {:>14} {:>14}",
         "storage", "benchmark", "ours", "baseline", "ratio", "goal"
     );
+    // Storages that leave the process, for the group-commit section.
+    let mut durable = Vec::new();
     for (url, dir) in targets {
         let storage = metadatacache::open(&url).await?;
         // The bucket or container, where the service lets us create it.
@@ -444,6 +452,15 @@ pub async fn bench(url: Option<&str>, args: BenchArgs) -> Result<ExitCode> {
         if let Some(row) = large::bench_update_large(&storage, s.rounds, large).await? {
             row.print();
         }
+        if let Some(n) = args.ls {
+            scale::bench_ls(&storage, n).await?;
+        }
+        if storage.backend() != "memory" {
+            durable.push(storage);
+        }
+    }
+    for storage in &durable {
+        group::bench_group_commit(storage, args.quick).await?;
     }
     // Replica processes need a storage they can share.
     let shared = match url {

@@ -28,6 +28,10 @@ pub(super) struct Cached<V> {
     /// The watch's notification number when the call that confirmed this
     /// entry began (see [`Watch`](super::watch::Watch)).
     pub(super) watch_seq: u64,
+    /// The round trip that made this entry found a version written
+    /// elsewhere: the next update revalidates before it writes (see
+    /// [`Options::optimistic_writes`](crate::Options::optimistic_writes)).
+    pub(super) changed_elsewhere: bool,
     referenced: bool,
 }
 
@@ -46,6 +50,7 @@ impl<V> Cached<V> {
             size,
             must_revalidate: false,
             watch_seq,
+            changed_elsewhere: false,
             referenced: false,
         }
     }

@@ -22,6 +22,14 @@
 //! - a value that cannot be encoded sends the waiters back to the queue and
 //!   the leader tries alone, so one bad value fails only its own update;
 //! - a conflict re-runs the batch on the fresh value.
+//!
+//! A batch may also start from the cached version without revalidating it
+//! (optimistic writes, see `Options::optimistic_writes`): it takes every
+//! queued update, since its compare-and-swap lands after all their calls or
+//! not at all. A member that decides without a write on that unconfirmed
+//! value waits for the write: if it lands, the decision stands; if not, the
+//! member decides again in a later batch. A leader that decides without a
+//! write on it revalidates and runs its `f` again.
 
 use std::fmt;
 use std::hash::Hash;
@@ -34,6 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Store;
 use super::guard::KeyGuard;
+use super::stats::Counter;
 use crate::error::{Error, ErrorKind, Result};
 
 /// An update waiting for its key's lock, queued for the next batch leader.
@@ -51,13 +60,25 @@ impl<V> fmt::Debug for Waiter<V> {
     }
 }
 
+/// What the value handed to a waiter is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Basis {
+    /// The batch's value so far: earlier members may have changed it.
+    Batch,
+    /// Exactly what storage holds: a decision without a write is final.
+    Committed,
+    /// The cached version, not confirmed since the call (an optimistic
+    /// batch): a decision without a write stands only if the batch's
+    /// compare-and-swap on that version lands.
+    Provisional,
+}
+
 /// What a leader tells a waiter.
 enum ToWaiter<V> {
-    /// Run your `f` on this value and reply. `committed` says whether the
-    /// value is exactly what storage holds (no earlier member changed it).
+    /// Run your `f` on this value and reply.
     Apply {
         value: V,
-        committed: bool,
+        basis: Basis,
         reply: oneshot::Sender<Reply<V>>,
     },
     /// Wait for the lock again: your update takes part in a later batch.
@@ -166,13 +187,16 @@ where
             let path = (self.inner.opts.path)(&key);
             let lock = self.inner.locks.lock_queued(key.clone(), waiter);
             tokio::pin!(lock);
+            // Our outcome decided on a provisional value, standing if the
+            // batch's write lands.
+            let mut pending: Option<Result<()>> = None;
             loop {
                 tokio::select! {
                     // A leader's message comes first: Done is sent before
                     // the leader unlocks.
                     biased;
                     msg = rx.recv() => match msg {
-                        Some(ToWaiter::Apply { value, committed, reply }) => {
+                        Some(ToWaiter::Apply { value, basis, reply }) => {
                             let mut own_error = None;
                             let answer = match run(&mut f, value) {
                                 Outcome::Changed(new) => Reply::Changed(new),
@@ -182,16 +206,24 @@ where
                                     Reply::Failed
                                 }
                             };
-                            let settled = committed && !matches!(answer, Reply::Changed(_));
+                            let decided = !matches!(answer, Reply::Changed(_));
                             let _ = reply.send(answer);
-                            if settled {
+                            let own = own_error.map_or(Ok(()), Err);
+                            match basis {
                                 // Decided on the committed value: final,
                                 // whatever becomes of the batch's write.
-                                return own_error.map_or(Ok(()), Err);
+                                Basis::Committed if decided => return own,
+                                Basis::Provisional if decided => pending = Some(own),
+                                _ => pending = None,
                             }
                         }
                         Some(ToWaiter::Requeue) | None => break,
-                        Some(ToWaiter::Done(res)) => return res,
+                        Some(ToWaiter::Done(res)) => match settle(pending.take(), res) {
+                            Some(res) => return res,
+                            // Our decision could not be confirmed: decide
+                            // again in a later batch.
+                            None => break,
+                        },
                     },
                     lock = &mut lock => {
                         // A previous leader may have written our update,
@@ -200,7 +232,9 @@ where
                         // unlock). Leading without reading it would apply
                         // our `f` twice.
                         while let Ok(msg) = rx.try_recv() {
-                            if let ToWaiter::Done(res) = msg {
+                            if let ToWaiter::Done(res) = msg
+                                && let Some(res) = settle(pending.take(), res)
+                            {
                                 return res;
                             }
                             // A stale Apply or Requeue from a leader that
@@ -236,43 +270,66 @@ where
         // Whether the last attempt's write reached storage, so that the
         // waiters in the batch share its outcome.
         let mut wrote = false;
+        // An optimistic first try (see `Options::optimistic_writes`): `f`
+        // runs on the cached value, which nothing confirmed since the call.
+        let mut unconfirmed = self.may_write_optimistically(g);
+        let mut taken = false;
         let res = loop {
-            attempt += 1;
-            tracing::Span::current().record("attempts", attempt);
-            // Every participant needs data no older than its own call: the
-            // first round trip covers the waiters queued so far.
-            let observed = if attempt == 1 {
-                let queued = self.inner.locks.newest_queued(g.key(), |w| w.call);
-                g.revalidate_at(queued.map_or(call, |q| q.max(call)), true)
-                    .await
+            let observed = if unconfirmed {
+                None
             } else {
-                g.sync_at().await
-            };
-            let observed = match observed {
-                Ok(observed) => observed,
-                Err(e) => break Err(e),
+                attempt += 1;
+                tracing::Span::current().record("attempts", attempt);
+                // Every participant needs data no older than its own call:
+                // the first round trip covers the waiters queued so far.
+                let observed = if attempt == 1 {
+                    let queued = self.inner.locks.newest_queued(g.key(), |w| w.call);
+                    g.revalidate_at(queued.map_or(call, |q| q.max(call)), true)
+                        .await
+                } else {
+                    g.sync_at().await
+                };
+                match observed {
+                    Ok(observed) => Some(observed),
+                    Err(e) => break Err(e),
+                }
             };
             let committed = g.committed();
             let etag = committed.as_ref().map(|(_, e)| Arc::clone(e));
-            let committed: Option<V> = committed.map(|(v, _)| (*v).clone());
+            let committed: Option<Arc<V>> = committed.map(|(v, _)| v);
             let own_input = match self.input(g, &committed, create) {
                 Ok(v) => v,
                 Err(e) => break Err(e),
             };
             let mut value = match run(f, own_input) {
                 Outcome::Changed(new) => new,
+                // No write wanted, or an error, on a value nothing
+                // confirmed: decide again on what storage holds.
+                Outcome::Unchanged | Outcome::Failed(_) if unconfirmed => {
+                    unconfirmed = false;
+                    continue;
+                }
                 // Decided on the committed value: our outcome is final.
                 Outcome::Unchanged => break Ok(()),
                 Outcome::Failed(e) => break Err(e),
             };
-            if attempt == 1 {
+            if !taken {
+                taken = true;
+                // An optimistic batch may take every queued update: its
+                // compare-and-swap lands after all their calls, or not at
+                // all.
                 batch.waiters = self.take_waiters(g, observed);
                 tracing::Span::current().record("batch", batch.waiters.len() + 1);
             }
+            let basis = if unconfirmed {
+                Basis::Provisional
+            } else {
+                Basis::Committed
+            };
             let mut i = 0;
             while i < batch.waiters.len() {
                 if self
-                    .apply(g, &batch.waiters[i], &mut value, &committed)
+                    .apply(g, &batch.waiters[i], &mut value, &committed, basis)
                     .await
                 {
                     i += 1;
@@ -293,6 +350,16 @@ where
                 // again in later batches, the leader alone.
                 Err(e) if e.kind() == ErrorKind::Codec && !batch.waiters.is_empty() => {
                     batch.requeue_all();
+                }
+                // The cached version was not the stored one any more:
+                // revalidate and run `f` again, without backing off (no
+                // attempt was spent on a confirmed value).
+                Err(e) if unconfirmed && (e.is_conflict() || e.kind() == ErrorKind::NotFound) => {
+                    self.inner.counters.bump(Counter::Conflicts);
+                    if let Some(c) = self.inner.cache().get_mut(g.key()) {
+                        c.must_revalidate = true;
+                    }
+                    unconfirmed = false;
                 }
                 // A compare-and-swap on a document deleted meanwhile: sync
                 // again (and create it, if allowed) like any conflict.
@@ -323,11 +390,25 @@ where
         res
     }
 
+    /// Whether an update (and the batch it leads) may start from the cached
+    /// value without revalidating it (see [`Options::optimistic_writes`](crate::Options::optimistic_writes)):
+    /// the key is cached, its last round trip found no other writer, and no
+    /// watch can confirm the entry for free.
+    fn may_write_optimistically(&self, g: &KeyGuard<K, V>) -> bool {
+        let inner = &self.inner;
+        inner.opts.optimistic
+            && inner.watch.is_none()
+            && inner
+                .cache()
+                .get(g.key())
+                .is_some_and(|c| !c.must_revalidate && !c.changed_elsewhere)
+    }
+
     /// The value an update's `f` starts from: the committed one, else
     /// `init()` if it may create the key.
-    fn input(&self, g: &KeyGuard<K, V>, committed: &Option<V>, create: bool) -> Result<V> {
+    fn input(&self, g: &KeyGuard<K, V>, committed: &Option<Arc<V>>, create: bool) -> Result<V> {
         match committed {
-            Some(v) => Ok(v.clone()),
+            Some(v) => Ok(V::clone(v)),
             None if create => self.init_value(g),
             None => {
                 Err(Error::not_found(format!("key {} does not exist", g.key())).with_path(g.path()))
@@ -336,29 +417,31 @@ where
     }
 
     /// Takes the live waiters whose calls storage was checked after
-    /// (`observed`); later ones stay queued for the next leader.
-    fn take_waiters(&self, g: &KeyGuard<K, V>, observed: Instant) -> Vec<Waiter<V>> {
-        let mut taken = self
-            .inner
-            .locks
-            .take_queued(g.key(), |w| w.tx.is_closed() || w.call < observed);
+    /// (`observed`; every waiter when `None`); later ones stay queued for
+    /// the next leader.
+    fn take_waiters(&self, g: &KeyGuard<K, V>, observed: Option<Instant>) -> Vec<Waiter<V>> {
+        let mut taken = self.inner.locks.take_queued(g.key(), |w| {
+            w.tx.is_closed() || observed.is_none_or(|observed| w.call < observed)
+        });
         // Our own entry (if we queued before leading) and cancelled waiters.
         taken.retain(|w| !w.tx.is_closed());
         taken
     }
 
     /// Hands `value` to waiter `w` and takes its answer. True when the
-    /// waiter changed the value and stays in the batch for the write; false
-    /// when it left (decided on the committed value, sent back to the
-    /// queue, or cancelled).
+    /// waiter stays in the batch for the write's outcome (it changed the
+    /// value, or decided on the `Provisional` committed value); false when
+    /// it left (decided on the committed value, sent back to the queue, or
+    /// cancelled).
     async fn apply(
         &self,
         g: &KeyGuard<K, V>,
         w: &Waiter<V>,
         value: &mut V,
-        committed: &Option<V>,
+        committed: &Option<Arc<V>>,
+        basis: Basis,
     ) -> bool {
-        match ask(w, value.clone(), false).await {
+        match ask(w, value.clone(), Basis::Batch).await {
             Some(Reply::Changed(new)) => {
                 *value = new;
                 return true;
@@ -375,21 +458,37 @@ where
                 return false;
             }
         };
-        if let Some(Reply::Changed(_)) = ask(w, input, true).await {
-            // It wants to write after all, on the committed value: it goes
-            // to the next batch, which starts from what this one commits.
-            let _ = w.tx.send(ToWaiter::Requeue);
+        match ask(w, input, basis).await {
+            Some(Reply::Changed(_)) => {
+                // It wants to write after all, on the committed value: it
+                // goes to the next batch, which starts from what this one
+                // commits.
+                let _ = w.tx.send(ToWaiter::Requeue);
+                false
+            }
+            Some(_) => basis == Basis::Provisional,
+            None => false,
         }
-        false
+    }
+}
+
+/// A waiter's result once its batch's write is over (`res`): the outcome
+/// it decided on a provisional value if that write landed and so confirmed
+/// the value; `None` (decide again) if it did not; else the write's.
+fn settle(pending: Option<Result<()>>, res: Result<()>) -> Option<Result<()>> {
+    match (pending, res) {
+        (Some(own), Ok(())) => Some(own),
+        (Some(_), Err(_)) => None,
+        (None, res) => Some(res),
     }
 }
 
 /// Sends `value` to waiter `w`; `None` when it is gone.
-async fn ask<V>(w: &Waiter<V>, value: V, committed: bool) -> Option<Reply<V>> {
+async fn ask<V>(w: &Waiter<V>, value: V, basis: Basis) -> Option<Reply<V>> {
     let (reply, answer) = oneshot::channel();
     w.tx.send(ToWaiter::Apply {
         value,
-        committed,
+        basis,
         reply,
     })
     .ok()?;

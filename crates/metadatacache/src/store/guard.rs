@@ -180,6 +180,11 @@ where
                 self.staged = None;
                 let size = resp.content.len();
                 self.commit(Arc::new(value), resp.etag.into(), start, size);
+                if cached_etag.is_some()
+                    && let Some(c) = inner.cache().get_mut(self.key())
+                {
+                    c.changed_elsewhere = true;
+                }
             }
             Err(e) if e.kind() == ErrorKind::NotModified => {
                 inner.counters.bump(Counter::NotModified);
@@ -187,6 +192,7 @@ where
                     c.validated = c.validated.max(start.at);
                     c.watch_seq = c.watch_seq.max(start.seq);
                     c.must_revalidate = false;
+                    c.changed_elsewhere = false;
                 }
             }
             Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -342,10 +348,11 @@ where
 
     pub(super) fn commit(&self, value: Arc<V>, etag: Arc<str>, began: Began, size: usize) {
         let inner = &self.store.inner;
-        let entry = Cached::new(value, etag, began.at, began.seq, size);
-        inner
-            .cache()
-            .insert(self.key().clone(), entry, |k| inner.locks.users(k) > 0);
+        let mut entry = Cached::new(value, etag, began.at, began.seq, size);
+        let mut cache = inner.cache();
+        // Our own write does not show that others stopped writing the key.
+        entry.changed_elsewhere = cache.get(self.key()).is_some_and(|c| c.changed_elsewhere);
+        cache.insert(self.key().clone(), entry, |k| inner.locks.users(k) > 0);
     }
 
     /// Compare-and-swap delete; drops the cache entry. `Ok(false)` when the

@@ -158,7 +158,9 @@ where
     ///
     /// `f` gets an owned copy of the current value (or `init()` when absent
     /// and `create_if_not_found`) and returns the new value and whether to
-    /// persist it. It may run several times: once per attempt. The cache
+    /// persist it. It may run several times: once per attempt, and once
+    /// more when an optimistic first run on the cached value
+    /// ([`Options::optimistic_writes`]) turns out to be stale. The cache
     /// changes only when a write succeeds, so an error from `f`, a skipped
     /// persist or a failed write leaves it exactly as committed storage has it.
     ///

@@ -41,6 +41,7 @@ pub struct Options<K, V> {
     pub(super) retry_policy: RetryPolicy,
     pub(super) codec: Arc<dyn Codec<V>>,
     pub(super) batching: bool,
+    pub(super) optimistic: bool,
     pub(super) capacity: Capacity,
     pub(super) watch: bool,
 }
@@ -66,6 +67,7 @@ where
             retry_policy: RetryPolicy::default(),
             codec: Arc::new(JsonCodec),
             batching: true,
+            optimistic: true,
             capacity: Capacity::default(),
             watch: false,
         }
@@ -157,6 +159,25 @@ impl<K, V> Options<K, V> {
         self
     }
 
+    /// Optimistic writes (default on): an `update` of a key whose cached
+    /// version this store wrote or confirmed last, with no other update of
+    /// it queued, runs `f` on the cached value and writes it with a
+    /// compare-and-swap on the cached etag, without revalidating first: one
+    /// round trip instead of two. The compare-and-swap is the revalidation:
+    /// it lands only if storage still holds that version. When it does not
+    /// (another replica wrote), or when `f` wants no write or fails on the
+    /// unconfirmed value, the update revalidates and runs `f` again on what
+    /// storage holds, so no outcome is ever decided on stale data. A key
+    /// found changed elsewhere is revalidated first on its next update, until
+    /// a revalidation finds it unchanged again.
+    ///
+    /// Off, every update starts with a conditional download.
+    #[must_use]
+    pub fn optimistic_writes(mut self, on: bool) -> Self {
+        self.optimistic = on;
+        self
+    }
+
     /// Keep at most `n` cached values (default unbounded). Only idle
     /// entries are evicted — never one whose key is locked or awaited — so
     /// the cache may exceed `n` by the number of keys in use at once. An
@@ -192,6 +213,7 @@ impl<K, V> fmt::Debug for Options<K, V> {
             .field("max_staleness", &self.max_staleness)
             .field("retry_policy", &self.retry_policy)
             .field("batching", &self.batching)
+            .field("optimistic_writes", &self.optimistic)
             .field("capacity", &self.capacity)
             .field("watch", &self.watch)
             .finish_non_exhaustive()
