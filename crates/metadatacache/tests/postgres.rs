@@ -481,3 +481,64 @@ async fn prefix_ranges_use_the_primary_key() {
     let plan = plan.join("\n");
     assert!(plan.contains("planned_pkey"), "{plan}");
 }
+
+/// Statements are prepared once per connection, and the table here grows
+/// without statistics (no ANALYZE): the checks of every write (no parent
+/// is a document, nothing lies below the path) must stay on the primary
+/// key instead of scanning the whole table. Counted with the table's scan
+/// statistics, not timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_stay_on_the_primary_key_as_the_table_grows() {
+    let Some(server) = Postgres::launch() else {
+        return;
+    };
+    // One connection, so that its prepared statements serve every write.
+    let s = connect(&server, "?table=grown&pool_size=1").await;
+    for i in 0..20 {
+        s.simple_upload(&format!("small/{i}.json"), "{}".into())
+            .await
+            .unwrap();
+    }
+    let admin = admin(&server).await;
+    admin
+        .batch_execute(
+            "INSERT INTO grown (path, content, etag, mtime) \
+             SELECT 'bulk/' || g || '.json', '\\x7b7d', 'e' || g, now() \
+             FROM generate_series(1, 20000) g",
+        )
+        .await
+        .unwrap();
+    let counters = || async {
+        let row = admin
+            .query_one(
+                "SELECT seq_scan, n_tup_ins FROM pg_stat_user_tables WHERE relname = 'grown'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
+    };
+    // Statistics reach other sessions within about 10 s of a write.
+    let settled = |inserted: i64| async move {
+        for _ in 0..300 {
+            let (scans, ins) = counters().await;
+            if ins >= inserted {
+                return scans;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the table's statistics never showed {inserted} inserts");
+    };
+    let before = settled(20_020).await;
+    for i in 0..100 {
+        s.simple_upload(&format!("more/{i}.json"), "{}".into())
+            .await
+            .unwrap();
+    }
+    let after = settled(20_120).await;
+    assert!(
+        after - before < 10,
+        "{} whole-table scans for 100 writes",
+        after - before
+    );
+}

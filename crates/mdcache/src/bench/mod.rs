@@ -282,8 +282,8 @@ async fn bench_hot_key(url: &str, quick: bool) -> Result<()> {
                 if replicas == 4 {
                     let r = goodput / one;
                     note = format!(
-                        "  {r:.2}× of 1 replica (goal ≥ 0.80×: {})",
-                        if r >= 0.8 { "met" } else { "MISSED" }
+                        "  {r:.2}× of 1 replica (goal ≥ 0.90×: {})",
+                        if r >= 0.9 { "met" } else { "MISSED" }
                     );
                 }
             }
@@ -313,12 +313,14 @@ async fn bench_keys(url: &str, quick: bool) -> Result<()> {
             rates.push(s.acked as f64 / s.secs);
         }
         let r = rates[1] / rates[0].max(1e-9);
+        // Batching makes one hot key fast; many keys must keep up with it.
+        let goal = if batching { 1.0 } else { 1.8 };
         println!(
-            "4 replicas × 8 tasks, {:<11}: 1 key {:>6.0}/s, 64 keys {:>6.0}/s: {r:.2}× (goal ≥ 1.8×: {})",
+            "4 replicas × 8 tasks, {:<11}: 1 key {:>6.0}/s, 64 keys {:>6.0}/s: {r:.2}× (goal ≥ {goal:.1}×: {})",
             if batching { "batching" } else { "no batching" },
             rates[0],
             rates[1],
-            if r >= 1.8 { "met" } else { "MISSED" }
+            if r >= goal { "met" } else { "MISSED" }
         );
     }
     Ok(())

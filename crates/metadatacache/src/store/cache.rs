@@ -149,10 +149,18 @@ impl<K: Eq + Hash + Clone, V> Cache<K, V> {
     /// Inserts or replaces `key`'s entry, then evicts idle entries while over
     /// capacity. `busy` tells whether a key is locked or awaited (never
     /// evicted); the key being inserted is busy by construction.
-    pub(super) fn insert(&mut self, key: K, entry: Cached<V>, busy: impl Fn(&K) -> bool) {
+    /// Returns the entry it replaced, for the caller to drop once it has
+    /// released the cache (freeing a large value takes a while).
+    pub(super) fn insert(
+        &mut self,
+        key: K,
+        entry: Cached<V>,
+        busy: impl Fn(&K) -> bool,
+    ) -> Option<Cached<V>> {
         self.bytes += entry.size;
         let bounded = self.capacity.bounded();
-        match self.map.insert(key.clone(), entry) {
+        let old = self.map.insert(key.clone(), entry);
+        match &old {
             Some(old) => self.bytes -= old.size,
             None if bounded => self.ring.push_back(key),
             None => {}
@@ -160,6 +168,7 @@ impl<K: Eq + Hash + Clone, V> Cache<K, V> {
         if bounded {
             self.evict(&busy);
         }
+        old
     }
 
     fn over(&self) -> bool {

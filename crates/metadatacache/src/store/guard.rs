@@ -352,7 +352,9 @@ where
         let mut cache = inner.cache();
         // Our own write does not show that others stopped writing the key.
         entry.changed_elsewhere = cache.get(self.key()).is_some_and(|c| c.changed_elsewhere);
-        cache.insert(self.key().clone(), entry, |k| inner.locks.users(k) > 0);
+        let old = cache.insert(self.key().clone(), entry, |k| inner.locks.users(k) > 0);
+        drop(cache);
+        drop(old);
     }
 
     /// Compare-and-swap delete; drops the cache entry. `Ok(false)` when the

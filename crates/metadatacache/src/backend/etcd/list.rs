@@ -1,6 +1,12 @@
 //! Listing a directory page by page: every request is bounded, a deeper
 //! subtree is skipped with one jump of the range start, and every page is
 //! read at the revision of the first, so the listing is one snapshot.
+//!
+//! Pages grow from [`FIRST_PAGE`] to [`MAX_PAGE`] keys: etcd 3.4 walks its
+//! index over the whole rest of the range for every limited request (to
+//! count it), so each page costs time in proportion to the keys after it,
+//! and fewer, larger pages list a big directory several times faster
+//! (100 000 documents: about 15 s in pages of 500).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -11,8 +17,15 @@ use super::layout::{Layout, META_DIR, file_info};
 use crate::error::Result;
 use crate::storage::{FileInfo, join};
 
-/// Keys per request.
-const PAGE: i64 = 500;
+/// Keys in the first request: small directories take one small one.
+const FIRST_PAGE: i64 = 500;
+
+/// Keys per request at most, doubling from [`FIRST_PAGE`].
+const MAX_PAGE: i64 = 4000;
+
+/// Bytes a page should stay under, judged by the pages before it: far
+/// below the response limit of the client (64 MiB), and little memory.
+const PAGE_BYTES: usize = 8 << 20;
 
 /// Tries of a listing whose snapshot revision was compacted away between
 /// two of its pages.
@@ -56,8 +69,9 @@ async fn walk(
     } else {
         under.as_bytes().to_vec()
     };
+    let mut page_size = FIRST_PAGE;
     loop {
-        let mut options = GetOptions::new().with_limit(PAGE);
+        let mut options = GetOptions::new().with_limit(page_size);
         options = if end.is_empty() {
             options.with_from_key()
         } else {
@@ -74,6 +88,14 @@ async fn walk(
         let Some(TxnOpResponse::Get(page)) = resp.op_responses().into_iter().next() else {
             return Ok(());
         };
+        let bytes: usize = page
+            .kvs()
+            .iter()
+            .map(|kv| kv.key().len() + kv.value().len())
+            .sum();
+        let per_key = bytes / page.kvs().len().max(1);
+        let fits = i64::try_from(PAGE_BYTES / per_key.max(1)).unwrap_or(MAX_PAGE);
+        page_size = (page_size * 2).min(MAX_PAGE).min(fits.max(10));
         let mut skip_until: Option<Vec<u8>> = None;
         for kv in page.kvs() {
             if skip_until.as_deref().is_some_and(|s| kv.key() < s) {

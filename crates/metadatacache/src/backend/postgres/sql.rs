@@ -3,6 +3,15 @@
 //! Prefix ranges use `path COLLATE "C" >= 'dir/' AND path COLLATE "C" < 'dir0'`
 //! ('0' is the byte after '/'), which selects exactly the paths under `dir/`
 //! without LIKE and its wildcards, and uses the primary key index.
+//!
+//! Whether anything lies in such a range is asked as "is the first path at
+//! or after 'dir/' before 'dir0'", and whether a parent is a document as
+//! "is there a first one" (`ORDER BY path LIMIT 1` both), not with
+//! `EXISTS`: for an `EXISTS` the planner may pick a sequential scan that it
+//! expects to stop at an early match, and when there is none (the usual
+//! case for these checks) it reads the whole table, on every write, in the
+//! plan cached per connection since the table was small. The first-path
+//! form is an index lookup in every plan.
 
 /// The limit of a NOTIFY payload, in bytes (exclusive).
 pub(super) const MAX_PAYLOAD: usize = 8000;
@@ -53,10 +62,18 @@ impl Sql {
     /// The statements for `table`, which must be a plain identifier.
     pub(super) fn new(table: &str) -> Sql {
         let t = format!("\"{table}\"");
+        let occupied = |lo: &str, hi: &str| {
+            format!(
+                "COALESCE((SELECT o.path FROM {t} o WHERE o.path COLLATE \"C\" >= {lo}::text \
+                           ORDER BY o.path COLLATE \"C\" LIMIT 1) COLLATE \"C\" < {hi}::text, \
+                          false)"
+            )
+        };
         let blocked = |parents: &str, lo: &str, hi: &str| {
             format!(
-                "EXISTS (SELECT 1 FROM {t} o WHERE o.path = ANY({parents}::text[]) \
-                 OR (o.path COLLATE \"C\" >= {lo}::text AND o.path COLLATE \"C\" < {hi}::text))"
+                "((SELECT o.path FROM {t} o WHERE o.path = ANY({parents}::text[]) \
+                   ORDER BY o.path COLLATE \"C\" LIMIT 1) IS NOT NULL OR {})",
+                occupied(lo, hi)
             )
         };
         let new_row = format!(
@@ -116,11 +133,9 @@ impl Sql {
             ),
             head: format!("SELECT etag, mtime FROM {t} WHERE path = $1::text"),
             stat: format!(
-                "SELECT c.etag, c.mtime, octet_length(c.content)::int8, \
-                        EXISTS (SELECT 1 FROM {t} o \
-                                WHERE o.path COLLATE \"C\" >= $2::text \
-                                  AND o.path COLLATE \"C\" < $3::text) \
-                 FROM (SELECT 1) AS one LEFT JOIN {t} c ON c.path = $1::text"
+                "SELECT c.etag, c.mtime, octet_length(c.content)::int8, {} \
+                 FROM (SELECT 1) AS one LEFT JOIN {t} c ON c.path = $1::text",
+                occupied("$2", "$3")
             ),
             list_root: children("", "path"),
             list_dir: children(
