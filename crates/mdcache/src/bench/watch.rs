@@ -157,6 +157,8 @@ pub(super) async fn bench_watch(url: &str, quick: bool) -> Result<()> {
 
     // Compare-and-swap stays exact through watched stores.
     let replicas = [store(&one, true), store(&two, true)];
+    // The counter of an earlier run on the same storage counts on.
+    let start = replicas[0].get("c".into()).await?.map_or(0, |d| d.n);
     let mut tasks = Vec::new();
     for r in &replicas {
         for _ in 0..2 {
@@ -177,23 +179,27 @@ pub(super) async fn bench_watch(url: &str, quick: bool) -> Result<()> {
         t.await
             .map_err(|e| Error::new(ErrorKind::Other, "a counter task failed").with_source(e))??;
     }
-    let total = replicas[0].get("c".into()).await?.map_or(0, |d| d.n);
+    let total = replicas[0]
+        .get("c".into())
+        .await?
+        .map_or(0, |d| d.n)
+        .saturating_sub(start);
     println!(
         "{backend:<8} {:<44} {:>10} {:>10} {:>14} {:>14}",
         "2 watched replicas x 2 tasks x 100 increments",
         total,
         400,
         "",
-        if total == 400 {
-            "exact"
-        } else {
-            "LOST UPDATES"
+        match total.cmp(&400) {
+            std::cmp::Ordering::Equal => "exact",
+            std::cmp::Ordering::Less => "LOST UPDATES",
+            std::cmp::Ordering::Greater => "APPLIED TWICE",
         },
     );
     if total != 400 {
         return Err(Error::new(
             ErrorKind::Other,
-            format!("watched stores lost updates: {total} of 400"),
+            format!("watched stores counted {total} of 400 increments"),
         ));
     }
     Ok(())

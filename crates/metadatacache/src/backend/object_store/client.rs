@@ -3,6 +3,7 @@
 
 use std::error::Error as StdError;
 use std::future::Future;
+use std::time::Duration;
 
 use ::object_store::client::HttpError;
 use ::object_store::path::Path as ObjectPath;
@@ -11,6 +12,10 @@ use ::object_store::{Error as OsError, ObjectMeta, ObjectStoreExt, PutResult, Up
 use super::ObjectStoreStorage;
 use crate::backend::util::no_answer;
 use crate::error::{Error, ErrorKind, Result};
+
+/// How many timeouts a whole listing may take (see
+/// [`ObjectStoreStorage::timed_listing`]).
+const LISTING_TIMEOUTS: u32 = 32;
 
 /// What the failed call was doing; a few answers mean different things for
 /// different operations.
@@ -182,9 +187,31 @@ impl ObjectStoreStorage {
         write: bool,
         fut: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.timeout, fut).await {
+        self.timed_within(self.timeout, path, write, fut).await
+    }
+
+    /// Runs a listing: one LIST request per 1000 entries, each bounded by
+    /// the client's timeout, and all of them by [`LISTING_TIMEOUTS`] times
+    /// it (a directory of 20 000 documents took more than 5 s on moto).
+    pub(super) async fn timed_listing<T>(
+        &self,
+        path: &str,
+        fut: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.timed_within(self.timeout * LISTING_TIMEOUTS, path, false, fut)
+            .await
+    }
+
+    async fn timed_within<T>(
+        &self,
+        limit: Duration,
+        path: &str,
+        write: bool,
+        fut: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(limit, fut).await {
             Ok(res) => res,
-            Err(_) => Err(self.tag(no_answer(self.timeout, write).with_path(path))),
+            Err(_) => Err(self.tag(no_answer(limit, write).with_path(path))),
         }
     }
 

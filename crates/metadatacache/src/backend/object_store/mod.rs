@@ -17,6 +17,7 @@ use std::time::Duration;
 use ::object_store::signer::Signer;
 use ::object_store::{ObjectStore, ObjectStoreExt, PutMode};
 use async_trait::async_trait;
+use futures_util::StreamExt;
 use reqwest::header::IF_MATCH;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -426,15 +427,14 @@ impl Storage for ObjectStoreStorage {
             if let Some(meta) = self.head(path, &key).await? {
                 return Ok(self.file_info(path, meta));
             }
-            let listed = self
-                .store
-                .list_with_delimiter(Some(&key))
-                .await
-                .map_err(self.map(Op::Read, path))?;
-            if listed.objects.is_empty() && listed.common_prefixes.is_empty() {
-                Err(self.tag(Error::not_found("no such document or directory").with_path(path)))
-            } else {
-                Ok(FileInfo::dir(path.to_owned()))
+            // A directory: anything below it. The first object is enough
+            // (one request, however large the directory).
+            let first = self.store.list(Some(&key)).next().await;
+            match first.transpose().map_err(self.map(Op::Read, path))? {
+                Some(_) => Ok(FileInfo::dir(path.to_owned())),
+                None => {
+                    Err(self.tag(Error::not_found("no such document or directory").with_path(path)))
+                }
             }
         })
         .await
@@ -443,7 +443,7 @@ impl Storage for ObjectStoreStorage {
     async fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
         validate_path(path, true).map_err(|e| self.tag(e))?;
         let key = self.key(path)?;
-        self.timed(path, false, async {
+        self.timed_listing(path, async {
             let prefix = (!key.as_ref().is_empty()).then_some(&key);
             let listed = self
                 .store
