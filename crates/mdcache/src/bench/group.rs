@@ -63,7 +63,11 @@ pub(super) async fn bench_group_commit(storage: &Arc<dyn Storage>, quick: bool) 
         let median = paired[paired.len() / 2];
         let (rate, write) = median;
         let ratio = ratio_of(&median);
-        let counted = store.get(0).await?.map_or(0, |c| c.count).saturating_sub(start);
+        let counted = store
+            .get(0)
+            .await?
+            .map_or(0, |c| c.count)
+            .saturating_sub(start);
         let per_write = acked as f64 / (store.stats().uploads - uploads).max(1) as f64;
         let limit = tasks as f64 / write.as_secs_f64();
         println!(
