@@ -149,8 +149,9 @@ impl<K, V> Options<K, V> {
     /// update holds its lock are applied one after another to the same value
     /// and written with a single compare-and-swap. Each caller gets its own
     /// outcome: an `f` that changes nothing or fails decides on the
-    /// committed value and returns at once (`Ok` or its own error), never
-    /// with another caller's error; the callers that changed the value share
+    /// committed value and returns at once (`Ok` or its own error; in a batch
+    /// written from an unconfirmed cached version, once the write confirms
+    /// it), never with another caller's error; the callers that changed the value share
     /// the write's outcome; a conflict re-runs the batch on the fresh value.
     /// Off, every update writes on its own.
     #[must_use]
@@ -160,8 +161,8 @@ impl<K, V> Options<K, V> {
     }
 
     /// Optimistic writes (default on): an `update` of a key whose cached
-    /// version this store wrote or confirmed last, with no other update of
-    /// it queued, runs `f` on the cached value and writes it with a
+    /// version this store wrote or confirmed last runs `f` on the cached
+    /// value and writes it with a
     /// compare-and-swap on the cached etag, without revalidating first: one
     /// round trip instead of two. The compare-and-swap is the revalidation:
     /// it lands only if storage still holds that version. When it does not
@@ -169,7 +170,11 @@ impl<K, V> Options<K, V> {
     /// unconfirmed value, the update revalidates and runs `f` again on what
     /// storage holds, so no outcome is ever decided on stale data. A key
     /// found changed elsewhere is revalidated first on its next update, until
-    /// a revalidation finds it unchanged again.
+    /// a revalidation finds it unchanged again. A batch (see
+    /// [`batching`](Self::batching)) writes from the cached version the same
+    /// way; a member that decides without a write on that version waits for
+    /// the batch's write, and its decision stands only if the write lands.
+    /// A watching store revalidates as without them.
     ///
     /// Off, every update starts with a conditional download.
     #[must_use]
