@@ -416,66 +416,15 @@ fn gated_with(optimistic: bool) -> (Arc<Gate>, Store<String, Doc>) {
     (gate, store)
 }
 
-/// A read-only update queued behind a writer returns `Ok` at once — while
-/// the batch's write is still in flight, and although that write is then
-/// refused — having read the committed value, not the writer's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_only_member_returns_ok_without_waiting_for_the_write() {
-    let (gate, s) = gated();
-    gate.open.add_permits(1);
-    s.update("k".into(), true, |d| Ok((d, true))).await.unwrap();
-    let g = s.lock("k".into()).await;
-    let writer = {
-        let s = s.clone();
-        tokio::spawn(async move {
-            s.update("k".into(), true, |mut d| {
-                d.insert("x".into(), 1);
-                Ok((d, true))
-            })
-            .await
-        })
-    };
-    until_users(&s, 2).await;
-    let reader = {
-        let s = s.clone();
-        tokio::spawn(async move {
-            let mut saw_x = None;
-            s.update("k".into(), false, |d| {
-                saw_x = Some(d.contains_key("x"));
-                Ok((d, false))
-            })
-            .await
-            .map(|()| saw_x)
-        })
-    };
-    until_users(&s, 3).await;
-    gate.fail_next.store(1, std::sync::atomic::Ordering::SeqCst);
-    drop(g);
-    let read = tokio::time::timeout(HANG, reader)
-        .await
-        .expect("the reader waited for the writer's write")
-        .unwrap();
-    assert_eq!(
-        read.unwrap(),
-        Some(false),
-        "the reader saw an uncommitted value"
-    );
-    // The gate is still closed: the write cannot have finished.
-    while gate.waiting() == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    gate.open();
-    let e = writer.await.unwrap().unwrap_err();
-    assert_eq!(e.message(), "gate: refused");
-}
+type Joined<T> = tokio::task::JoinHandle<Result<T, Error>>;
 
-/// In a batch written from the cached version (optimistic), a read-only
-/// member's decision on that version stands only once the write lands, so
-/// it waits for the write; when the write is refused it decides again on
-/// what storage holds, and never gets the writer's error.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_only_member_of_an_optimistic_batch_waits_for_its_write() {
-    let (gate, s) = gated_with(true);
+/// Over a gated store (optimistic writes on or off), with the document in
+/// place: a writer (adding "x") and then a read-only reader (recording
+/// whether each value it is handed has "x") queue behind a held lock; the
+/// next upload is set to be refused and the lock released. The gate is
+/// closed: the batch's write waits at it.
+async fn writer_then_reader(optimistic: bool) -> (Arc<Gate>, Joined<()>, Joined<Vec<bool>>) {
+    let (gate, s) = gated_with(optimistic);
     gate.open.add_permits(1);
     s.update("k".into(), true, |d| Ok((d, true))).await.unwrap();
     let g = s.lock("k".into()).await;
@@ -505,6 +454,40 @@ async fn a_read_only_member_of_an_optimistic_batch_waits_for_its_write() {
     until_users(&s, 3).await;
     gate.fail_next.store(1, std::sync::atomic::Ordering::SeqCst);
     drop(g);
+    (gate, writer, reader)
+}
+
+/// A read-only update queued behind a writer returns `Ok` at once — while
+/// the batch's write is still in flight, and although that write is then
+/// refused — having read the committed value, not the writer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_member_returns_ok_without_waiting_for_the_write() {
+    let (gate, writer, reader) = writer_then_reader(false).await;
+    let read = tokio::time::timeout(HANG, reader)
+        .await
+        .expect("the reader waited for the writer's write")
+        .unwrap();
+    assert_eq!(
+        read.unwrap().last().copied(),
+        Some(false),
+        "the reader saw an uncommitted value"
+    );
+    // The gate is still closed: the write cannot have finished.
+    while gate.waiting() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    gate.open();
+    let e = writer.await.unwrap().unwrap_err();
+    assert_eq!(e.message(), "gate: refused");
+}
+
+/// In a batch written from the cached version (optimistic), a read-only
+/// member's decision on that version stands only once the write lands, so
+/// it waits for the write; when the write is refused it decides again on
+/// what storage holds, and never gets the writer's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_member_of_an_optimistic_batch_waits_for_its_write() {
+    let (gate, writer, reader) = writer_then_reader(true).await;
     while gate.waiting() == 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
