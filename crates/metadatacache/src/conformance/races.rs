@@ -47,6 +47,11 @@ pub async fn race_raw_cas(storage: Arc<dyn Storage>, dir: &str, tasks: usize, pe
 /// acknowledged increment may be lost: a delete must never remove a version
 /// written after the etag it names (a read followed by an unconditional
 /// delete would).
+///
+/// Halfway through, every writer waits until the remover has deleted at
+/// least once, so a backend where writers always win the race still has its
+/// delete path exercised; the waits are bounded and a remover that never
+/// deletes fails the test.
 pub async fn race_remove_recreate(
     storage: Arc<dyn Storage>,
     dir: &str,
@@ -59,11 +64,16 @@ pub async fn race_remove_recreate(
         .await
         .expect("seed counter");
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let deleted = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let remover = {
         let (storage, path, done) = (Arc::clone(&storage), path.clone(), Arc::clone(&done));
+        let deleted = Arc::clone(&deleted);
         tokio::spawn(async move {
             let mut recreated = 0u64;
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                // An in-memory backend never suspends: without this the
+                // loop would hold its worker and starve the writers.
+                tokio::task::yield_now().await;
                 let cur = match storage.download(DownloadRequest::new(&path)).await {
                     Ok(cur) => cur,
                     Err(e) => panic!("remover download: {e}"),
@@ -73,6 +83,7 @@ pub async fn race_remove_recreate(
                     Err(e) if e.is_conflict() => continue,
                     Err(e) => panic!("remover delete_if_match: {e}"),
                 }
+                deleted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 // Gone for a moment; only this task creates it.
                 let create = UploadRequest {
                     if_none_match: vec!["*".into()],
@@ -86,9 +97,12 @@ pub async fn race_remove_recreate(
     };
     let mut handles = Vec::new();
     for _ in 0..writers {
-        let (storage, path) = (Arc::clone(&storage), path.clone());
+        let (storage, path, deleted) = (Arc::clone(&storage), path.clone(), Arc::clone(&deleted));
         handles.push(tokio::spawn(async move {
-            for _ in 0..per_writer {
+            for i in 0..per_writer {
+                if i == per_writer / 2 {
+                    wait_for_a_delete(&deleted).await;
+                }
                 // The document may be gone for a moment between the
                 // remover's delete and re-create.
                 cas_increment(storage.as_ref(), &path, true).await;
@@ -114,6 +128,18 @@ pub async fn race_remove_recreate(
         (writers * per_writer).to_string(),
         "a conditional delete removed acknowledged increments ({recreated} deletes)"
     );
+}
+
+/// Waits until the remover has deleted at least once; panics after a minute.
+async fn wait_for_a_delete(deleted: &std::sync::atomic::AtomicU64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while deleted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the remover did not delete within a minute while the writers waited"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Adds 1 to the counter at `path` with download + `if_match` upload,
