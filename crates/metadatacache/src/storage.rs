@@ -223,6 +223,9 @@ pub struct Capabilities {
     pub conditional_delete: bool,
     /// The backend can report changes to documents as they happen.
     pub notifications: bool,
+    /// [`Storage::upload_many`] sends several writes in one round trip, so
+    /// a store combines concurrent writes of different keys into it.
+    pub combined_writes: bool,
     /// Directories are stored: [`Storage::make_dir_if_not_exist`] creates
     /// one that exists (and is listed) while empty. Elsewhere a directory
     /// exists only while a document lies below it.
@@ -239,6 +242,7 @@ impl Capabilities {
         conditional_delete: true,
         notifications: false,
         directories: false,
+        combined_writes: false,
     };
 }
 
@@ -290,6 +294,21 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Not cancel safe: a dropped call may or may not have been applied
     /// (like a lost reply).
     async fn upload(&self, req: UploadRequest) -> Result<UploadResponse>;
+
+    /// Writes several documents at distinct paths, each with its own
+    /// preconditions and its own result, in request order: one request's
+    /// refusal never fails another. Backends with
+    /// [`Capabilities::combined_writes`] send them in one round trip; the
+    /// default sends the uploads concurrently.
+    ///
+    /// # Errors
+    /// Per request, as [`upload`](Storage::upload).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a dropped call may have applied any of the writes.
+    async fn upload_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
+        futures_util::future::join_all(reqs.into_iter().map(|req| self.upload(req))).await
+    }
 
     /// Reads a document.
     ///

@@ -57,6 +57,7 @@ impl TestServer for Etcd {
 suite::server_tests!(Etcd;
     served: outage_then_recovery, counter_counts_exactly, counter_survives_restart,
         late_landing_writes, lost_replies_are_resolved_by_write_token,
+        combined_writes_count_exactly,
         watch_reports_changes_of_another_handle, watched_stores_serve_from_memory,
         watch_survives_restart, watched_history_across_restart, watched_counter_counts_exactly;
     offline: silent_server_is_unavailable);

@@ -1,5 +1,7 @@
 //! Storage backends and opening one from a URL.
 
+#[cfg(any(feature = "etcd", feature = "postgres"))]
+pub(crate) mod combine;
 pub(crate) mod disk;
 #[cfg(feature = "etcd")]
 pub(crate) mod etcd;

@@ -52,6 +52,7 @@ pub async fn run_all(storage: Arc<dyn Storage>, dir: &str) {
     stat(s, dir).await;
     invalid_paths(s, dir).await;
     simple_forms(s, dir).await;
+    upload_many(s, dir).await;
     race_raw_cas(Arc::clone(&storage), dir, 8, 50).await;
     if caps.conditional_delete {
         race_remove_recreate(Arc::clone(&storage), dir, 4, 50).await;
@@ -59,8 +60,10 @@ pub async fn run_all(storage: Arc<dyn Storage>, dir: &str) {
     race_stores(storage, dir, 2, 4, 50).await;
 }
 
+mod many;
 mod races;
 
+pub use self::many::upload_many;
 pub use self::races::{race_raw_cas, race_remove_recreate, race_stores};
 
 fn p(dir: &str, name: &str) -> String {

@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 mod cache;
 mod codec;
+mod combine;
 mod group_commit;
 mod guard;
 mod key_lock;
@@ -29,6 +30,7 @@ pub use self::retry::RetryPolicy;
 pub use self::stats::Stats;
 
 use self::cache::Cache;
+use self::combine::Combiner;
 use self::group_commit::Waiter;
 use self::key_lock::KeyLocks;
 use self::stats::{Counter, Counters};
@@ -52,6 +54,8 @@ struct Inner<K, V> {
     counters: Counters,
     /// Push invalidation, with [`Options::watch`].
     watch: Option<Arc<Watch>>,
+    /// Writes of different keys sent together, with [`Options::batching`].
+    combiner: Arc<Combiner>,
 }
 
 impl<K, V> Drop for Inner<K, V> {
@@ -105,6 +109,7 @@ where
                 cache: Mutex::new(Cache::new(capacity)),
                 counters: Counters::new(backend),
                 watch,
+                combiner: Arc::default(),
             }),
         }
     }

@@ -87,7 +87,11 @@ where
         let size = sent.content.len();
         let start = self.began();
         inner.counters.bump(Counter::Uploads);
-        let res = storage.upload(req).await;
+        let res = if inner.opts.batching && caps.combined_writes {
+            inner.combiner.upload(storage, req).await
+        } else {
+            storage.upload(req).await
+        };
         stats::storage_call(storage.backend(), "upload", start.at, &res);
         match res {
             Ok(resp) => {

@@ -20,9 +20,12 @@ use metadatacache::{DownloadRequest, Error, ErrorKind, Result, Storage, UploadRe
 use super::servers::Server;
 use super::{GUARD, eventually, must_finish};
 
+mod combined;
 mod counters;
 mod watch;
 // Each test binary runs only some of the cases.
+#[allow(unused_imports)]
+pub use combined::combined_writes_count_exactly;
 #[allow(unused_imports)]
 pub use counters::{
     counter_counts_exactly, counter_survives_restart, late_landing_writes,

@@ -10,6 +10,7 @@ mod client;
 mod config;
 mod layout;
 mod list;
+mod many;
 mod tls;
 mod watch;
 mod write;
@@ -206,6 +207,7 @@ impl Storage for EtcdStorage {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             notifications: true,
+            combined_writes: true,
             ..Capabilities::VERSIONED
         }
     }
@@ -239,6 +241,17 @@ impl Storage for EtcdStorage {
 
     async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {
         self.write(req).await
+    }
+
+    /// Plain compare-and-swap updates go in one transaction with a compare
+    /// per document (up to 32 of them, 1 MiB of content); when some are
+    /// refused, the rest are sent again together. Other requests are
+    /// written one by one.
+    ///
+    /// # Errors
+    /// Per request, as [`upload`](Self::upload).
+    async fn upload_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
+        self.write_many(reqs).await
     }
 
     async fn download(&self, req: DownloadRequest) -> Result<DownloadResponse> {

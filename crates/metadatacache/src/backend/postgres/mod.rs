@@ -6,6 +6,7 @@ mod config;
 pub use self::config::PostgresConfig;
 mod client;
 mod listen;
+mod many;
 mod sql;
 mod tls;
 mod write;
@@ -301,6 +302,7 @@ impl Storage for PostgresStorage {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             notifications: true,
+            combined_writes: true,
             ..Capabilities::VERSIONED
         }
     }
@@ -339,6 +341,16 @@ impl Storage for PostgresStorage {
     /// document changed between the write and the check of why it failed.
     async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {
         self.write(req).await
+    }
+
+    /// Plain compare-and-swap updates go in one statement (up to 128 of
+    /// them, 4 MiB of content), so one commit carries them all; each is
+    /// answered by its own row. Other requests are written one by one.
+    ///
+    /// # Errors
+    /// Per request, as [`upload`](Self::upload).
+    async fn upload_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
+        self.write_many(reqs).await
     }
 
     /// Reads a document; a matching `if_none_match` makes the server leave

@@ -34,6 +34,12 @@ pub(super) struct Sql {
     /// Compare-and-swap update. $1..$4 as above, $5 if-match etag or NULL
     /// (any), $6 if-none-match etags, $7 if-unmodified-since or NULL.
     pub(super) update_match: String,
+    /// Compare-and-swap updates of several documents in one statement,
+    /// which first locks their rows in path order, so that two such
+    /// statements over the same rows never deadlock. $1 paths, $2 contents, $3 etags, $4 mtimes (NULL: now), $5 if-match
+    /// etags. One row per path: its new mtime when written; when not, its
+    /// current etag and mtime (NULL when absent), as the statement saw them.
+    pub(super) update_many: String,
     /// Insert, or update when the preconditions hold. $1..$7 as
     /// `insert_new`, $8 if-none-match etags, $9 if-unmodified-since or NULL.
     pub(super) upsert: String,
@@ -47,6 +53,8 @@ pub(super) struct Sql {
     pub(super) delete: String,
     /// Etag and mtime of $1.
     pub(super) head: String,
+    /// Path, etag and mtime of each of the paths $1 that exists.
+    pub(super) heads: String,
     /// Etag, mtime and size of $1 (NULL when absent) and whether anything
     /// lies in the range $2/$3 below it.
     pub(super) stat: String,
@@ -109,6 +117,21 @@ impl Sql {
                    AND ($7::timestamptz IS NULL OR mtime <= $7::timestamptz) \
                  RETURNING mtime"
             ),
+            update_many: format!(
+                "WITH v AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], \
+                                                 $4::timestamptz[], $5::text[]) \
+                            AS x(path, content, etag, mtime, if_match)), \
+                 l AS (SELECT o.path FROM {t} o WHERE o.path = ANY($1::text[]) \
+                       ORDER BY o.path COLLATE \"C\" FOR UPDATE), \
+                 u AS (UPDATE {t} d SET content = v.content, etag = v.etag, \
+                              mtime = COALESCE(v.mtime, now()) \
+                       FROM v, l WHERE l.path = v.path AND d.path = v.path \
+                         AND d.etag = v.if_match \
+                       RETURNING d.path, d.mtime) \
+                 SELECT v.path, u.mtime, c.etag, c.mtime FROM v \
+                 LEFT JOIN u ON u.path = v.path \
+                 LEFT JOIN {t} c ON u.path IS NULL AND c.path = v.path"
+            ),
             upsert: format!(
                 "{new_row} ON CONFLICT (path) DO UPDATE \
                  SET content = EXCLUDED.content, etag = EXCLUDED.etag, mtime = EXCLUDED.mtime \
@@ -132,6 +155,7 @@ impl Sql {
                  RETURNING etag"
             ),
             head: format!("SELECT etag, mtime FROM {t} WHERE path = $1::text"),
+            heads: format!("SELECT path, etag, mtime FROM {t} WHERE path = ANY($1::text[])"),
             stat: format!(
                 "SELECT c.etag, c.mtime, octet_length(c.content)::int8, {} \
                  FROM (SELECT 1) AS one LEFT JOIN {t} c ON c.path = $1::text",

@@ -1,0 +1,179 @@
+//! Combined writes: plain compare-and-swap updates of several documents in
+//! one statement, so one transaction and one commit carry them all.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use super::client::{Conn, Failure, Params};
+use super::{PostgresStorage, tag};
+use crate::backend::combine::{Limits, upload_combined};
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::{UploadRequest, UploadResponse, check_upload_preconditions, validate_path};
+
+/// One statement carries at most this many updates and content bytes.
+const LIMITS: Limits = Limits {
+    items: 128,
+    bytes: 4 << 20,
+};
+
+impl PostgresStorage {
+    /// [`Storage::upload_many`](crate::Storage::upload_many).
+    pub(super) async fn write_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
+        upload_combined(
+            reqs,
+            LIMITS,
+            move |req| self.write(req),
+            move |reqs| self.update_many(reqs),
+        )
+        .await
+    }
+
+    /// Plain compare-and-swap updates at distinct paths, in one statement.
+    async fn update_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
+        let mut out: Vec<Option<Result<UploadResponse>>> = Vec::with_capacity(reqs.len());
+        for req in &reqs {
+            out.push(
+                validate_path(&req.path, false)
+                    .err()
+                    .map(|e| Err(tag(e, &req.path))),
+            );
+        }
+        let live: Vec<usize> = (0..reqs.len()).filter(|&i| out[i].is_none()).collect();
+        if live.is_empty() {
+            return out.into_iter().flatten().collect();
+        }
+        let first = live.first().map_or("", |&i| reqs[i].path.as_str());
+        let paths: Vec<&str> = live.iter().map(|&i| reqs[i].path.as_str()).collect();
+        let contents: Vec<&[u8]> = live.iter().map(|&i| &reqs[i].content[..]).collect();
+        // A write token becomes the version's etag, as in a single write.
+        let etags: Vec<String> = live
+            .iter()
+            .map(|&i| {
+                reqs[i]
+                    .write_token
+                    .clone()
+                    .unwrap_or_else(|| self.new_etag())
+            })
+            .collect();
+        let mtimes: Vec<Option<SystemTime>> = live.iter().map(|&i| reqs[i].mtime).collect();
+        let if_match: Vec<&str> = live
+            .iter()
+            .map(|&i| reqs[i].if_match.as_deref().unwrap_or_default())
+            .collect();
+        let params: &Params<'_> = &[&paths, &contents, &etags, &mtimes, &if_match];
+        let deadline = self.deadline();
+        let res = match Conn::get(&self.inner.pool, &self.inner.tls, deadline).await {
+            Ok(mut conn) => conn
+                .query(deadline, &self.inner.sql.update_many, params)
+                .await
+                .map_err(|f| self.fail(f, true, first)),
+            Err(f) => Err(self.fail(f, false, first)),
+        };
+        let found = match res {
+            Ok(rows) => read_rows(&rows),
+            Err(e) if e.kind() == ErrorKind::Unavailable => {
+                // The reply was lost: a version carrying our etag is ours.
+                let stored = self.find_own_writes(&paths).await;
+                for (k, &i) in live.iter().enumerate() {
+                    out[i] = Some(match stored.get(paths[k]) {
+                        Some((etag, mtime)) if *etag == etags[k] => Ok(UploadResponse {
+                            etag: etags[k].clone(),
+                            mtime: *mtime,
+                        }),
+                        _ => Err(e.duplicate().with_path(paths[k])),
+                    });
+                }
+                return out.into_iter().flatten().collect();
+            }
+            Err(e) => {
+                for &i in &live {
+                    out[i] = Some(Err(e.duplicate().with_path(&reqs[i].path)));
+                }
+                return out.into_iter().flatten().collect();
+            }
+        };
+        let found = match found {
+            Ok(found) => found,
+            // Written, but the reply is unreadable: the outcome is unknown.
+            Err(f) => {
+                let e = self.fail(f, true, first);
+                for &i in &live {
+                    out[i] = Some(Err(e.duplicate().with_path(&reqs[i].path)));
+                }
+                return out.into_iter().flatten().collect();
+            }
+        };
+        for (k, &i) in live.iter().enumerate() {
+            let req = &reqs[i];
+            out[i] = Some(match found.get(req.path.as_str()) {
+                Some(Row::Written(mtime)) => Ok(UploadResponse {
+                    etag: etags[k].clone(),
+                    mtime: *mtime,
+                }),
+                Some(Row::Current(current)) => {
+                    let current = current.as_ref().map(|(e, m)| (e.as_str(), *m));
+                    Err(tag(
+                        check_upload_preconditions(req, current)
+                            .err()
+                            .unwrap_or_else(|| {
+                                Error::new(
+                                    ErrorKind::Aborted,
+                                    "the document changed concurrently; nothing was written",
+                                )
+                            }),
+                        &req.path,
+                    ))
+                }
+                None => Err(tag(
+                    Error::new(
+                        ErrorKind::Unavailable,
+                        "the server's reply left this write out; it may have been applied",
+                    ),
+                    &req.path,
+                )),
+            });
+        }
+        out.into_iter().flatten().collect()
+    }
+
+    /// The stored etag and mtime of each of `paths` that exists; empty when
+    /// the server cannot be asked.
+    async fn find_own_writes(&self, paths: &[&str]) -> HashMap<String, (String, SystemTime)> {
+        let Ok(rows) = self
+            .read(self.deadline(), &self.inner.sql.heads, &[&paths])
+            .await
+        else {
+            return HashMap::new();
+        };
+        rows.iter()
+            .filter_map(|row| {
+                let path: String = row.try_get(0).ok()?;
+                Some((path, (row.try_get(1).ok()?, row.try_get(2).ok()?)))
+            })
+            .collect()
+    }
+}
+
+/// What the statement said of one path.
+enum Row {
+    /// Written, with this mtime.
+    Written(SystemTime),
+    /// Not written; the version the statement saw, if any.
+    Current(Option<(String, SystemTime)>),
+}
+
+fn read_rows(rows: &[tokio_postgres::Row]) -> std::result::Result<HashMap<String, Row>, Failure> {
+    let mut found = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let path: String = row.try_get(0).map_err(Failure::Pg)?;
+        let written: Option<SystemTime> = row.try_get(1).map_err(Failure::Pg)?;
+        let etag: Option<String> = row.try_get(2).map_err(Failure::Pg)?;
+        let mtime: Option<SystemTime> = row.try_get(3).map_err(Failure::Pg)?;
+        let state = match written {
+            Some(mtime) => Row::Written(mtime),
+            None => Row::Current(etag.zip(mtime)),
+        };
+        found.insert(path, state);
+    }
+    Ok(found)
+}
