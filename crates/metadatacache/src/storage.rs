@@ -223,9 +223,10 @@ pub struct Capabilities {
     pub conditional_delete: bool,
     /// The backend can report changes to documents as they happen.
     pub notifications: bool,
-    /// [`Storage::upload_many`] sends several writes in one round trip, so
-    /// a store combines concurrent writes of different keys into it.
-    pub combined_writes: bool,
+    /// [`Storage::upload_many`] and [`Storage::download_many`] send several
+    /// requests in one round trip, so a store combines the concurrent
+    /// writes, and reads, of different keys into them.
+    pub combined_calls: bool,
     /// Directories are stored: [`Storage::make_dir_if_not_exist`] creates
     /// one that exists (and is listed) while empty. Elsewhere a directory
     /// exists only while a document lies below it.
@@ -242,7 +243,7 @@ impl Capabilities {
         conditional_delete: true,
         notifications: false,
         directories: false,
-        combined_writes: false,
+        combined_calls: false,
     };
 }
 
@@ -295,10 +296,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// (like a lost reply).
     async fn upload(&self, req: UploadRequest) -> Result<UploadResponse>;
 
-    /// Writes several documents at distinct paths, each with its own
-    /// preconditions and its own result, in request order: one request's
-    /// refusal never fails another. Backends with
-    /// [`Capabilities::combined_writes`] send them in one round trip; the
+    /// Writes several documents, each with its own preconditions and its
+    /// own result, in request order: one request's refusal never fails
+    /// another, and a path named twice is written as by two uploads. Backends with
+    /// [`Capabilities::combined_calls`] send them in one round trip; the
     /// default sends the uploads concurrently.
     ///
     /// # Errors
@@ -308,6 +309,19 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Not cancel safe: a dropped call may have applied any of the writes.
     async fn upload_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
         futures_util::future::join_all(reqs.into_iter().map(|req| self.upload(req))).await
+    }
+
+    /// Reads several documents, each answered on its own, in request
+    /// order. Backends with [`Capabilities::combined_calls`] read them in
+    /// one round trip; the default sends the downloads concurrently.
+    ///
+    /// # Errors
+    /// Per request, as [`download`](Storage::download).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a read changes nothing.
+    async fn download_many(&self, reqs: Vec<DownloadRequest>) -> Vec<Result<DownloadResponse>> {
+        futures_util::future::join_all(reqs.into_iter().map(|req| self.download(req))).await
     }
 
     /// Reads a document.

@@ -8,6 +8,7 @@
 //!   around a storage.
 
 pub mod history;
+mod recording;
 
 #[cfg(feature = "testing")]
 mod faulty;

@@ -102,3 +102,63 @@ pub async fn upload_many(s: &dyn Storage, dir: &str) {
         );
     }
 }
+
+/// One `download_many` call: a plain read, a current and a stale
+/// `if_none_match`, `*`, a missing document, a bad path and one path twice,
+/// each answered on its own, in request order.
+pub async fn download_many(s: &dyn Storage, dir: &str) {
+    let a = p(dir, "read-many-a.json");
+    let b = p(dir, "read-many-b.json");
+    let va = s.simple_upload(&a, "a".into()).await.expect("seed a");
+    let vb = s.simple_upload(&b, "b".into()).await.expect("seed b");
+    let stale = s.simple_upload(&b, "b2".into()).await.expect("move b");
+    let read = |path: &str, inm: &[&str]| DownloadRequest {
+        path: path.to_owned(),
+        if_none_match: inm.iter().map(|e| (*e).to_owned()).collect(),
+    };
+    let res = s
+        .download_many(vec![
+            read(&a, &[]),
+            read(&b, &[&stale.etag]),
+            read(&b, &[&vb.etag]),
+            read(&p(dir, "read-many-missing.json"), &[]),
+            read(&a, &["*"]),
+            read(&p(dir, "../escape.json"), &[]),
+            read(&a, &[&va.etag]),
+        ])
+        .await;
+    assert_eq!(res.len(), 7, "download_many must answer every request");
+    let mut res = res.into_iter();
+    let got = res.next().expect("a").expect("download_many: a plain read");
+    assert_eq!((got.content.as_ref(), &got.etag), (&b"a"[..], &va.etag));
+    expect_kind(
+        res.next().expect("b"),
+        &[ErrorKind::NotModified],
+        "download_many: the current etag in if_none_match",
+    );
+    let got = res
+        .next()
+        .expect("b stale")
+        .expect("download_many: a stale etag in if_none_match");
+    assert_eq!((got.content.as_ref(), &got.etag), (&b"b2"[..], &stale.etag));
+    expect_kind(
+        res.next().expect("missing"),
+        &[ErrorKind::NotFound],
+        "download_many: a missing document",
+    );
+    expect_kind(
+        res.next().expect("*"),
+        &[ErrorKind::NotModified],
+        "download_many: if_none_match * on a document",
+    );
+    expect_kind(
+        res.next().expect("bad"),
+        &[ErrorKind::InvalidInput],
+        "download_many: a bad path",
+    );
+    expect_kind(
+        res.next().expect("a again"),
+        &[ErrorKind::NotModified],
+        "download_many: one path twice",
+    );
+}

@@ -53,6 +53,7 @@ pub async fn run_all(storage: Arc<dyn Storage>, dir: &str) {
     invalid_paths(s, dir).await;
     simple_forms(s, dir).await;
     upload_many(s, dir).await;
+    download_many(s, dir).await;
     race_raw_cas(Arc::clone(&storage), dir, 8, 50).await;
     if caps.conditional_delete {
         race_remove_recreate(Arc::clone(&storage), dir, 4, 50).await;
@@ -63,7 +64,7 @@ pub async fn run_all(storage: Arc<dyn Storage>, dir: &str) {
 mod many;
 mod races;
 
-pub use self::many::upload_many;
+pub use self::many::{download_many, upload_many};
 pub use self::races::{race_raw_cas, race_remove_recreate, race_stores};
 
 fn p(dir: &str, name: &str) -> String {

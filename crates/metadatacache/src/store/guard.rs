@@ -315,7 +315,12 @@ where
         let mut attempt: u32 = 1;
         loop {
             let start = self.began();
-            let res = inner.opts.storage.download(req.clone()).await;
+            let storage = &inner.opts.storage;
+            let res = if inner.opts.batching && storage.capabilities().combined_calls {
+                inner.reads.call(storage, req.clone()).await
+            } else {
+                storage.download(req.clone()).await
+            };
             stats::storage_call(inner.opts.storage.backend(), "download", start.at, &res);
             let delay = match &res {
                 Err(e)

@@ -54,8 +54,10 @@ struct Inner<K, V> {
     counters: Counters,
     /// Push invalidation, with [`Options::watch`].
     watch: Option<Arc<Watch>>,
-    /// Writes of different keys sent together, with [`Options::batching`].
-    combiner: Arc<Combiner>,
+    /// Writes, and reads, of different keys sent together, with
+    /// [`Options::batching`].
+    writes: Arc<Combiner<crate::storage::UploadRequest>>,
+    reads: Arc<Combiner<crate::storage::DownloadRequest>>,
 }
 
 impl<K, V> Drop for Inner<K, V> {
@@ -109,7 +111,8 @@ where
                 cache: Mutex::new(Cache::new(capacity)),
                 counters: Counters::new(backend),
                 watch,
-                combiner: Arc::default(),
+                writes: Arc::default(),
+                reads: Arc::default(),
             }),
         }
     }

@@ -87,8 +87,8 @@ where
         let size = sent.content.len();
         let start = self.began();
         inner.counters.bump(Counter::Uploads);
-        let res = if inner.opts.batching && caps.combined_writes {
-            inner.combiner.upload(storage, req).await
+        let res = if inner.opts.batching && caps.combined_calls {
+            inner.writes.call(storage, req).await
         } else {
             storage.upload(req).await
         };

@@ -30,14 +30,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::storage::{
-    Capabilities, ChangeStream, DownloadRequest, DownloadResponse, FileInfo, Storage,
-    UploadRequest, UploadResponse,
-};
+use crate::storage::Storage;
 
 /// One recorded storage call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,13 +59,13 @@ pub struct Event {
     pub t1: u128,
 }
 
-fn now_ns() -> u128 {
+pub(super) fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
 }
 
-fn outcome<T>(res: &Result<T>) -> &'static str {
+pub(super) fn outcome<T>(res: &Result<T>) -> &'static str {
     match res {
         Ok(_) => "ok",
         Err(e) => match e.kind() {
@@ -89,7 +85,7 @@ enum Sink {
 
 /// A storage that records every upload and download of the storage it wraps.
 pub struct RecordingStorage {
-    inner: Arc<dyn Storage>,
+    pub(super) inner: Arc<dyn Storage>,
     sink: Sink,
 }
 
@@ -142,7 +138,7 @@ impl RecordingStorage {
         }
     }
 
-    fn record(&self, e: Event) {
+    pub(super) fn record(&self, e: Event) {
         match &self.sink {
             Sink::Memory(v) => v.lock().unwrap_or_else(|p| p.into_inner()).push(e),
             Sink::File(f) => {
@@ -176,93 +172,6 @@ pub fn read_events(files: &[impl AsRef<Path>]) -> Result<Vec<Event>> {
         }
     }
     Ok(out)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-#[async_trait]
-impl Storage for RecordingStorage {
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
-    /// The inner storage's changes (not recorded: they are no calls).
-    async fn watch(&self, prefix: &str) -> Result<ChangeStream> {
-        self.inner.watch(prefix).await
-    }
-
-    async fn init(&self, name: &str) -> Result<()> {
-        self.inner.init(name).await
-    }
-
-    async fn upload(&self, req: UploadRequest) -> Result<UploadResponse> {
-        let mut e = Event {
-            op: "w".into(),
-            path: req.path.clone(),
-            pre: req.if_match.clone(),
-            create: req.is_create_only(),
-            etag: None,
-            value: Some(text(&req.content)),
-            outcome: String::new(),
-            t0: now_ns(),
-            t1: 0,
-        };
-        let res = self.inner.upload(req).await;
-        e.t1 = now_ns();
-        e.outcome = outcome(&res).into();
-        e.etag = res.as_ref().ok().map(|r| r.etag.clone());
-        self.record(e);
-        res
-    }
-
-    async fn download(&self, req: DownloadRequest) -> Result<DownloadResponse> {
-        let mut e = Event {
-            op: "r".into(),
-            path: req.path.clone(),
-            pre: req.if_none_match.first().cloned(),
-            create: false,
-            etag: None,
-            value: None,
-            outcome: String::new(),
-            t0: now_ns(),
-            t1: 0,
-        };
-        let res = self.inner.download(req).await;
-        e.t1 = now_ns();
-        e.outcome = outcome(&res).into();
-        match &res {
-            Ok(r) => {
-                e.etag = Some(r.etag.clone());
-                e.value = Some(text(&r.content));
-            }
-            Err(err) if err.kind() == ErrorKind::NotModified => e.etag.clone_from(&e.pre),
-            Err(_) => {}
-        }
-        self.record(e);
-        res
-    }
-
-    async fn delete_if_match(&self, path: &str, if_match: Option<&str>) -> Result<()> {
-        self.inner.delete_if_match(path, if_match).await
-    }
-
-    async fn stat(&self, path: &str) -> Result<FileInfo> {
-        self.inner.stat(path).await
-    }
-
-    async fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
-        self.inner.list_dir(path).await
-    }
-
-    async fn make_dir_if_not_exist(&self, path: &str) -> Result<()> {
-        self.inner.make_dir_if_not_exist(path).await
-    }
 }
 
 /// The state of a path before the recorded run: its etag and content, or

@@ -9,14 +9,21 @@
 
 use std::time::SystemTime;
 
-use etcd_client::{GetOptions, Txn, TxnOp};
+use bytes::Bytes;
+use etcd_client::{GetOptions, KeyValue, Txn, TxnOp};
+use futures_util::future::join_all;
 
 use super::client::kvs_at;
-use super::layout::{check_path, encode_meta, etag, etag_is, mtime_of};
+use super::layout::{check_path, encode_meta, etag, etag_is, mtime_of, token_of};
 use super::{EtcdStorage, tag};
 use crate::backend::combine::{Limits, upload_combined};
 use crate::error::{Error, ErrorKind, Result};
-use crate::storage::{UploadRequest, UploadResponse, check_upload_preconditions};
+use crate::storage::{
+    DownloadRequest, DownloadResponse, UploadRequest, UploadResponse, check_upload_preconditions,
+};
+
+/// One transaction reads at most this many documents.
+const READS: usize = 16;
 
 /// One transaction carries at most this many updates (two puts each, within
 /// etcd's default of 128 operations per branch) and content bytes (within
@@ -130,4 +137,77 @@ impl EtcdStorage {
         }
         out.into_iter().flatten().collect()
     }
+}
+
+impl EtcdStorage {
+    /// [`Storage::download_many`](crate::Storage::download_many): up to
+    /// [`READS`] documents per transaction, read whole; an `if_none_match`
+    /// is checked here, so a version not modified is still sent.
+    pub(super) async fn read_many(
+        &self,
+        reqs: Vec<DownloadRequest>,
+    ) -> Vec<Result<DownloadResponse>> {
+        let chunks = join_all(reqs.chunks(READS).map(|c| self.read_chunk(c))).await;
+        chunks.into_iter().flatten().collect()
+    }
+
+    async fn read_chunk(&self, reqs: &[DownloadRequest]) -> Vec<Result<DownloadResponse>> {
+        let mut out: Vec<Option<Result<DownloadResponse>>> = reqs
+            .iter()
+            .map(|r| check_path(&r.path, false).err().map(|e| Err(tag(e))))
+            .collect();
+        let live: Vec<usize> = (0..reqs.len()).filter(|&i| out[i].is_none()).collect();
+        let Some(&first) = live.first() else {
+            return out.into_iter().flatten().collect();
+        };
+        let ops = live.iter().flat_map(|&i| {
+            [
+                TxnOp::get(self.layout.doc(&reqs[i].path), None),
+                TxnOp::get(self.layout.meta(&reqs[i].path), None),
+            ]
+        });
+        let txn = Txn::new().and_then(ops.collect::<Vec<_>>());
+        let mut ops = match self.conn.txn(&reqs[first].path, txn, false).await {
+            Ok(resp) => resp.op_responses(),
+            Err(e) => {
+                for &i in &live {
+                    out[i] = Some(Err(e.duplicate().with_path(&reqs[i].path)));
+                }
+                return out.into_iter().flatten().collect();
+            }
+        };
+        for (k, &i) in live.iter().enumerate() {
+            let doc = kvs_at(&mut ops, 2 * k).into_iter().next();
+            let meta = kvs_at(&mut ops, 2 * k + 1).into_iter().next();
+            out[i] = Some(answer(&reqs[i], doc, meta));
+        }
+        out.into_iter().flatten().collect()
+    }
+}
+
+/// The answer to `req` from the document and metadata keys read for it.
+fn answer(
+    req: &DownloadRequest,
+    doc: Option<KeyValue>,
+    meta: Option<KeyValue>,
+) -> Result<DownloadResponse> {
+    let path = req.path.as_str();
+    let Some(doc) = doc else {
+        return Err(tag(Error::not_found("no such document").with_path(path)));
+    };
+    let etag = etag(doc.mod_revision());
+    if req.if_none_match.iter().any(|e| e == "*" || *e == etag) {
+        return Err(tag(
+            Error::new(ErrorKind::NotModified, "etag unchanged").with_path(path)
+        ));
+    }
+    let mtime = mtime_of(&doc, meta.as_ref()).unwrap_or(SystemTime::UNIX_EPOCH);
+    let write_token = token_of(&doc, meta.as_ref());
+    let (_, value) = doc.into_key_value();
+    Ok(DownloadResponse {
+        content: Bytes::from(value),
+        etag,
+        mtime,
+        write_token,
+    })
 }

@@ -207,7 +207,7 @@ impl Storage for EtcdStorage {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             notifications: true,
-            combined_writes: true,
+            combined_calls: true,
             ..Capabilities::VERSIONED
         }
     }
@@ -252,6 +252,15 @@ impl Storage for EtcdStorage {
     /// Per request, as [`upload`](Self::upload).
     async fn upload_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
         self.write_many(reqs).await
+    }
+
+    /// Up to 16 documents per transaction, read whole: an `if_none_match`
+    /// is checked after the read.
+    ///
+    /// # Errors
+    /// Per request, as [`download`](Self::download).
+    async fn download_many(&self, reqs: Vec<DownloadRequest>) -> Vec<Result<DownloadResponse>> {
+        self.read_many(reqs).await
     }
 
     async fn download(&self, req: DownloadRequest) -> Result<DownloadResponse> {

@@ -4,11 +4,17 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
+use bytes::Bytes;
+use futures_util::future::join_all;
+
 use super::client::{Conn, Failure, Params};
 use super::{PostgresStorage, tag};
 use crate::backend::combine::{Limits, upload_combined};
 use crate::error::{Error, ErrorKind, Result};
-use crate::storage::{UploadRequest, UploadResponse, check_upload_preconditions, validate_path};
+use crate::storage::{
+    DownloadRequest, DownloadResponse, Storage, UploadRequest, UploadResponse,
+    check_upload_preconditions, validate_path,
+};
 
 /// One statement carries at most this many updates and content bytes.
 const LIMITS: Limits = Limits {
@@ -149,6 +155,113 @@ impl PostgresStorage {
             .filter_map(|row| {
                 let path: String = row.try_get(0).ok()?;
                 Some((path, (row.try_get(1).ok()?, row.try_get(2).ok()?)))
+            })
+            .collect()
+    }
+}
+
+impl PostgresStorage {
+    /// [`Storage::download_many`](crate::Storage::download_many): the
+    /// reads with at most one `if_none_match` etag (not `*`) at distinct
+    /// paths in one statement, the others one by one.
+    pub(super) async fn read_many(
+        &self,
+        reqs: Vec<DownloadRequest>,
+    ) -> Vec<Result<DownloadResponse>> {
+        let mut seen = std::collections::HashSet::new();
+        let together: Vec<bool> = reqs
+            .iter()
+            .map(|r| {
+                r.if_none_match.len() <= 1
+                    && r.if_none_match.iter().all(|e| e != "*")
+                    && validate_path(&r.path, false).is_ok()
+                    && seen.insert(r.path.as_str())
+            })
+            .collect();
+        let (both, alone): (Vec<_>, Vec<_>) =
+            reqs.iter().enumerate().partition(|(i, _)| together[*i]);
+        if both.len() < 2 {
+            return join_all(reqs.into_iter().map(|r| self.download(r))).await;
+        }
+        let (combined, single) = futures_util::future::join(
+            self.select_many(both.iter().map(|(_, r)| *r).collect()),
+            join_all(alone.iter().map(|(_, r)| self.download((*r).clone()))),
+        )
+        .await;
+        let mut out: Vec<Option<Result<DownloadResponse>>> =
+            (0..reqs.len()).map(|_| None).collect();
+        for ((i, _), res) in both.iter().zip(combined) {
+            out[*i] = Some(res);
+        }
+        for ((i, _), res) in alone.iter().zip(single) {
+            out[*i] = Some(res);
+        }
+        out.into_iter().flatten().collect()
+    }
+
+    /// Reads at distinct paths, each with at most one `if_none_match`, in
+    /// one statement.
+    async fn select_many(&self, reqs: Vec<&DownloadRequest>) -> Vec<Result<DownloadResponse>> {
+        let paths: Vec<&str> = reqs.iter().map(|r| r.path.as_str()).collect();
+        let inm: Vec<Option<&str>> = reqs
+            .iter()
+            .map(|r| r.if_none_match.first().map(String::as_str))
+            .collect();
+        let rows = match self
+            .read(
+                self.deadline(),
+                &self.inner.sql.download_many,
+                &[&paths, &inm],
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(f) => {
+                let e = self.fail(f, false, paths[0]);
+                return paths
+                    .iter()
+                    .map(|p| Err(e.duplicate().with_path(*p)))
+                    .collect();
+            }
+        };
+        let mut found = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let decoded = (|| {
+                Ok::<_, tokio_postgres::Error>((
+                    row.try_get::<_, String>(0)?,
+                    row.try_get::<_, Option<String>>(1)?,
+                    row.try_get::<_, Option<SystemTime>>(2)?,
+                    row.try_get::<_, Option<Vec<u8>>>(3)?,
+                ))
+            })();
+            match decoded {
+                Ok((path, etag, mtime, content)) => {
+                    found.insert(path, (etag, mtime, content));
+                }
+                Err(e) => {
+                    let e = self.fail(Failure::Pg(e), false, paths[0]);
+                    return paths
+                        .iter()
+                        .map(|p| Err(e.duplicate().with_path(*p)))
+                        .collect();
+                }
+            }
+        }
+        paths
+            .iter()
+            .map(|path| match found.remove(*path) {
+                Some((Some(etag), Some(mtime), Some(content))) => Ok(DownloadResponse {
+                    content: Bytes::from(content),
+                    // The etag is the token of the write that made the version.
+                    write_token: Some(etag.clone()),
+                    etag,
+                    mtime,
+                }),
+                Some((Some(_), Some(_), None)) => Err(tag(
+                    Error::new(ErrorKind::NotModified, "etag unchanged"),
+                    path,
+                )),
+                _ => Err(tag(Error::not_found("no such document"), path)),
             })
             .collect()
     }

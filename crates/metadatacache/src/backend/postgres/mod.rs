@@ -302,7 +302,7 @@ impl Storage for PostgresStorage {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             notifications: true,
-            combined_writes: true,
+            combined_calls: true,
             ..Capabilities::VERSIONED
         }
     }
@@ -343,14 +343,14 @@ impl Storage for PostgresStorage {
         self.write(req).await
     }
 
-    /// Plain compare-and-swap updates go in one statement (up to 128 of
-    /// them, 4 MiB of content), so one commit carries them all; each is
-    /// answered by its own row. Other requests are written one by one.
-    ///
-    /// # Errors
-    /// Per request, as [`upload`](Self::upload).
+    /// Plain compare-and-swap updates in one statement (up to 128, 4 MiB).
     async fn upload_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
         self.write_many(reqs).await
+    }
+
+    /// Reads with at most one `if_none_match` etag in one statement.
+    async fn download_many(&self, reqs: Vec<DownloadRequest>) -> Vec<Result<DownloadResponse>> {
+        self.read_many(reqs).await
     }
 
     /// Reads a document; a matching `if_none_match` makes the server leave

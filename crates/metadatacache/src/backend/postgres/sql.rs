@@ -49,6 +49,10 @@ pub(super) struct Sql {
     pub(super) probe: String,
     /// Etag, mtime and — unless the etag is in $2 — the content of $1.
     pub(super) download: String,
+    /// For each of the paths $1: the path, its etag and mtime (NULL when
+    /// absent) and — unless the etag is the one in $2 at the same place —
+    /// its content.
+    pub(super) download_many: String,
     /// Delete $1 when its etag is $2 (or $2 is NULL).
     pub(super) delete: String,
     /// Etag and mtime of $1.
@@ -149,6 +153,12 @@ impl Sql {
                         CASE WHEN etag = ANY($2::text[]) OR '*' = ANY($2::text[]) \
                              THEN NULL ELSE content END \
                  FROM {t} WHERE path = $1::text"
+            ),
+            download_many: format!(
+                "SELECT v.path, c.etag, c.mtime, \
+                        CASE WHEN c.etag = v.inm THEN NULL ELSE c.content END \
+                 FROM unnest($1::text[], $2::text[]) AS v(path, inm) \
+                 LEFT JOIN {t} c ON c.path = v.path"
             ),
             delete: format!(
                 "DELETE FROM {t} WHERE path = $1::text AND ($2::text IS NULL OR etag = $2::text) \

@@ -1,5 +1,5 @@
 //! Writes of different keys combined into one round trip
-//! ([`Capabilities::combined_writes`]), with their replies lost and with
+//! ([`Capabilities::combined_calls`]), with their replies lost and with
 //! combined writes landing late.
 
 use std::collections::HashMap;
@@ -125,7 +125,7 @@ async fn run<S: TestServer>(server: &mut Server, replicas: usize) {
             }
         }
         assert!(
-            inner.capabilities().combined_writes,
+            inner.capabilities().combined_calls,
             "{:?}",
             inner.capabilities()
         );
