@@ -1,16 +1,14 @@
 //! Combined writes: plain compare-and-swap updates of several documents in
 //! one transaction, with a compare per document.
 //!
-//! An etcd transaction applies all its writes or none. When one compare
-//! fails, the transaction's else-branch reads every document, so each
-//! request whose etag moved is answered with its refusal at once and the
-//! rest are sent again together: a refused request costs the others one
-//! more round trip, never their write.
+//! An etcd transaction applies all its writes or none, so each document
+//! gets a transaction of its own nested in the one sent: its compare decides
+//! its own write, and a refused request never holds up the others.
 
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use etcd_client::{GetOptions, KeyValue, Txn, TxnOp};
+use etcd_client::{GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
 use futures_util::future::join_all;
 
 use super::client::kvs_at;
@@ -25,17 +23,13 @@ use crate::storage::{
 /// One transaction reads at most this many documents.
 const READS: usize = 16;
 
-/// One transaction carries at most this many updates (two puts each, within
-/// etcd's default of 128 operations per branch) and content bytes (within
-/// its default 1.5 MiB request limit).
+/// One transaction carries at most this many updates (a nested transaction
+/// each, within etcd's default of 128 operations per branch) and content
+/// bytes (within its default 1.5 MiB request limit).
 const LIMITS: Limits = Limits {
     items: 32,
     bytes: 1 << 20,
 };
-
-/// How often the requests whose compares held are sent again after others
-/// were refused.
-const ROUNDS: usize = 4;
 
 impl EtcdStorage {
     /// [`Storage::upload_many`](crate::Storage::upload_many).
@@ -50,90 +44,84 @@ impl EtcdStorage {
     }
 
     /// Plain compare-and-swap updates at distinct paths, in one transaction
-    /// per round.
+    /// holding a nested transaction per document: each compares its own
+    /// etag, writes when it holds and reads the document when not, so each
+    /// request has its own outcome in one round trip.
     async fn update_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
         let mut out: Vec<Option<Result<UploadResponse>>> = reqs
             .iter()
             .map(|r| check_path(&r.path, false).err().map(|e| Err(tag(e))))
             .collect();
+        let live: Vec<usize> = (0..reqs.len()).filter(|&i| out[i].is_none()).collect();
+        let Some(&first) = live.first() else {
+            return out.into_iter().flatten().collect();
+        };
         let mtimes: Vec<SystemTime> = reqs
             .iter()
             .map(|r| r.mtime.unwrap_or_else(SystemTime::now))
             .collect();
-        let mut pending: Vec<usize> = (0..reqs.len()).filter(|&i| out[i].is_none()).collect();
-        for _ in 0..ROUNDS {
-            if pending.is_empty() {
-                break;
-            }
-            let mut when = Vec::new();
-            let mut writes = Vec::new();
-            let mut reads = Vec::new();
-            for &i in &pending {
-                let req = &reqs[i];
-                let (doc, meta) = (self.layout.doc(&req.path), self.layout.meta(&req.path));
-                let want = req.if_match.as_deref().unwrap_or_default();
-                when.push(etag_is(&doc, want));
-                writes.push(TxnOp::put(doc.as_str(), req.content.to_vec(), None));
-                writes.push(TxnOp::put(
-                    meta.as_str(),
-                    encode_meta(mtimes[i], req.write_token.as_deref()),
-                    None,
-                ));
-                reads.push(TxnOp::get(doc, Some(GetOptions::new().with_keys_only())));
-                reads.push(TxnOp::get(meta, None));
-            }
-            let txn = Txn::new().when(when).and_then(writes).or_else(reads);
-            let first = reqs[pending[0]].path.as_str();
-            let resp = match self.conn.txn(first, txn, true).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    for &i in &pending {
-                        out[i] = Some(Err(e.duplicate().with_path(&reqs[i].path)));
-                    }
-                    pending.clear();
-                    break;
-                }
-            };
-            if resp.succeeded() {
-                let revision = resp.header().map(|h| h.revision());
-                for &i in &pending {
-                    out[i] = Some(match revision {
-                        Some(r) => Ok(UploadResponse {
-                            etag: etag(r),
-                            mtime: mtimes[i],
-                        }),
-                        // Written, but without the revision there is no
-                        // etag to return: report the outcome as unknown.
-                        None => Err(tag(Error::unavailable("etcd answered without a revision")
-                            .with_path(&reqs[i].path))),
-                    });
-                }
-                pending.clear();
-                break;
-            }
-            let mut ops = resp.op_responses();
-            let mut again = Vec::new();
-            for (k, &i) in pending.iter().enumerate() {
-                let doc = kvs_at(&mut ops, 2 * k).into_iter().next();
-                let meta = kvs_at(&mut ops, 2 * k + 1).into_iter().next();
-                let current = doc.map(|d| {
-                    let mtime = mtime_of(&d, meta.as_ref()).unwrap_or(SystemTime::UNIX_EPOCH);
-                    (etag(d.mod_revision()), mtime)
-                });
-                let current = current.as_ref().map(|(e, m)| (e.as_str(), *m));
-                match check_upload_preconditions(&reqs[i], current) {
-                    Err(e) => out[i] = Some(Err(tag(e.with_path(&reqs[i].path)))),
-                    Ok(()) => again.push(i),
-                }
-            }
-            pending = again;
-        }
-        for i in pending {
-            out[i] = Some(Err(tag(Error::new(
-                ErrorKind::Aborted,
-                "other documents of the combined write kept changing",
+        let each = live.iter().map(|&i| {
+            let req = &reqs[i];
+            let (doc, meta) = (self.layout.doc(&req.path), self.layout.meta(&req.path));
+            let want = req.if_match.as_deref().unwrap_or_default();
+            let token = req.write_token.as_deref();
+            TxnOp::txn(
+                Txn::new()
+                    .when([etag_is(&doc, want)])
+                    .and_then([
+                        TxnOp::put(doc.as_str(), req.content.to_vec(), None),
+                        TxnOp::put(meta.as_str(), encode_meta(mtimes[i], token), None),
+                    ])
+                    .or_else([
+                        TxnOp::get(doc, Some(GetOptions::new().with_keys_only())),
+                        TxnOp::get(meta, None),
+                    ]),
             )
-            .with_path(&reqs[i].path))));
+        });
+        let txn = Txn::new().and_then(each.collect::<Vec<_>>());
+        let resp = match self.conn.txn(&reqs[first].path, txn, true).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                for &i in &live {
+                    out[i] = Some(Err(e.duplicate().with_path(&reqs[i].path)));
+                }
+                return out.into_iter().flatten().collect();
+            }
+        };
+        let revision = resp.header().map(|h| h.revision());
+        let mut nested = resp.op_responses().into_iter();
+        for &i in &live {
+            let path = reqs[i].path.as_str();
+            out[i] = Some(match (nested.next(), revision) {
+                (Some(TxnOpResponse::Txn(t)), Some(r)) if t.succeeded() => Ok(UploadResponse {
+                    etag: etag(r),
+                    mtime: mtimes[i],
+                }),
+                (Some(TxnOpResponse::Txn(t)), _) if !t.succeeded() => {
+                    let mut ops = t.op_responses();
+                    let doc = kvs_at(&mut ops, 0).into_iter().next();
+                    let meta = kvs_at(&mut ops, 1).into_iter().next();
+                    let current = doc.map(|d| {
+                        let mtime = mtime_of(&d, meta.as_ref()).unwrap_or(SystemTime::UNIX_EPOCH);
+                        (etag(d.mod_revision()), mtime)
+                    });
+                    let current = current.as_ref().map(|(e, m)| (e.as_str(), *m));
+                    Err(tag(check_upload_preconditions(&reqs[i], current)
+                        .err()
+                        .unwrap_or_else(|| {
+                            Error::new(ErrorKind::Aborted, "the document changed concurrently")
+                        })
+                        .with_path(path)))
+                }
+                // Written, but without the revision there is no etag to
+                // return; or an answer that does not fit the request: the
+                // outcome is unknown.
+                _ => Err(tag(Error::unavailable(
+                    "etcd's answer to a combined write left this one unclear; it may have \
+                     been applied",
+                )
+                .with_path(path))),
+            });
         }
         out.into_iter().flatten().collect()
     }

@@ -243,10 +243,10 @@ impl Storage for EtcdStorage {
         self.write(req).await
     }
 
-    /// Plain compare-and-swap updates go in one transaction with a compare
-    /// per document (up to 32 of them, 1 MiB of content); when some are
-    /// refused, the rest are sent again together. Other requests are
-    /// written one by one.
+    /// Plain compare-and-swap updates go in one transaction (up to 32 of
+    /// them, 1 MiB of content), each in a nested transaction of its own
+    /// that compares its etag: every request has its own outcome. Other
+    /// requests are written one by one.
     ///
     /// # Errors
     /// Per request, as [`upload`](Self::upload).
