@@ -9,7 +9,6 @@
 //! nothing is in flight goes at once, alone: combining never delays a store
 //! that works on one key at a time.
 
-use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::future::BoxFuture;
@@ -77,16 +76,6 @@ impl<C: Call> Default for Combiner<C> {
                 busy: false,
             }),
         }
-    }
-}
-
-impl<C: Call> fmt::Debug for Combiner<C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = self.state();
-        f.debug_struct("Combiner")
-            .field("queued", &state.queue.len())
-            .field("busy", &state.busy)
-            .finish()
     }
 }
 

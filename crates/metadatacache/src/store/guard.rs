@@ -316,7 +316,7 @@ where
         loop {
             let start = self.began();
             let storage = &inner.opts.storage;
-            let res = if inner.opts.batching && storage.capabilities().combined_calls {
+            let res = if inner.combines() {
                 inner.reads.call(storage, req.clone()).await
             } else {
                 storage.download(req.clone()).await

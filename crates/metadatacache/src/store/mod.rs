@@ -69,6 +69,11 @@ impl<K, V> Drop for Inner<K, V> {
 }
 
 impl<K, V> Inner<K, V> {
+    /// Whether calls of different keys are combined (see `combine`).
+    fn combines(&self) -> bool {
+        self.opts.batching && self.opts.storage.capabilities().combined_calls
+    }
+
     fn cache(&self) -> MutexGuard<'_, Cache<K, V>> {
         // Every critical section is one map operation; poisoning cannot leave
         // the map inconsistent.

@@ -87,7 +87,7 @@ where
         let size = sent.content.len();
         let start = self.began();
         inner.counters.bump(Counter::Uploads);
-        let res = if inner.opts.batching && caps.combined_calls {
+        let res = if inner.combines() {
             inner.writes.call(storage, req).await
         } else {
             storage.upload(req).await

@@ -23,7 +23,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
@@ -190,6 +190,35 @@ impl EtcdStorage {
     }
 }
 
+/// The answer to `req` from the document and metadata keys read for it;
+/// `if_none_match` is checked here (a no-op where the read's compares
+/// already did).
+fn answer(
+    req: &DownloadRequest,
+    doc: Option<KeyValue>,
+    meta: Option<KeyValue>,
+) -> Result<DownloadResponse> {
+    let path = req.path.as_str();
+    let Some(doc) = doc else {
+        return Err(tag(Error::not_found("no such document").with_path(path)));
+    };
+    let etag = etag(doc.mod_revision());
+    if req.if_none_match.iter().any(|e| e == "*" || *e == etag) {
+        return Err(tag(
+            Error::new(ErrorKind::NotModified, "etag unchanged").with_path(path)
+        ));
+    }
+    let mtime = mtime_of(&doc, meta.as_ref()).unwrap_or(SystemTime::UNIX_EPOCH);
+    let write_token = token_of(&doc, meta.as_ref());
+    let (_, value) = doc.into_key_value();
+    Ok(DownloadResponse {
+        content: Bytes::from(value),
+        etag,
+        mtime,
+        write_token,
+    })
+}
+
 fn tag(e: Error) -> Error {
     e.with_backend(BACKEND)
 }
@@ -288,20 +317,8 @@ impl Storage for EtcdStorage {
             ));
         }
         let mut ops = resp.op_responses();
-        let Some(doc) = kvs_at(&mut ops, 0).into_iter().next() else {
-            return Err(tag(Error::not_found("no such document").with_path(path)));
-        };
-        let meta = kvs_at(&mut ops, 1).into_iter().next();
-        let mtime = mtime_of(&doc, meta.as_ref()).unwrap_or(SystemTime::UNIX_EPOCH);
-        let write_token = token_of(&doc, meta.as_ref());
-        let etag = etag(doc.mod_revision());
-        let (_, value) = doc.into_key_value();
-        Ok(DownloadResponse {
-            content: Bytes::from(value),
-            etag,
-            mtime,
-            write_token,
-        })
+        let doc = kvs_at(&mut ops, 0).into_iter().next();
+        answer(&req, doc, kvs_at(&mut ops, 1).into_iter().next())
     }
 
     async fn delete_if_match(&self, path: &str, if_match: Option<&str>) -> Result<()> {

@@ -156,7 +156,9 @@ impl EtcdStorage {
 }
 
 /// The `(etag, mtime)` that the precondition checks compare against.
-fn current_of(state: Option<&(KeyValue, Option<KeyValue>)>) -> Option<(String, SystemTime)> {
+pub(super) fn current_of(
+    state: Option<&(KeyValue, Option<KeyValue>)>,
+) -> Option<(String, SystemTime)> {
     state.map(|(doc, meta)| {
         (
             etag(doc.mod_revision()),

@@ -5,11 +5,10 @@ use std::collections::HashMap;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use futures_util::future::join_all;
 
 use super::client::{Conn, Failure, Params};
 use super::{PostgresStorage, tag};
-use crate::backend::combine::{Limits, upload_combined};
+use crate::backend::combine::{Limits, combined, each_failed, plain_update};
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
     DownloadRequest, DownloadResponse, Storage, UploadRequest, UploadResponse,
@@ -22,49 +21,40 @@ const LIMITS: Limits = Limits {
     bytes: 4 << 20,
 };
 
+/// One statement reads at most this many documents.
+const READS: Limits = Limits {
+    items: 128,
+    bytes: usize::MAX,
+};
+
 impl PostgresStorage {
     /// [`Storage::upload_many`](crate::Storage::upload_many).
     pub(super) async fn write_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
-        upload_combined(
+        combined(
             reqs,
             LIMITS,
+            |r| plain_update(r) && validate_path(&r.path, false).is_ok(),
             move |req| self.write(req),
             move |reqs| self.update_many(reqs),
         )
         .await
     }
 
-    /// Plain compare-and-swap updates at distinct paths, in one statement.
+    /// Plain compare-and-swap updates at distinct, valid paths, in one
+    /// statement.
     async fn update_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
-        let mut out: Vec<Option<Result<UploadResponse>>> = Vec::with_capacity(reqs.len());
-        for req in &reqs {
-            out.push(
-                validate_path(&req.path, false)
-                    .err()
-                    .map(|e| Err(tag(e, &req.path))),
-            );
-        }
-        let live: Vec<usize> = (0..reqs.len()).filter(|&i| out[i].is_none()).collect();
-        if live.is_empty() {
-            return out.into_iter().flatten().collect();
-        }
-        let first = live.first().map_or("", |&i| reqs[i].path.as_str());
-        let paths: Vec<&str> = live.iter().map(|&i| reqs[i].path.as_str()).collect();
-        let contents: Vec<&[u8]> = live.iter().map(|&i| &reqs[i].content[..]).collect();
+        let first = reqs[0].path.as_str();
+        let paths: Vec<&str> = reqs.iter().map(|r| r.path.as_str()).collect();
+        let contents: Vec<&[u8]> = reqs.iter().map(|r| &r.content[..]).collect();
         // A write token becomes the version's etag, as in a single write.
-        let etags: Vec<String> = live
+        let etags: Vec<String> = reqs
             .iter()
-            .map(|&i| {
-                reqs[i]
-                    .write_token
-                    .clone()
-                    .unwrap_or_else(|| self.new_etag())
-            })
+            .map(|r| r.write_token.clone().unwrap_or_else(|| self.new_etag()))
             .collect();
-        let mtimes: Vec<Option<SystemTime>> = live.iter().map(|&i| reqs[i].mtime).collect();
-        let if_match: Vec<&str> = live
+        let mtimes: Vec<Option<SystemTime>> = reqs.iter().map(|r| r.mtime).collect();
+        let if_match: Vec<&str> = reqs
             .iter()
-            .map(|&i| reqs[i].if_match.as_deref().unwrap_or_default())
+            .map(|r| r.if_match.as_deref().unwrap_or_default())
             .collect();
         let params: &Params<'_> = &[&paths, &contents, &etags, &mtimes, &if_match];
         let deadline = self.deadline();
@@ -75,71 +65,52 @@ impl PostgresStorage {
                 .map_err(|f| self.fail(f, true, first)),
             Err(f) => Err(self.fail(f, false, first)),
         };
-        let found = match res {
-            Ok(rows) => read_rows(&rows),
+        let found = match res.map(|rows| read_rows(&rows)) {
+            Ok(Ok(found)) => found,
             Err(e) if e.kind() == ErrorKind::Unavailable => {
                 // The reply was lost: a version carrying our etag is ours.
                 let stored = self.find_own_writes(&paths).await;
-                for (k, &i) in live.iter().enumerate() {
-                    out[i] = Some(match stored.get(paths[k]) {
-                        Some((etag, mtime)) if *etag == etags[k] => Ok(UploadResponse {
-                            etag: etags[k].clone(),
-                            mtime: *mtime,
-                        }),
-                        _ => Err(e.duplicate().with_path(paths[k])),
-                    });
-                }
-                return out.into_iter().flatten().collect();
+                let own = |(path, etag): (&&str, String)| match stored.get(*path) {
+                    Some((stored, mtime)) if *stored == etag => Ok(UploadResponse {
+                        etag,
+                        mtime: *mtime,
+                    }),
+                    _ => Err(e.duplicate().with_path(*path)),
+                };
+                return paths.iter().zip(etags).map(own).collect();
             }
-            Err(e) => {
-                for &i in &live {
-                    out[i] = Some(Err(e.duplicate().with_path(&reqs[i].path)));
-                }
-                return out.into_iter().flatten().collect();
-            }
-        };
-        let found = match found {
-            Ok(found) => found,
+            Err(e) => return each_failed(&reqs, &e),
             // Written, but the reply is unreadable: the outcome is unknown.
-            Err(f) => {
-                let e = self.fail(f, true, first);
-                for &i in &live {
-                    out[i] = Some(Err(e.duplicate().with_path(&reqs[i].path)));
-                }
-                return out.into_iter().flatten().collect();
-            }
+            Ok(Err(f)) => return each_failed(&reqs, &self.fail(f, true, first)),
         };
-        for (k, &i) in live.iter().enumerate() {
-            let req = &reqs[i];
-            out[i] = Some(match found.get(req.path.as_str()) {
-                Some(Row::Written(mtime)) => Ok(UploadResponse {
-                    etag: etags[k].clone(),
-                    mtime: *mtime,
-                }),
-                Some(Row::Current(current)) => {
-                    let current = current.as_ref().map(|(e, m)| (e.as_str(), *m));
-                    Err(tag(
-                        check_upload_preconditions(req, current)
-                            .err()
-                            .unwrap_or_else(|| {
-                                Error::new(
-                                    ErrorKind::Aborted,
-                                    "the document changed concurrently; nothing was written",
-                                )
-                            }),
-                        &req.path,
-                    ))
-                }
-                None => Err(tag(
-                    Error::new(
-                        ErrorKind::Unavailable,
-                        "the server's reply left this write out; it may have been applied",
-                    ),
+        let answer = |(req, etag): (&UploadRequest, String)| match found.get(req.path.as_str()) {
+            Some(Row::Written(mtime)) => Ok(UploadResponse {
+                etag,
+                mtime: *mtime,
+            }),
+            Some(Row::Current(current)) => {
+                let current = current.as_ref().map(|(e, m)| (e.as_str(), *m));
+                Err(tag(
+                    check_upload_preconditions(req, current)
+                        .err()
+                        .unwrap_or_else(|| {
+                            Error::new(
+                                ErrorKind::Aborted,
+                                "the document changed concurrently; nothing was written",
+                            )
+                        }),
                     &req.path,
-                )),
-            });
-        }
-        out.into_iter().flatten().collect()
+                ))
+            }
+            None => Err(tag(
+                Error::new(
+                    ErrorKind::Unavailable,
+                    "the server's reply left this write out; it may have been applied",
+                ),
+                &req.path,
+            )),
+        };
+        reqs.iter().zip(etags).map(answer).collect()
     }
 
     /// The stored etag and mtime of each of `paths` that exists; empty when
@@ -168,40 +139,23 @@ impl PostgresStorage {
         &self,
         reqs: Vec<DownloadRequest>,
     ) -> Vec<Result<DownloadResponse>> {
-        let mut seen = std::collections::HashSet::new();
-        let together: Vec<bool> = reqs
-            .iter()
-            .map(|r| {
+        combined(
+            reqs,
+            READS,
+            |r| {
                 r.if_none_match.len() <= 1
                     && r.if_none_match.iter().all(|e| e != "*")
                     && validate_path(&r.path, false).is_ok()
-                    && seen.insert(r.path.as_str())
-            })
-            .collect();
-        let (both, alone): (Vec<_>, Vec<_>) =
-            reqs.iter().enumerate().partition(|(i, _)| together[*i]);
-        if both.len() < 2 {
-            return join_all(reqs.into_iter().map(|r| self.download(r))).await;
-        }
-        let (combined, single) = futures_util::future::join(
-            self.select_many(both.iter().map(|(_, r)| *r).collect()),
-            join_all(alone.iter().map(|(_, r)| self.download((*r).clone()))),
+            },
+            move |req| self.download(req),
+            move |reqs| self.select_many(reqs),
         )
-        .await;
-        let mut out: Vec<Option<Result<DownloadResponse>>> =
-            (0..reqs.len()).map(|_| None).collect();
-        for ((i, _), res) in both.iter().zip(combined) {
-            out[*i] = Some(res);
-        }
-        for ((i, _), res) in alone.iter().zip(single) {
-            out[*i] = Some(res);
-        }
-        out.into_iter().flatten().collect()
+        .await
     }
 
     /// Reads at distinct paths, each with at most one `if_none_match`, in
     /// one statement.
-    async fn select_many(&self, reqs: Vec<&DownloadRequest>) -> Vec<Result<DownloadResponse>> {
+    async fn select_many(&self, reqs: Vec<DownloadRequest>) -> Vec<Result<DownloadResponse>> {
         let paths: Vec<&str> = reqs.iter().map(|r| r.path.as_str()).collect();
         let inm: Vec<Option<&str>> = reqs
             .iter()
@@ -216,13 +170,7 @@ impl PostgresStorage {
             .await
         {
             Ok(rows) => rows,
-            Err(f) => {
-                let e = self.fail(f, false, paths[0]);
-                return paths
-                    .iter()
-                    .map(|p| Err(e.duplicate().with_path(*p)))
-                    .collect();
-            }
+            Err(f) => return each_failed(&reqs, &self.fail(f, false, paths[0])),
         };
         let mut found = HashMap::with_capacity(rows.len());
         for row in &rows {
