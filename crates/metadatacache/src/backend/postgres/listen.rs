@@ -1,7 +1,8 @@
 //! Change streams: `LISTEN` on the table's channel over a connection of
 //! its own (never one of the pool, whose connections run statements).
 //!
-//! The table's trigger (see `sql.rs`) sends a notification per changed row;
+//! The table's trigger (see `sql.rs`) sends a notification per changed row
+//! while a session listens (each enters itself in the table of watchers);
 //! PostgreSQL delivers it when the change commits, so it is visible to
 //! reads by then. When the connection is lost, the stream reports a gap,
 //! reconnects with backoff for as long as the server is away, listens
@@ -12,10 +13,12 @@ use std::future::{Future, poll_fn};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{AsyncMessage, Client, Connection, Notification, Socket};
 
 use super::client::{Failure, to_error};
+use super::sql::{GATE, REGISTER};
 use super::tls::Tls;
 use super::{BACKEND, PostgresStorage};
 use crate::backend::util::Backoff;
@@ -95,11 +98,31 @@ impl Listener {
         e.with_message(message).with_backend(BACKEND)
     }
 
-    /// Opens a connection and listens on the channel.
+    /// Opens a connection, listens on the channel and enters the session
+    /// among the channel's watchers, so that writers notify it; then waits
+    /// out the writers that did not notify because they looked before it
+    /// entered (see `sql.rs`). Each statement commits on its own: the entry
+    /// must be visible before the wait.
     async fn connect(&self) -> std::result::Result<Session, Lost> {
         let (client, mut connection) = self.config.connect(self.tls.clone()).await.map_err(Some)?;
-        let listen = format!("LISTEN \"{}\"", self.channel);
+        let channel = &self.channel;
+        let listen = format!("LISTEN \"{channel}\"");
         drive(&mut connection, client.batch_execute(&listen), |_| {}).await?;
+        let enter = format!("SELECT {REGISTER}('{channel}')");
+        match drive(&mut connection, client.batch_execute(&enter), |_| {}).await {
+            Ok(()) => {
+                let gate = format!(
+                    "SELECT pg_advisory_lock({GATE}, hashtext('{channel}')), \
+                            pg_advisory_unlock({GATE}, hashtext('{channel}'))"
+                );
+                drive(&mut connection, client.batch_execute(&gate), |_| {}).await?;
+            }
+            // No such function: the table still has the trigger of an
+            // earlier version, which notifies every change (its owner has
+            // not opened it since).
+            Err(Some(e)) if e.code() == Some(&SqlState::UNDEFINED_FUNCTION) => {}
+            Err(lost) => return Err(lost),
+        }
         Ok(Session { client, connection })
     }
 

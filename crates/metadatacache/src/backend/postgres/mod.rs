@@ -98,13 +98,14 @@ const BACKEND: &str = "postgres";
 /// by resending the same write).
 ///
 /// Besides the table, [`new`](PostgresStorage::new) creates (once, under an
-/// advisory lock) the triggers `mdcache_notify_v1` (rows) and
-/// `mdcache_notify_v1_truncate` on it, with their function
-/// `mdcache_notify_v1`: each committed change sends
-/// `pg_notify('mdcache_<table>', …)` with the path and new etag (the channel
-/// name is shortened with a hash where it would pass 63 bytes).
-/// [`watch`](Storage::watch) listens on that channel over one connection of
-/// its own per stream, outside the pool, reconnecting after an outage.
+/// advisory lock) its triggers `mdcache_notify_v2` and
+/// `mdcache_notify_v2_truncate`, the table `mdcache_watchers` and the
+/// functions `mdcache_notify_v2` and `mdcache_watch_v2`. While a session
+/// watches the table, each committed change sends
+/// `pg_notify('mdcache_<table>', …)` with the path and new etag (none is
+/// sent while none does). [`watch`](Storage::watch) listens on that
+/// channel over one connection of its own per stream, outside the pool,
+/// reconnecting after an outage.
 ///
 /// Directories are not stored: a directory exists while a document lies
 /// under it, and [`make_dir_if_not_exist`](Storage::make_dir_if_not_exist)
@@ -187,8 +188,7 @@ impl PostgresStorage {
     /// # Cancel safety
     /// Cancel safe: a table half-created by a cancelled call is rolled
     /// back by the server.
-    pub async fn new(config: PostgresConfig) -> Result<PostgresStorage> {
-        let settings = config;
+    pub async fn new(settings: PostgresConfig) -> Result<PostgresStorage> {
         let tls = tls::connector(&settings.tls).map_err(|e| e.with_backend(BACKEND))?;
         let pool = client::pool(&settings, tls.clone()).map_err(|e| e.with_backend(BACKEND))?;
         let storage = PostgresStorage {

@@ -17,8 +17,26 @@
 pub(super) const MAX_PAYLOAD: usize = 8000;
 
 /// The name of the trigger and of its function; the version changes with
-/// the payload format.
-const TRIGGER: &str = "mdcache_notify_v1";
+/// the payload format or the rules of notifying.
+const TRIGGER: &str = "mdcache_notify_v2";
+
+/// The trigger of earlier versions (it notifies every change), replaced by
+/// [`TRIGGER`] where the opening role may.
+const OLD_TRIGGER: &str = "mdcache_notify_v1";
+
+/// The table of the sessions that listen, one row per channel and session
+/// (its backend's pid), in the schema of the tables.
+const WATCHERS: &str = "mdcache_watchers";
+
+/// The function a listening session calls to enter itself in [`WATCHERS`]
+/// (it may not write that table itself).
+pub(super) const REGISTER: &str = "mdcache_watch_v2";
+
+/// The first key of the advisory lock that writers which do not notify
+/// hold, shared, until they commit (the second: `hashtext(channel)`); a
+/// listening session takes it exclusively once, after entering itself, to
+/// wait out the writers that did not see it yet.
+pub(super) const GATE: i32 = 0x6d64_6367;
 
 /// Every statement the backend runs, for one table.
 #[derive(Debug)]
@@ -201,14 +219,57 @@ pub(super) fn channel(table: &str) -> String {
 /// missing, so that a role that may write the table but may not create
 /// tables, nor owns it, can still open it.
 ///
-/// The trigger reports every row change at commit with
-/// `pg_notify(channel, payload)`; the payload is JSON: `{"path": …,
-/// "etag": …}` for an insert or update, `{"path": …}` for a delete (and
-/// for a write whose etag does not fit), `{"reset": why}` for a `TRUNCATE`
-/// or a path too long for NOTIFY's limit, which the listener turns into a
-/// gap.
+/// The trigger reports the row changes of a transaction at its commit with
+/// `pg_notify(channel, payload)` — but only while a session listens on the
+/// channel. PostgreSQL serialises the commits of all transactions that
+/// notified, database-wide, up to their WAL flush, so a notification that
+/// nobody reads is not free: writers that notify cannot share a flush.
+/// Listening sessions enter themselves in [`WATCHERS`] (dead sessions'
+/// rows are cleared by the next one to enter), and a writer that finds none
+/// for its channel does not notify. Such a writer holds the [`GATE`] lock,
+/// shared, from before it looked until it commits; a session that entered
+/// takes the lock exclusively once before it reports being in sync, so a
+/// write it could miss has committed by then, and any later one sees the
+/// row. Both functions run as their owner (`SECURITY DEFINER`, with the
+/// schema's path pinned), so writers and watchers need no rights on
+/// [`WATCHERS`].
+///
+/// The payload is JSON: `{"path": …, "etag": …}` for an insert or update,
+/// `{"path": …}` for a delete (and for a write whose etag does not fit),
+/// `{"reset": why}` for a `TRUNCATE` (always sent) or a path too long for
+/// NOTIFY's limit, which the listener turns into a gap.
+///
+/// A table with the trigger of an earlier version (which notifies every
+/// change) moves to this one when the opening role may change it; a role
+/// that may not keeps the old one, which is still right, only slower.
 fn schema(t: &str, channel: &str) -> String {
     let table_literal = t.replace('\'', "''");
+    let has_trigger = |name: &str| {
+        format!(
+            "EXISTS (SELECT 1 FROM pg_catalog.pg_trigger \
+                     WHERE tgrelid = '{table_literal}'::regclass AND tgname = '{name}')"
+        )
+    };
+    let (current, old) = (has_trigger(TRIGGER), has_trigger(OLD_TRIGGER));
+    // Sends `msg` as `set_msg` sets it, or a reset where that is too long
+    // for a notification.
+    let notify = |set_msg: &str| {
+        format!(
+            "{set_msg} \
+             IF octet_length(msg) >= {MAX_PAYLOAD} THEN \
+               msg := '{{\"reset\": \"path too long for a notification\"}}'; \
+             END IF; \
+             PERFORM pg_notify(TG_ARGV[0], msg);"
+        )
+    };
+    let notify_old = notify("msg := json_build_object('path', OLD.path)::text;");
+    // Without the etag where the two do not fit together.
+    let notify_new = notify(&format!(
+        "msg := json_build_object('path', NEW.path, 'etag', NEW.etag)::text; \
+         IF octet_length(msg) >= {MAX_PAYLOAD} THEN \
+           msg := json_build_object('path', NEW.path)::text; \
+         END IF;"
+    ));
     format!(
         "SELECT pg_advisory_xact_lock(hashtext('metadatacache schema')); \
          DO $mdcache$ BEGIN \
@@ -219,31 +280,38 @@ fn schema(t: &str, channel: &str) -> String {
              etag TEXT NOT NULL, \
              mtime TIMESTAMPTZ NOT NULL); \
          END IF; \
-         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger \
-                        WHERE tgrelid = '{table_literal}'::regclass AND tgname = '{TRIGGER}') THEN \
-         CREATE OR REPLACE FUNCTION {TRIGGER}() RETURNS trigger LANGUAGE plpgsql AS $body$ \
+         IF NOT {current} THEN \
+         BEGIN \
+         PERFORM set_config('search_path', \
+           format('%I, pg_catalog, pg_temp', current_schema()), true); \
+         CREATE TABLE IF NOT EXISTS {WATCHERS} (\
+             channel TEXT COLLATE \"C\" NOT NULL, \
+             pid INT NOT NULL, \
+             PRIMARY KEY (channel, pid)); \
+         CREATE OR REPLACE FUNCTION {REGISTER}(ch TEXT) RETURNS void LANGUAGE sql \
+           SECURITY DEFINER SET search_path FROM CURRENT AS $body$ \
+           DELETE FROM {WATCHERS} w \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.pid); \
+           INSERT INTO {WATCHERS} (channel, pid) VALUES (ch, pg_backend_pid()) \
+             ON CONFLICT DO NOTHING; \
+         $body$; \
+         CREATE OR REPLACE FUNCTION {TRIGGER}() RETURNS trigger LANGUAGE plpgsql \
+           SECURITY DEFINER SET search_path FROM CURRENT AS $body$ \
          DECLARE msg text; \
          BEGIN \
            IF TG_OP = 'TRUNCATE' THEN \
              PERFORM pg_notify(TG_ARGV[0], '{{\"reset\": \"truncate\"}}'); \
              RETURN NULL; \
            END IF; \
+           PERFORM pg_advisory_xact_lock_shared({GATE}, hashtext(TG_ARGV[0])); \
+           IF NOT EXISTS (SELECT 1 FROM {WATCHERS} WHERE channel = TG_ARGV[0]) THEN \
+             RETURN NULL; \
+           END IF; \
            IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND OLD.path IS DISTINCT FROM NEW.path) THEN \
-             msg := json_build_object('path', OLD.path)::text; \
-             IF octet_length(msg) >= {MAX_PAYLOAD} THEN \
-               msg := '{{\"reset\": \"path too long for a notification\"}}'; \
-             END IF; \
-             PERFORM pg_notify(TG_ARGV[0], msg); \
+             {notify_old} \
            END IF; \
            IF TG_OP <> 'DELETE' THEN \
-             msg := json_build_object('path', NEW.path, 'etag', NEW.etag)::text; \
-             IF octet_length(msg) >= {MAX_PAYLOAD} THEN \
-               msg := json_build_object('path', NEW.path)::text; \
-             END IF; \
-             IF octet_length(msg) >= {MAX_PAYLOAD} THEN \
-               msg := '{{\"reset\": \"path too long for a notification\"}}'; \
-             END IF; \
-             PERFORM pg_notify(TG_ARGV[0], msg); \
+             {notify_new} \
            END IF; \
            RETURN NULL; \
          END $body$; \
@@ -251,6 +319,11 @@ fn schema(t: &str, channel: &str) -> String {
            FOR EACH ROW EXECUTE FUNCTION {TRIGGER}('{channel}'); \
          CREATE OR REPLACE TRIGGER {TRIGGER}_truncate AFTER TRUNCATE ON {t} \
            FOR EACH STATEMENT EXECUTE FUNCTION {TRIGGER}('{channel}'); \
+         DROP TRIGGER IF EXISTS {OLD_TRIGGER} ON {t}; \
+         DROP TRIGGER IF EXISTS {OLD_TRIGGER}_truncate ON {t}; \
+         EXCEPTION WHEN insufficient_privilege THEN \
+           IF NOT {old} THEN RAISE; END IF; \
+         END; \
          END IF; \
          END $mdcache$"
     )
