@@ -40,7 +40,7 @@ const CONNECT_FAILED: &str = "tcp connect error";
 
 /// The longest wait between two tries of a request that found an endpoint
 /// dead.
-const MAX_FAILOVER_DELAY: Duration = Duration::from_millis(100);
+const MAX_FAILOVER_DELAY: Duration = Duration::from_millis(50);
 
 /// gRPC status codes (the numbers are fixed by the gRPC specification).
 mod code {
@@ -208,8 +208,10 @@ impl Conn {
 
     /// Runs `call`, and again while it fails because the endpoint it was
     /// sent to cannot be connected to (the request never left), for up to
-    /// half the timeout, when there are other endpoints to try: the client
-    /// spreads requests over every endpoint, and keeps trying a dead one.
+    /// three quarters of the timeout (the rest is for the call that gets
+    /// through), when there are other endpoints to try: the client spreads
+    /// requests over every endpoint, and keeps trying a dead one, so a
+    /// call may find dead ones many times in a row on a busy machine.
     async fn failing_over<T, F, Fut>(
         &self,
         call: &mut F,
@@ -218,7 +220,7 @@ impl Conn {
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
-        let give_up = tokio::time::Instant::now() + self.timeout / 2;
+        let give_up = tokio::time::Instant::now() + self.timeout * 3 / 4;
         let mut delay = Duration::from_millis(1);
         loop {
             match call(self.client.clone()).await {

@@ -49,7 +49,7 @@ const BACKEND: &str = "etcd";
 ///   for IPv6), spoken to over HTTP/2. Requests are spread over the
 ///   endpoints; one that finds its endpoint dead (the connection refused or
 ///   unreachable, so nothing was sent) is sent again, to another, for up to
-///   half the timeout.
+///   three quarters of the timeout.
 /// * `cacert`, `cert`, `key` (etcdctl's names): TLS is on when `cacert`
 ///   names the CA file (PEM) that signed the servers' certificates, which
 ///   must be valid for the host names (or addresses) of the endpoints.
