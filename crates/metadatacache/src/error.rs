@@ -3,6 +3,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use crate::storage::download::DownloadResponse;
+
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -78,6 +80,9 @@ pub struct Error {
     path: Option<String>,
     backend: Option<&'static str>,
     source: Option<Source>,
+    /// The version that refused a compare-and-swap, where the backend read
+    /// it in the same step.
+    current: Option<Box<DownloadResponse>>,
 }
 
 impl Error {
@@ -89,6 +94,7 @@ impl Error {
             path: None,
             backend: None,
             source: None,
+            current: None,
         }
     }
 
@@ -167,8 +173,30 @@ impl Error {
         self.backend
     }
 
-    /// A copy for a second recipient: same kind, message, path and backend;
-    /// the source is kept as text (sources cannot be cloned).
+    /// Attaches the version that storage holds, as a download would return
+    /// it, to a conflict: a backend that reads it in the same atomic step
+    /// that refused a compare-and-swap (see
+    /// [`Capabilities::current_on_conflict`](crate::Capabilities::current_on_conflict))
+    /// spares the writer the read it would make next.
+    pub fn with_current(mut self, current: DownloadResponse) -> Self {
+        self.current = Some(Box::new(current));
+        self
+    }
+
+    /// The version attached by [`with_current`](Self::with_current): what
+    /// storage held when it refused this compare-and-swap.
+    pub fn current(&self) -> Option<&DownloadResponse> {
+        self.current.as_deref()
+    }
+
+    /// Takes the version attached by [`with_current`](Self::with_current).
+    pub fn take_current(&mut self) -> Option<DownloadResponse> {
+        self.current.take().map(|c| *c)
+    }
+
+    /// A copy for a second recipient: same kind, message, path, backend and
+    /// attached version; the source is kept as text (sources cannot be
+    /// cloned).
     pub fn duplicate(&self) -> Error {
         let mut e = Error::new(self.kind, self.message.clone());
         e.path.clone_from(&self.path);
@@ -176,6 +204,7 @@ impl Error {
         if let Some(source) = &self.source {
             e.source = Some(source.to_string().into());
         }
+        e.current.clone_from(&self.current);
         e
     }
 
@@ -235,6 +264,9 @@ impl fmt::Debug for Error {
         }
         if let Some(source) = &self.source {
             d.field("source", source);
+        }
+        if let Some(current) = &self.current {
+            d.field("current", current);
         }
         d.finish()
     }

@@ -93,7 +93,8 @@
 //! With the cargo feature `metrics`, every counter of [`Stats`] and two
 //! latency histograms go through the [`metrics`](https://docs.rs/metrics)
 //! facade, labelled with the backend: `metadatacache_<counter>_total`
-//! (`downloads`, `not_modified`, `uploads`, `conflicts`, `retries`,
+//! (`downloads`, `not_modified`, `uploads`, `conflicts`,
+//! `conflict_versions`, `retries`,
 //! `give_ups`, `lost_replies`, `lost_replies_settled`, `read_retries`,
 //! `hits`, `watch_gaps`), `metadatacache_operation_seconds{op, outcome}`
 //! (`get`, `update`, `remove`, `reset`) and

@@ -119,32 +119,6 @@ impl DownloadRequest {
     }
 }
 
-/// What a successful download returns.
-#[derive(Clone, PartialEq, Eq)]
-pub struct DownloadResponse {
-    /// The stored bytes.
-    pub content: Bytes,
-    /// The etag of this version.
-    pub etag: String,
-    /// Its modification time.
-    pub mtime: SystemTime,
-    /// The [`UploadRequest::write_token`] of the write that made this
-    /// version, on backends that store one ([`Capabilities::write_tokens`]);
-    /// `None` elsewhere.
-    pub write_token: Option<String>,
-}
-
-impl fmt::Debug for DownloadResponse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DownloadResponse")
-            .field("content", &format_args!("<{} bytes>", self.content.len()))
-            .field("etag", &self.etag)
-            .field("mtime", &self.mtime)
-            .field("write_token", &self.write_token)
-            .finish()
-    }
-}
-
 /// Whether a path names a document or a directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EntryKind {
@@ -190,61 +164,6 @@ impl FileInfo {
     pub fn is_dir(&self) -> bool {
         self.kind == EntryKind::Dir
     }
-}
-
-/// What a [`Storage`] can do beyond the operations every backend has.
-///
-/// A store and the conformance suite rely only on what a backend declares
-/// here. New fields may be added; build a value from
-/// [`Capabilities::default`] (nothing declared) and set what holds:
-///
-/// ```
-/// let mut caps = metadatacache::Capabilities::default();
-/// caps.unique_etags = true;
-/// assert!(!caps.write_tokens);
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Capabilities {
-    /// Every version gets an etag the path never had before, also after a
-    /// delete and a re-create: once the etag moved away from `e`, no write
-    /// with `if_match: e` can ever succeed again. Revision numbers (etcd,
-    /// NATS) and writer-chosen unique etags (memory, PostgreSQL) have this;
-    /// content hashes (disk, S3) do not, since equal content has an equal
-    /// etag. With it, a store may resend a write whose reply was lost: of
-    /// all copies, at most one can land.
-    pub unique_etags: bool,
-    /// The backend stores [`UploadRequest::write_token`] with the version
-    /// it writes and returns it in [`DownloadResponse::write_token`], so a
-    /// writer whose reply was lost can see that its write landed.
-    pub write_tokens: bool,
-    /// [`Storage::delete_if_match`] is checked by the server atomically
-    /// with the delete (never a read followed by an unconditional delete).
-    pub conditional_delete: bool,
-    /// The backend can report changes to documents as they happen.
-    pub notifications: bool,
-    /// [`Storage::upload_many`] and [`Storage::download_many`] send several
-    /// requests in one round trip, so a store combines the concurrent
-    /// writes, and reads, of different keys into them.
-    pub combined_calls: bool,
-    /// Directories are stored: [`Storage::make_dir_if_not_exist`] creates
-    /// one that exists (and is listed) while empty. Elsewhere a directory
-    /// exists only while a document lies below it.
-    pub directories: bool,
-}
-
-impl Capabilities {
-    /// What a backend that keeps versions on its server offers: etags that
-    /// never repeat, stored write tokens, and conditional deletes checked
-    /// with the delete.
-    pub const VERSIONED: Capabilities = Capabilities {
-        unique_etags: true,
-        write_tokens: true,
-        conditional_delete: true,
-        notifications: false,
-        directories: false,
-        combined_calls: false,
-    };
 }
 
 /// A storage of byte documents at slash-separated paths, each with an etag that
@@ -467,14 +386,19 @@ pub trait Storage: Send + Sync + fmt::Debug {
     }
 }
 
+mod capabilities;
 mod change;
+pub(crate) mod download;
 mod path;
 mod precondition;
 mod token;
 
+pub use self::capabilities::Capabilities;
 pub use self::change::{Change, ChangeSender, ChangeStream};
+pub use self::download::DownloadResponse;
 pub use self::path::{MAX_PATH_LEN, MAX_SEGMENT_LEN, parent, validate_path};
 pub(crate) use self::path::{is_within, join};
+pub(crate) use self::precondition::with_current;
 pub use self::precondition::{check_delete_precondition, check_upload_preconditions};
 pub use self::token::new_write_token;
 

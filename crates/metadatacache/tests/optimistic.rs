@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use metadatacache::testing::FaultyStorage;
 use metadatacache::{Error, ErrorKind, MemoryStorage, Options, RetryPolicy, Storage, Store};
 
 fn counter(storage: &Arc<dyn Storage>, optimistic: bool) -> Store<String, u64> {
@@ -58,9 +59,15 @@ async fn a_key_written_here_last_costs_one_round_trip() {
     assert_eq!(stored(&storage).await, 22);
 }
 
+/// A storage whose refused writes do not bring back the stored version.
+fn without_conflict_versions() -> Arc<dyn Storage> {
+    let memory: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    Arc::new(FaultyStorage::new(memory, 1).conflict_versions(false))
+}
+
 #[tokio::test]
 async fn a_stale_cache_never_loses_another_replicas_write() {
-    let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let storage = without_conflict_versions();
     let (a, b) = (counter(&storage, true), counter(&storage, true));
     increment(&a).await;
     for _ in 0..5 {
@@ -80,6 +87,41 @@ async fn a_stale_cache_never_loses_another_replicas_write() {
     assert_eq!((reads(&a), a.stats().conflicts), (before.0 + 1, before.1));
     assert_eq!(stored(&storage).await, 9);
     assert_eq!(a.get("n".into()).await.unwrap().as_deref(), Some(&9));
+}
+
+/// The refusal of a write from a stale cache brings back the version that
+/// refused it (memory declares `current_on_conflict`): the update is
+/// applied to it without a read, and nothing is lost.
+#[tokio::test]
+async fn a_refused_write_brings_back_the_version_to_apply_to() {
+    let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    assert!(storage.capabilities().current_on_conflict);
+    let (a, b) = (counter(&storage, true), counter(&storage, true));
+    increment(&a).await;
+    for _ in 0..5 {
+        increment(&b).await;
+    }
+    let before = (reads(&a), a.stats().uploads);
+    increment(&a).await;
+    assert_eq!(stored(&storage).await, 7);
+    let stats = a.stats();
+    assert_eq!((stats.conflicts, stats.conflict_versions), (1, 1));
+    assert_eq!(
+        (reads(&a), stats.uploads),
+        (before.0, before.1 + 2),
+        "the refused write and the one that landed, and no read between"
+    );
+    assert_eq!(a.get("n".into()).await.unwrap().as_deref(), Some(&7));
+
+    // Found changed elsewhere, the key is still written from the cache
+    // first: a refusal costs no more round trips than a read would.
+    increment(&b).await;
+    let before = (reads(&a), a.stats().uploads);
+    increment(&a).await;
+    assert_eq!(stored(&storage).await, 9);
+    let stats = a.stats();
+    assert_eq!((stats.conflicts, stats.conflict_versions), (2, 2));
+    assert_eq!((reads(&a), stats.uploads), (before.0, before.1 + 2));
 }
 
 #[tokio::test]

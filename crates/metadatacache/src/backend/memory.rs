@@ -11,7 +11,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
     Capabilities, Change, ChangeSender, ChangeStream, DownloadRequest, DownloadResponse, EntryKind,
     FileInfo, Storage, UploadRequest, UploadResponse, check_delete_precondition,
-    check_upload_preconditions, is_within, join, parent, validate_path,
+    check_upload_preconditions, is_within, join, parent, validate_path, with_current,
 };
 
 /// Storage kept in this process's memory.
@@ -52,6 +52,17 @@ struct Doc {
     etag: String,
     mtime: SystemTime,
     write_token: Option<String>,
+}
+
+impl Doc {
+    fn response(&self) -> DownloadResponse {
+        DownloadResponse {
+            content: self.content.clone(),
+            etag: self.etag.clone(),
+            mtime: self.mtime,
+            write_token: self.write_token.clone(),
+        }
+    }
 }
 
 const BACKEND: &str = "memory";
@@ -142,12 +153,13 @@ impl Storage for MemoryStorage {
         BACKEND
     }
 
-    /// Version-counter etags, write tokens, atomic conditional deletes and
-    /// stored directories.
+    /// Version-counter etags, write tokens, atomic conditional deletes,
+    /// stored directories and the current version on a conflict.
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             directories: true,
             notifications: true,
+            current_on_conflict: true,
             ..Capabilities::VERSIONED
         }
     }
@@ -164,7 +176,10 @@ impl Storage for MemoryStorage {
             .files
             .get(&req.path)
             .map(|d| (d.etag.as_str(), d.mtime));
-        check_upload_preconditions(&req, current).map_err(tag)?;
+        if let Err(e) = check_upload_preconditions(&req, current) {
+            let doc = state.files.get(&req.path);
+            return Err(tag(with_current(e, || doc.map(Doc::response))));
+        }
         if current.is_none() {
             state.check_placement(&req.path).map_err(tag)?;
         }
@@ -196,12 +211,7 @@ impl Storage for MemoryStorage {
                 Error::new(ErrorKind::NotModified, "etag unchanged").with_path(&req.path)
             ));
         }
-        Ok(DownloadResponse {
-            content: doc.content.clone(),
-            etag: doc.etag.clone(),
-            mtime: doc.mtime,
-            write_token: doc.write_token.clone(),
-        })
+        Ok(doc.response())
     }
 
     async fn delete_if_match(&self, path: &str, if_match: Option<&str>) -> Result<()> {

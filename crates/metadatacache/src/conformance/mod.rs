@@ -36,6 +36,7 @@ pub async fn run_all(storage: Arc<dyn Storage>, dir: &str) {
     if_unmodified_since(s, dir).await;
     not_modified(s, dir).await;
     not_found(s, dir).await;
+    current_on_conflict(s, dir).await;
     if caps.conditional_delete {
         delete_if_match(s, dir).await;
     } else {
@@ -61,9 +62,11 @@ pub async fn run_all(storage: Arc<dyn Storage>, dir: &str) {
     race_stores(storage, dir, 2, 4, 50).await;
 }
 
+mod current;
 mod many;
 mod races;
 
+pub use self::current::current_on_conflict;
 pub use self::many::{download_many, upload_many};
 pub use self::races::{race_raw_cas, race_remove_recreate, race_stores};
 

@@ -3,8 +3,26 @@
 
 use std::time::SystemTime;
 
-use super::UploadRequest;
+use super::{DownloadResponse, UploadRequest};
 use crate::error::{Error, ErrorKind, Result};
+
+/// `e`, with the stored version that refused the write attached when `e`
+/// says another version is stored (`PreconditionFailed`, `AlreadyExists`;
+/// see [`Capabilities::current_on_conflict`](super::Capabilities::current_on_conflict));
+/// `current` is called only then. An `Aborted` write (the document changed
+/// while it was checked) gets none: what was read does not explain it.
+pub(crate) fn with_current(e: Error, current: impl FnOnce() -> Option<DownloadResponse>) -> Error {
+    if !matches!(
+        e.kind(),
+        ErrorKind::PreconditionFailed | ErrorKind::AlreadyExists
+    ) {
+        return e;
+    }
+    match current() {
+        Some(c) => e.with_current(c),
+        None => e,
+    }
+}
 
 /// Checks the preconditions of `req` against the current state of the
 /// document (`None` when absent). Backends that can read and write under one

@@ -29,7 +29,8 @@ pub(super) struct Cached<V> {
     /// entry began (see [`Watch`](super::watch::Watch)).
     pub(super) watch_seq: u64,
     /// The round trip that made this entry found a version written
-    /// elsewhere: the next update revalidates before it writes (see
+    /// elsewhere: the next update revalidates before it writes, unless a
+    /// refused write brings the stored version back (see
     /// [`Options::optimistic_writes`](crate::Options::optimistic_writes)).
     pub(super) changed_elsewhere: bool,
     referenced: bool,
@@ -53,6 +54,15 @@ impl<V> Cached<V> {
             changed_elsewhere: false,
             referenced: false,
         }
+    }
+
+    /// Whether an update may write from this entry without revalidating it
+    /// (see [`Options::optimistic_writes`](crate::Options::optimistic_writes)):
+    /// nothing asked for a revalidation, and the last round trip found no
+    /// other writer, or a refusal brings the stored version back
+    /// (`versions`), which costs the round trip a read would.
+    pub(super) fn writable_unread(&self, versions: bool) -> bool {
+        !self.must_revalidate && (versions || !self.changed_elsewhere)
     }
 }
 

@@ -352,18 +352,24 @@ where
                     batch.requeue_all();
                 }
                 // The cached version was not the stored one any more:
-                // revalidate and run `f` again, without backing off (no
-                // attempt was spent on a confirmed value).
+                // revalidate (unless the refusal brought back the stored
+                // version, cached now as if read when the write began) and
+                // run `f` again, without backing off.
                 Err(e) if unconfirmed && (e.is_conflict() || e.kind() == ErrorKind::NotFound) => {
                     self.inner.counters.bump(Counter::Conflicts);
-                    if let Some(c) = self.inner.cache().get_mut(g.key()) {
+                    if g.refreshed.take().is_none()
+                        && let Some(c) = self.inner.cache().get_mut(g.key())
+                    {
                         c.must_revalidate = true;
                     }
                     unconfirmed = false;
                 }
                 // A compare-and-swap on a document deleted meanwhile: sync
                 // again (and create it, if allowed) like any conflict.
+                // After the backoff, a read gets a fresher version than
+                // the one a refusal brought back.
                 Err(e) if e.is_conflict() || (had_etag && e.kind() == ErrorKind::NotFound) => {
+                    g.refreshed = None;
                     if let Err(e) = self.after_conflict("update", g, call, attempt, e).await {
                         break Err(e);
                     }
@@ -390,18 +396,15 @@ where
         res
     }
 
-    /// Whether an update (and the batch it leads) may start from the cached
-    /// value without revalidating it (see [`Options::optimistic_writes`](crate::Options::optimistic_writes)):
-    /// the key is cached, its last round trip found no other writer, and no
-    /// watch can confirm the entry for free.
+    /// Whether an update (and its batch) may start from the cached value
+    /// without revalidating it, as [`Options::optimistic_writes`](crate::Options::optimistic_writes)
+    /// says; never when a watch can confirm the entry for free.
     fn may_write_optimistically(&self, g: &KeyGuard<K, V>) -> bool {
         let inner = &self.inner;
+        let versions = inner.opts.storage.capabilities().current_on_conflict;
         inner.opts.optimistic
             && inner.watch.is_none()
-            && inner
-                .cache()
-                .get(g.key())
-                .is_some_and(|c| !c.must_revalidate && !c.changed_elsewhere)
+            && (inner.cache().get(g.key())).is_some_and(|c| c.writable_unread(versions))
     }
 
     /// The value an update's `f` starts from: the committed one, else
@@ -461,8 +464,7 @@ where
         match ask(w, input, basis).await {
             Some(Reply::Changed(_)) => {
                 // It wants to write after all, on the committed value: it
-                // goes to the next batch, which starts from what this one
-                // commits.
+                // goes to the next batch, which starts from this one's.
                 let _ = w.tx.send(ToWaiter::Requeue);
                 false
             }

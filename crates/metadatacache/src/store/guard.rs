@@ -51,6 +51,10 @@ pub struct KeyGuard<K: Eq + Hash + Clone, V> {
     lock: KeyLockGuard<K, Waiter<V>>,
     pub(super) path: String,
     pub(super) staged: Option<Arc<V>>,
+    /// When the write that brought the cached version back began: a
+    /// refused compare-and-swap that returned the version it found (see
+    /// [`Error::current`](crate::Error::current)).
+    pub(super) refreshed: Option<Instant>,
 }
 
 impl<K: Eq + Hash + Clone + fmt::Display, V> fmt::Debug for KeyGuard<K, V> {
@@ -74,6 +78,7 @@ where
             lock,
             path,
             staged: None,
+            refreshed: None,
         }
     }
 

@@ -168,9 +168,12 @@ impl<K, V> Options<K, V> {
     /// it lands only if storage still holds that version. When it does not
     /// (another replica wrote), or when `f` wants no write or fails on the
     /// unconfirmed value, the update revalidates and runs `f` again on what
-    /// storage holds, so no outcome is ever decided on stale data. A key
-    /// found changed elsewhere is revalidated first on its next update, until
-    /// a revalidation finds it unchanged again. A batch (see
+    /// storage holds, so no outcome is ever decided on stale data. Where a
+    /// refused write brings back the stored version
+    /// ([`Capabilities::current_on_conflict`](crate::Capabilities::current_on_conflict)),
+    /// `f` runs again on that version without a read. Elsewhere a key found
+    /// changed elsewhere is revalidated first on its next update, until a
+    /// revalidation finds it unchanged again. A batch (see
     /// [`batching`](Self::batching)) writes from the cached version the same
     /// way; a member that decides without a write on that version waits for
     /// the batch's write, and its decision stands only if the write lands.

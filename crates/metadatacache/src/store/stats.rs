@@ -17,6 +17,10 @@ pub struct Stats {
     pub uploads: u64,
     /// Uploads or deletes rejected because another writer got there first.
     pub conflicts: u64,
+    /// Rejected uploads that brought back the version that refused them
+    /// (see [`Capabilities::current_on_conflict`](crate::Capabilities::current_on_conflict)),
+    /// which was cached without a download.
+    pub conflict_versions: u64,
     /// Attempts started again after a conflict.
     pub retries: u64,
     /// Operations that ran out of attempts or time.
@@ -48,9 +52,10 @@ pub(super) enum Counter {
     LostReplies,
     LostRepliesSettled,
     ReadRetries,
+    ConflictVersions,
 }
 
-const COUNTERS: usize = 10;
+const COUNTERS: usize = 11;
 
 impl Counter {
     /// The metric each counter feeds (cargo feature `metrics`).
@@ -67,6 +72,7 @@ impl Counter {
             Counter::LostReplies => "metadatacache_lost_replies_total",
             Counter::LostRepliesSettled => "metadatacache_lost_replies_settled_total",
             Counter::ReadRetries => "metadatacache_read_retries_total",
+            Counter::ConflictVersions => "metadatacache_conflict_versions_total",
         }
     }
 }
@@ -103,6 +109,7 @@ impl Counters {
             not_modified: get(Counter::NotModified),
             uploads: get(Counter::Uploads),
             conflicts: get(Counter::Conflicts),
+            conflict_versions: get(Counter::ConflictVersions),
             retries: get(Counter::Retries),
             give_ups: get(Counter::GiveUps),
             lost_replies: get(Counter::LostReplies),

@@ -11,9 +11,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::KeyGuard;
+use super::guard::Began;
 use super::stats::{self, Counter};
 use crate::error::{Error, ErrorKind, Result};
-use crate::storage::{DownloadRequest, UploadRequest, new_write_token, parent};
+use crate::storage::{DownloadRequest, DownloadResponse, UploadRequest, new_write_token, parent};
 
 /// How often a write whose reply was lost is sent again to fence it (see
 /// [`KeyGuard::settle_lost_write`]).
@@ -109,8 +110,32 @@ where
                     None => Err(e),
                 }
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                if let Some(current) = e.current().filter(|_| e.is_conflict()) {
+                    self.install_current(current, start);
+                }
+                Err(e)
+            }
         }
+    }
+
+    /// Caches the version that refused a write (began at `start`), as a
+    /// download of it would, when it decodes; a value set on the guard was
+    /// meant for the version that lost.
+    fn install_current(&mut self, current: &DownloadResponse, start: Began) {
+        let inner = &self.store.inner;
+        let Ok(value) = inner.opts.codec.decode(&current.content) else {
+            // The next read reports what is wrong with it.
+            return;
+        };
+        self.staged = None;
+        let size = current.content.len();
+        self.commit(Arc::new(value), current.etag.as_str().into(), start, size);
+        if let Some(c) = inner.cache().get_mut(self.key()) {
+            c.changed_elsewhere = true;
+        }
+        inner.counters.bump(Counter::ConflictVersions);
+        self.refreshed = Some(start.at);
     }
 
     /// After a write whose reply was lost: `Some(etag)` when it certainly

@@ -1,6 +1,7 @@
 //! [`RecordingStorage`] as a [`Storage`]: every call passes to the storage
 //! it wraps, and each upload and download (also within `upload_many` and
-//! `download_many`) becomes an [`Event`].
+//! `download_many`) becomes an [`Event`]; so does the stored version a
+//! refused upload brings back, as a read.
 
 use async_trait::async_trait;
 
@@ -53,11 +54,30 @@ fn read_event(req: &DownloadRequest) -> Event {
 }
 
 impl RecordingStorage {
+    /// Records the write; a refusal that brought back the stored version
+    /// (see [`Error::current`](crate::Error::current)) also counts as a read
+    /// of it within the write's call.
     fn end_write(&self, mut e: Event, res: &Result<UploadResponse>) {
         e.t1 = now_ns();
         e.outcome = outcome(res).into();
         e.etag = res.as_ref().ok().map(|r| r.etag.clone());
+        let found = res
+            .as_ref()
+            .err()
+            .and_then(|err| err.current())
+            .map(|c| Event {
+                op: "r".into(),
+                pre: None,
+                create: false,
+                etag: Some(c.etag.clone()),
+                value: Some(text(&c.content)),
+                outcome: "ok".into(),
+                ..e.clone()
+            });
         self.record(e);
+        if let Some(read) = found {
+            self.record(read);
+        }
     }
 
     fn end_read(&self, mut e: Event, res: &Result<DownloadResponse>) {

@@ -7,17 +7,17 @@
 
 use std::time::SystemTime;
 
-use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Txn, TxnOp, TxnOpResponse};
 
 use super::client::kvs_at;
 use super::layout::{check_path, encode_meta, etag, etag_is};
 use super::write::current_of;
-use super::{EtcdStorage, answer, tag};
+use super::{EtcdStorage, answer, response, tag};
 use crate::backend::combine::{Limits, combined, each_failed, plain_update};
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
     DownloadRequest, DownloadResponse, Storage, UploadRequest, UploadResponse,
-    check_upload_preconditions,
+    check_upload_preconditions, with_current,
 };
 
 /// One transaction carries at most this many updates (a nested transaction
@@ -67,10 +67,8 @@ impl EtcdStorage {
                         TxnOp::put(doc.as_str(), req.content.to_vec(), None),
                         TxnOp::put(meta.as_str(), encode_meta(*mtime, token), None),
                     ])
-                    .or_else([
-                        TxnOp::get(doc, Some(GetOptions::new().with_keys_only())),
-                        TxnOp::get(meta, None),
-                    ]),
+                    // What refused it, returned with the refusal.
+                    .or_else([TxnOp::get(doc, None), TxnOp::get(meta, None)]),
             )
         });
         let txn = Txn::new().and_then(each.collect::<Vec<_>>());
@@ -91,14 +89,16 @@ impl EtcdStorage {
                     let mut ops = t.op_responses();
                     let doc = kvs_at(&mut ops, 0).into_iter().next();
                     let meta = kvs_at(&mut ops, 1).into_iter().next();
-                    let current = current_of(doc.map(|d| (d, meta)).as_ref());
+                    let state = doc.map(|d| (d, meta));
+                    let current = current_of(state.as_ref());
                     let current = current.as_ref().map(|(e, m)| (e.as_str(), *m));
-                    Err(tag(check_upload_preconditions(req, current)
+                    let refused = check_upload_preconditions(req, current)
                         .err()
                         .unwrap_or_else(|| {
                             Error::new(ErrorKind::Aborted, "the document changed concurrently")
-                        })
-                        .with_path(path)))
+                        });
+                    let refused = with_current(refused, || state.map(|(d, m)| response(d, m)));
+                    Err(tag(refused.with_path(path)))
                 }
                 // Written, but without the revision there is no etag to
                 // return; or an answer that does not fit the request: the

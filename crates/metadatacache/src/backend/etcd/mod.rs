@@ -208,15 +208,22 @@ fn answer(
             Error::new(ErrorKind::NotModified, "etag unchanged").with_path(path)
         ));
     }
+    Ok(response(doc, meta))
+}
+
+/// A document as a download returns it, from its key (read with its value)
+/// and its metadata key.
+fn response(doc: KeyValue, meta: Option<KeyValue>) -> DownloadResponse {
+    let etag = etag(doc.mod_revision());
     let mtime = mtime_of(&doc, meta.as_ref()).unwrap_or(SystemTime::UNIX_EPOCH);
     let write_token = token_of(&doc, meta.as_ref());
     let (_, value) = doc.into_key_value();
-    Ok(DownloadResponse {
+    DownloadResponse {
         content: Bytes::from(value),
         etag,
         mtime,
         write_token,
-    })
+    }
 }
 
 fn tag(e: Error) -> Error {
@@ -237,6 +244,7 @@ impl Storage for EtcdStorage {
         Capabilities {
             notifications: true,
             combined_calls: true,
+            current_on_conflict: true,
             ..Capabilities::VERSIONED
         }
     }

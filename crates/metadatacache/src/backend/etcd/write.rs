@@ -8,9 +8,9 @@ use super::client::{count_at, kvs_at};
 use super::layout::{
     absent, ancestors, check_path, encode_meta, etag, etag_is, exists, mtime_of, revision,
 };
-use super::{EtcdStorage, tag};
+use super::{EtcdStorage, response, tag};
 use crate::error::{Error, ErrorKind, Result};
-use crate::storage::{UploadRequest, UploadResponse, check_upload_preconditions};
+use crate::storage::{UploadRequest, UploadResponse, check_upload_preconditions, with_current};
 
 /// How often an upload with `if_unmodified_since` re-reads and retries
 /// when the document changes between its check and its write.
@@ -46,9 +46,10 @@ impl EtcdStorage {
         compares.push(absent(&under_key).with_prefix());
         compares.extend(ancestors(path).map(|a| absent(&self.layout.doc(a))));
 
-        // The else-branch reads what the compares saw.
+        // The else-branch reads what the compares saw, the document with
+        // its value, which a refused write returns.
         let mut on_failure = vec![
-            TxnOp::get(doc_key.as_str(), Some(GetOptions::new().with_keys_only())),
+            TxnOp::get(doc_key.as_str(), None),
             TxnOp::get(meta_key.as_str(), None),
             TxnOp::get(
                 under_key.as_str(),
@@ -110,8 +111,11 @@ impl EtcdStorage {
             let meta = kvs_at(&mut ops, 1).into_iter().next();
             let state = doc.map(|d| (d, meta));
             let current = current_of(state.as_ref());
-            check_upload_preconditions(&req, current.as_ref().map(|(e, m)| (e.as_str(), *m)))
-                .map_err(tag)?;
+            if let Err(e) =
+                check_upload_preconditions(&req, current.as_ref().map(|(e, m)| (e.as_str(), *m)))
+            {
+                return Err(tag(with_current(e, || state.map(|(d, m)| response(d, m)))));
+            }
             if count_at(&ops, 2) > 0 {
                 return Err(tag(Error::invalid_input(
                     "documents lie below this path (it is a directory)",

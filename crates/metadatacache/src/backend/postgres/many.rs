@@ -4,15 +4,14 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
-use bytes::Bytes;
-
 use super::client::{Conn, Failure, Params};
+use super::write::response;
 use super::{PostgresStorage, tag};
 use crate::backend::combine::{Limits, combined, each_failed, plain_update};
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
     DownloadRequest, DownloadResponse, Storage, UploadRequest, UploadResponse,
-    check_upload_preconditions, validate_path,
+    check_upload_preconditions, validate_path, with_current,
 };
 
 /// One statement carries at most this many updates and content bytes.
@@ -89,18 +88,16 @@ impl PostgresStorage {
                 mtime: *mtime,
             }),
             Some(Row::Current(current)) => {
-                let current = current.as_ref().map(|(e, m)| (e.as_str(), *m));
-                Err(tag(
-                    check_upload_preconditions(req, current)
-                        .err()
-                        .unwrap_or_else(|| {
-                            Error::new(
-                                ErrorKind::Aborted,
-                                "the document changed concurrently; nothing was written",
-                            )
-                        }),
-                    &req.path,
-                ))
+                let seen = current.as_ref().map(|c| (c.etag.as_str(), c.mtime));
+                let refused = check_upload_preconditions(req, seen)
+                    .err()
+                    .unwrap_or_else(|| {
+                        Error::new(
+                            ErrorKind::Aborted,
+                            "the document changed concurrently; nothing was written",
+                        )
+                    });
+                Err(tag(with_current(refused, || current.clone()), &req.path))
             }
             None => Err(tag(
                 Error::new(
@@ -198,13 +195,9 @@ impl PostgresStorage {
         paths
             .iter()
             .map(|path| match found.remove(*path) {
-                Some((Some(etag), Some(mtime), Some(content))) => Ok(DownloadResponse {
-                    content: Bytes::from(content),
-                    // The etag is the token of the write that made the version.
-                    write_token: Some(etag.clone()),
-                    etag,
-                    mtime,
-                }),
+                Some((Some(etag), Some(mtime), Some(content))) => {
+                    Ok(response(etag, mtime, content))
+                }
                 Some((Some(_), Some(_), None)) => Err(tag(
                     Error::new(ErrorKind::NotModified, "etag unchanged"),
                     path,
@@ -220,7 +213,7 @@ enum Row {
     /// Written, with this mtime.
     Written(SystemTime),
     /// Not written; the version the statement saw, if any.
-    Current(Option<(String, SystemTime)>),
+    Current(Option<DownloadResponse>),
 }
 
 fn read_rows(rows: &[tokio_postgres::Row]) -> std::result::Result<HashMap<String, Row>, Failure> {
@@ -230,9 +223,13 @@ fn read_rows(rows: &[tokio_postgres::Row]) -> std::result::Result<HashMap<String
         let written: Option<SystemTime> = row.try_get(1).map_err(Failure::Pg)?;
         let etag: Option<String> = row.try_get(2).map_err(Failure::Pg)?;
         let mtime: Option<SystemTime> = row.try_get(3).map_err(Failure::Pg)?;
-        let state = match written {
-            Some(mtime) => Row::Written(mtime),
-            None => Row::Current(etag.zip(mtime)),
+        let content: Option<Vec<u8>> = row.try_get(4).map_err(Failure::Pg)?;
+        let state = match (written, etag, mtime, content) {
+            (Some(mtime), ..) => Row::Written(mtime),
+            (None, Some(etag), Some(mtime), Some(content)) => {
+                Row::Current(Some(response(etag, mtime, content)))
+            }
+            _ => Row::Current(None),
         };
         found.insert(path, state);
     }

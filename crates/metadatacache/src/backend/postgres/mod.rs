@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use deadpool_postgres::Pool;
 use tokio::time::Instant;
 use tokio_postgres::Row;
@@ -303,6 +302,7 @@ impl Storage for PostgresStorage {
         Capabilities {
             notifications: true,
             combined_calls: true,
+            current_on_conflict: true,
             ..Capabilities::VERSIONED
         }
     }
@@ -381,13 +381,7 @@ impl Storage for PostgresStorage {
             ))
         };
         match decode() {
-            Ok((etag, mtime, Some(content))) => Ok(DownloadResponse {
-                content: Bytes::from(content),
-                // The etag is the token of the write that made the version.
-                write_token: Some(etag.clone()),
-                etag,
-                mtime,
-            }),
+            Ok((etag, mtime, Some(content))) => Ok(write::response(etag, mtime, content)),
             Ok((_, _, None)) => Err(tag(
                 Error::new(ErrorKind::NotModified, "etag unchanged"),
                 path,

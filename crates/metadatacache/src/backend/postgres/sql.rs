@@ -56,13 +56,15 @@ pub(super) struct Sql {
     /// which first locks their rows in path order, so that two such
     /// statements over the same rows never deadlock. $1 paths, $2 contents, $3 etags, $4 mtimes (NULL: now), $5 if-match
     /// etags. One row per path: its new mtime when written; when not, its
-    /// current etag and mtime (NULL when absent), as the statement saw them.
+    /// current etag, mtime and content (NULL when absent), as the statement
+    /// saw them.
     pub(super) update_many: String,
     /// Insert, or update when the preconditions hold. $1..$7 as
     /// `insert_new`, $8 if-none-match etags, $9 if-unmodified-since or NULL.
     pub(super) upsert: String,
-    /// Why a write changed nothing: current etag and mtime (NULL when absent)
-    /// and whether a parent document or a path below is in the way.
+    /// Why a write changed nothing: current etag and mtime (NULL when absent),
+    /// whether a parent document or a path below is in the way, and the
+    /// current content.
     /// $1 path, $2 parents, $3/$4 the range below.
     pub(super) probe: String,
     /// Etag, mtime and — unless the etag is in $2 — the content of $1.
@@ -150,7 +152,7 @@ impl Sql {
                        FROM v, l WHERE l.path = v.path AND d.path = v.path \
                          AND d.etag = v.if_match \
                        RETURNING d.path, d.mtime) \
-                 SELECT v.path, u.mtime, c.etag, c.mtime FROM v \
+                 SELECT v.path, u.mtime, c.etag, c.mtime, c.content FROM v \
                  LEFT JOIN u ON u.path = v.path \
                  LEFT JOIN {t} c ON u.path IS NULL AND c.path = v.path"
             ),
@@ -162,7 +164,7 @@ impl Sql {
                  RETURNING mtime"
             ),
             probe: format!(
-                "SELECT c.etag, c.mtime, {} \
+                "SELECT c.etag, c.mtime, {}, c.content \
                  FROM (SELECT 1) AS one LEFT JOIN {t} c ON c.path = $1::text",
                 blocked("$2", "$3", "$4")
             ),

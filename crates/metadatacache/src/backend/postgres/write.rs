@@ -3,6 +3,7 @@
 
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::client::{Conn, Failure, Params};
@@ -10,8 +11,8 @@ use super::sql::{ancestors, below};
 use super::{BACKEND, PostgresStorage, tag};
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
-    UploadRequest, UploadResponse, check_delete_precondition, check_upload_preconditions,
-    validate_path,
+    DownloadResponse, UploadRequest, UploadResponse, check_delete_precondition,
+    check_upload_preconditions, validate_path, with_current,
 };
 
 impl PostgresStorage {
@@ -153,16 +154,22 @@ impl PostgresStorage {
                 row.try_get::<_, Option<String>>(0)?,
                 row.try_get::<_, Option<SystemTime>>(1)?,
                 row.try_get::<_, bool>(2)?,
+                row.try_get::<_, Option<Vec<u8>>>(3)?,
             ))
         });
-        let (etag, mtime, blocked) = match probe {
+        let (etag, mtime, blocked, content) = match probe {
             Some(Ok(p)) => p,
             Some(Err(e)) => return self.fail(Failure::Pg(e), false, path),
             None => return tag(Error::new(ErrorKind::Other, "probe returned no row"), path),
         };
         let current = etag.as_deref().zip(mtime);
         if let Err(e) = check_upload_preconditions(req, current) {
-            return tag(e, path);
+            // The version that refused the write, or one stored after it.
+            let version = || match (etag, mtime, content) {
+                (Some(etag), Some(mtime), Some(content)) => Some(response(etag, mtime, content)),
+                _ => None,
+            };
+            return tag(with_current(e, version), path);
         }
         if current.is_none() && blocked && req.if_match.is_none() {
             return tag(
@@ -195,5 +202,16 @@ impl PostgresStorage {
         let row = rows.first()?;
         let stored: String = row.try_get(0).ok()?;
         (stored == etag).then(|| row.try_get(1).ok()).flatten()
+    }
+}
+
+/// A version as a download returns it; its etag is also the token of the
+/// write that made it.
+pub(super) fn response(etag: String, mtime: SystemTime, content: Vec<u8>) -> DownloadResponse {
+    DownloadResponse {
+        content: Bytes::from(content),
+        write_token: Some(etag.clone()),
+        etag,
+        mtime,
     }
 }

@@ -60,6 +60,7 @@ pub struct FaultyStorage {
     max_delay: Duration,
     latency: Duration,
     racy_cas: bool,
+    conflict_versions: bool,
     counts: Arc<FaultCounts>,
     /// Signalled whenever a delayed upload finishes.
     settled: Arc<tokio::sync::Notify>,
@@ -117,6 +118,7 @@ impl fmt::Debug for FaultyStorage {
             .field("max_delay", &self.max_delay)
             .field("latency", &self.latency)
             .field("racy_cas", &self.racy_cas)
+            .field("conflict_versions", &self.conflict_versions)
             .finish_non_exhaustive()
     }
 }
@@ -147,6 +149,7 @@ impl FaultyStorage {
             max_delay: Duration::ZERO,
             latency: Duration::ZERO,
             racy_cas: false,
+            conflict_versions: true,
             counts: Arc::default(),
             settled: Arc::default(),
             streams: Mutex::default(),
@@ -231,6 +234,16 @@ impl FaultyStorage {
     #[must_use]
     pub fn racy_cas(mut self, on: bool) -> Self {
         self.racy_cas = on;
+        self
+    }
+
+    /// Off, a refused upload comes back without the stored version and
+    /// [`Capabilities::current_on_conflict`] is not declared, as on a
+    /// backend that cannot read it with the refusal (default: as the inner
+    /// storage does).
+    #[must_use]
+    pub fn conflict_versions(mut self, on: bool) -> Self {
+        self.conflict_versions = on;
         self
     }
 
@@ -372,6 +385,7 @@ impl Storage for FaultyStorage {
             caps.unique_etags = false;
             caps.write_tokens = false;
         }
+        caps.current_on_conflict &= self.conflict_versions;
         caps
     }
 
@@ -391,7 +405,12 @@ impl Storage for FaultyStorage {
         } else {
             req
         };
-        let resp = self.inner.upload(req).await?;
+        let resp = self.inner.upload(req).await.map_err(|mut e| {
+            if !self.conflict_versions {
+                e.take_current();
+            }
+            e
+        })?;
         if fault == Fault::Ambiguous {
             self.counts.ambiguous.fetch_add(1, Ordering::Relaxed);
             return Err(injected(
