@@ -5,7 +5,7 @@
 use crate::error::{Error, ErrorKind};
 use crate::storage::{DownloadRequest, Storage, UploadRequest};
 
-use super::p;
+use super::{p, two_versions};
 
 /// Uploads refused by `if_match` (stale), `if_none_match: *` (the document
 /// exists) and `if_none_match` (the current etag), alone and in a combined
@@ -14,14 +14,7 @@ use super::p;
 pub async fn current_on_conflict(s: &dyn Storage, dir: &str) {
     let declared = s.capabilities().current_on_conflict;
     let path = p(dir, "current.json");
-    let v1 = s.simple_upload(&path, "1".into()).await.expect("upload");
-    let v2 = s
-        .upload(UploadRequest {
-            if_match: Some(v1.etag.clone()),
-            ..UploadRequest::new(path.clone(), "2")
-        })
-        .await
-        .expect("if_match with the current etag");
+    let (v1, v2) = two_versions(s, &path).await;
     let stored = s
         .download(DownloadRequest::new(&path))
         .await

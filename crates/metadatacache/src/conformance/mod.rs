@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 use crate::error::{ErrorKind, Result};
-use crate::storage::{DownloadRequest, Storage, UploadRequest};
+use crate::storage::{DownloadRequest, Storage, UploadRequest, UploadResponse};
 
 /// Runs every case below in directory `dir` of `storage`.
 pub async fn run_all(storage: Arc<dyn Storage>, dir: &str) {
@@ -122,17 +122,23 @@ pub async fn create_only(s: &dyn Storage, dir: &str) {
     assert_eq!(got.etag, first.etag);
 }
 
-/// `if_match` writes only over the named etag.
-pub async fn if_match(s: &dyn Storage, dir: &str) {
-    let path = p(dir, "if-match.json");
-    let v1 = s.simple_upload(&path, "1".into()).await.expect("upload");
+/// Writes "1" at `path`, then "2" over it with `if_match`: both versions.
+async fn two_versions(s: &dyn Storage, path: &str) -> (UploadResponse, UploadResponse) {
+    let v1 = s.simple_upload(path, "1".into()).await.expect("upload");
     let v2 = s
         .upload(UploadRequest {
             if_match: Some(v1.etag.clone()),
-            ..UploadRequest::new(path.clone(), "2")
+            ..UploadRequest::new(path, "2")
         })
         .await
         .expect("if_match with the current etag");
+    (v1, v2)
+}
+
+/// `if_match` writes only over the named etag.
+pub async fn if_match(s: &dyn Storage, dir: &str) {
+    let path = p(dir, "if-match.json");
+    let (v1, v2) = two_versions(s, &path).await;
     assert_ne!(v1.etag, v2.etag, "etag must change when content changes");
     let stale = s
         .upload(UploadRequest {
