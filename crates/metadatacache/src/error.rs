@@ -80,8 +80,7 @@ pub struct Error {
     path: Option<String>,
     backend: Option<&'static str>,
     source: Option<Source>,
-    /// The version that refused a compare-and-swap, where the backend read
-    /// it in the same step.
+    /// The stored version a refused compare-and-swap brought back.
     current: Option<Box<DownloadResponse>>,
 }
 
@@ -173,18 +172,19 @@ impl Error {
         self.backend
     }
 
-    /// Attaches the version that storage holds, as a download would return
-    /// it, to a conflict: a backend that reads it in the same atomic step
-    /// that refused a compare-and-swap (see
+    /// Attaches the stored version, as a download would return it, to the
+    /// refusal of a compare-and-swap: a backend that reads it with the
+    /// refusal (see
     /// [`Capabilities::current_on_conflict`](crate::Capabilities::current_on_conflict))
-    /// spares the writer the read it would make next.
+    /// spares the writer the read it would make next. It must be the version
+    /// that refused the write, or one stored after it.
     pub fn with_current(mut self, current: DownloadResponse) -> Self {
         self.current = Some(Box::new(current));
         self
     }
 
     /// The version attached by [`with_current`](Self::with_current): what
-    /// storage held when it refused this compare-and-swap.
+    /// storage held when it refused this compare-and-swap, or later.
     pub fn current(&self) -> Option<&DownloadResponse> {
         self.current.as_deref()
     }
