@@ -8,7 +8,9 @@
 //!   entered (and so did not notify) is uncommitted;
 //! - a table with the trigger of an earlier version moves to this one when
 //!   its owner opens it, and keeps it when a role that may not change it
-//!   opens it.
+//!   opens it;
+//! - a listening connection that goes silent (the server sends nothing,
+//!   the socket stays open) is noticed: a gap, then in sync again.
 
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -17,6 +19,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::proxy::Proxy;
 use common::servers::{self, Server};
 use common::watching::{changed, next_change};
 use common::{GUARD, must_finish};
@@ -226,4 +229,47 @@ async fn tables_of_the_earlier_trigger_move_to_this_one() {
     assert_eq!(next_payload(&mut heard).await, "v1");
     let mut stream = tenant.watch("").await.unwrap();
     assert_eq!(next_change(&mut stream).await, Change::InSync);
+}
+
+/// The listening connection goes silent while a change is notified: the
+/// proxy holds everything the server sends on it (a dead route, a frozen
+/// middlebox), so neither the notification nor any error arrives. The
+/// idle check (every 10 s) gets no answer within the timeout: the stream
+/// reports a gap, reconnects and is in sync again, and later changes are
+/// told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_listening_connection_is_noticed() {
+    let Some(server) = servers::postgres() else {
+        return;
+    };
+    let writer = open(&server, "silent").await;
+    let proxy = Proxy::start(server.addr()).await;
+    let watcher = PostgresStorage::from_url(&format!(
+        "postgres://postgres@{}/postgres?table=silent&timeout_ms=1000",
+        proxy.addr()
+    ))
+    .await
+    .unwrap();
+    let mut stream = watcher.watch("").await.unwrap();
+    assert_eq!(next_change(&mut stream).await, Change::InSync);
+    proxy.hold_replies();
+    writer
+        .simple_upload("unheard.json", "1".into())
+        .await
+        .unwrap();
+    let gap = next_change(&mut stream).await;
+    assert!(
+        matches!(&gap, Change::Gap { reason } if reason.contains("did not answer")),
+        "{gap:?}"
+    );
+    // On a new connection, which the proxy lets through.
+    assert_eq!(next_change(&mut stream).await, Change::InSync);
+    let v = writer
+        .simple_upload("heard.json", "1".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        next_change(&mut stream).await,
+        changed("heard.json", Some(&v.etag))
+    );
 }
