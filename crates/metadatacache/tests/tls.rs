@@ -1,7 +1,8 @@
-//! TLS to etcd and PostgreSQL, against servers on 127.0.0.1 that take only
-//! TLS connections with a client certificate (etcd `--client-cert-auth`;
-//! PostgreSQL `ssl=on` with `hostssl … clientcert=verify-ca`), using a CA
-//! and certificates the tests make (`common::certs`).
+//! TLS to etcd, PostgreSQL and NATS, against servers on 127.0.0.1 that take
+//! only TLS connections with a client certificate (etcd
+//! `--client-cert-auth`; PostgreSQL `ssl=on` with `hostssl …
+//! clientcert=verify-ca`; nats-server `--tlsverify`), using a CA and
+//! certificates the tests make (`common::certs`).
 //!
 //! The shared suite (conformance, the exact counter, an outage, change
 //! streams) runs over TLS; then each way TLS goes wrong — a wrong CA, an
@@ -10,7 +11,8 @@
 //! must fail with [`ErrorKind::PermissionDenied`] and one line that says it
 //! is a TLS or certificate problem, within the hang guard; a certificate
 //! file that is missing or unusable is [`ErrorKind::InvalidInput`] naming
-//! it, found before any network traffic.
+//! it, found before any network traffic (NATS: when the storage is
+//! opened).
 
 #![allow(clippy::unwrap_used)]
 
@@ -491,6 +493,211 @@ mod postgres {
         for (what, query, path) in cases {
             let e = fails(what, &url("127.0.0.1:1", &query)).await;
             assert_names_file(what, &e, path);
+        }
+    }
+}
+
+#[cfg(feature = "nats")]
+mod nats {
+    use super::*;
+    use metadatacache::NatsStorage;
+
+    /// nats-server with `--tlsverify`: TLS only, and a client certificate
+    /// signed by the test CA.
+    struct NatsTls;
+
+    /// `tls_ca=PATH`, with the client certificate `client`.
+    fn tls_query(ca: &Path, client: Option<&CertFiles>) -> String {
+        let mut q = format!("tls_ca={}", ca.display());
+        if let Some(c) = client {
+            q += &file("tls_cert", &c.cert);
+            q += &file("tls_key", &c.key);
+        }
+        q
+    }
+
+    /// Starts nats-server (JetStream) taking only TLS with a client
+    /// certificate signed by `pki`'s CA.
+    fn launch_tls(pki: &Pki) -> Option<Server> {
+        let (server, ca) = (pki.server(), pki.ca());
+        let (cert, key, ca) = (
+            server.cert.to_string_lossy().into_owned(),
+            server.key.to_string_lossy().into_owned(),
+            ca.to_string_lossy().into_owned(),
+        );
+        servers::nats_with(&[
+            "--tlsverify",
+            "--tlscert",
+            &cert,
+            "--tlskey",
+            &key,
+            "--tlscacert",
+            &ca,
+        ])
+    }
+
+    impl TestServer for NatsTls {
+        const BACKEND: &'static str = "nats";
+        const CONNECTS_ON_OPEN: bool = false;
+        const SECRET_URL: &'static str = "nats://u:hunter2@h:1/x?password=hunter2&bogus=1";
+
+        fn launch() -> Option<Server> {
+            launch_tls(&PKI)
+        }
+
+        fn url(addr: &str, space: &str, timeout: Option<std::time::Duration>) -> String {
+            format!(
+                "tls://{addr}/{space}/p?{}{}",
+                tls_query(&PKI.ca(), Some(&PKI.client())),
+                suite::timeout_query("&", timeout)
+            )
+        }
+
+        fn root_url(addr: &str, space: &str) -> String {
+            format!(
+                "tls://{addr}/{space}?{}",
+                tls_query(&PKI.ca(), Some(&PKI.client()))
+            )
+        }
+
+        async fn from_url(url: &str) -> Result<Arc<dyn Storage>> {
+            Ok(Arc::new(NatsStorage::from_url(url).await?))
+        }
+    }
+
+    suite::server_tests!(NatsTls;
+        served: conformance, counter_counts_exactly, outage_then_recovery;
+        offline: );
+
+    /// The first call on a storage opened from `url` fails: its error.
+    async fn first_call(what: &str, url: &str) -> Error {
+        match NatsStorage::from_url(url).await {
+            Ok(storage) => must_fail(what, storage.simple_download("doc")).await,
+            Err(e) => e,
+        }
+    }
+
+    /// Against a server that requires client certificates signed by the
+    /// test CA: the right settings work, and every wrong one fails saying
+    /// what is wrong and naming the file or the server.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrong_tls_settings_fail_saying_so() {
+        let pki = Pki::new();
+        let Some(server) = launch_tls(&pki) else {
+            return;
+        };
+        let addr = server.addr();
+        let client = pki.client();
+        let url =
+            |scheme: &str, query: String| format!("{scheme}://{addr}/tlsb?{query}&timeout_ms=2000");
+
+        let good = NatsStorage::from_url(&url("tls", tls_query(&pki.ca(), Some(&client))))
+            .await
+            .unwrap();
+        good.simple_upload("doc", "1".into()).await.unwrap();
+        assert_eq!(good.simple_download("doc").await.unwrap(), "1");
+
+        let other_ca = pki.other_ca();
+        let e = first_call("wrong CA", &url("tls", tls_query(&other_ca, Some(&client)))).await;
+        assert_tls_failure(
+            "wrong CA",
+            &e,
+            &["not trusted", &other_ca.to_string_lossy(), addr],
+        );
+
+        // A plain URL: the server asks for TLS, and the system's CAs do not
+        // know the test CA.
+        let plain = format!("nats://{addr}/tlsb?timeout_ms=2000");
+        let e = first_call("no CA at a TLS server", &plain).await;
+        assert_tls_failure(
+            "no CA at a TLS server",
+            &e,
+            &["not trusted", "the system's CA certificates"],
+        );
+
+        let e = first_call(
+            "no client certificate",
+            &url("tls", tls_query(&pki.ca(), None)),
+        )
+        .await;
+        assert_tls_failure(
+            "no client certificate",
+            &e,
+            &["requires a client certificate", "tls_cert=PATH", addr],
+        );
+
+        let stranger = pki.untrusted_client();
+        let e = first_call(
+            "client certificate of another CA",
+            &url("tls", tls_query(&pki.ca(), Some(&stranger))),
+        )
+        .await;
+        assert_tls_failure(
+            "client certificate of another CA",
+            &e,
+            &[
+                "rejected the client certificate",
+                &stranger.cert.to_string_lossy(),
+            ],
+        );
+    }
+
+    /// A TLS URL at a plain-text server says that the server offers no TLS.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_url_at_a_plain_server_fails_saying_so() {
+        let pki = Pki::new();
+        let Some(server) = servers::nats() else {
+            return;
+        };
+        let url = format!(
+            "tls://{}/tlsb?{}&timeout_ms=2000",
+            server.addr(),
+            tls_query(&pki.ca(), Some(&pki.client()))
+        );
+        let e = first_call("TLS to a plain server", &url).await;
+        assert_tls_failure(
+            "TLS to a plain server",
+            &e,
+            &["does not offer it", server.addr()],
+        );
+        // A plain URL there is no TLS problem.
+        let plain = format!("nats://{}/tlsb?timeout_ms=2000", server.addr());
+        let storage = NatsStorage::from_url(&plain).await.unwrap();
+        storage.simple_upload("doc", "1".into()).await.unwrap();
+    }
+
+    /// Missing or unusable certificate files: `InvalidInput` naming the
+    /// file, when the storage is opened (nothing listens on port 1).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unusable_certificate_files_are_invalid_input_naming_them() {
+        let pki = Pki::new();
+        let (ca, client, missing) = (pki.ca(), pki.client(), nowhere(&pki));
+        let with_cert = |cert: &Path, key: &Path| CertFiles {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        };
+        let cases = [
+            ("missing tls_ca", tls_query(&missing, None), missing.clone()),
+            (
+                "missing tls_cert",
+                tls_query(&ca, Some(&with_cert(&missing, &client.key))),
+                missing.clone(),
+            ),
+            (
+                "a key file without a key",
+                tls_query(&ca, Some(&with_cert(&client.cert, &ca))),
+                ca.clone(),
+            ),
+            (
+                "a CA file without a certificate",
+                tls_query(&client.key, None),
+                client.key.clone(),
+            ),
+        ];
+        for (what, query, path) in cases {
+            let url = format!("tls://127.0.0.1:1/b?{query}");
+            let e = must_fail(what, NatsStorage::from_url(&url)).await;
+            assert_names_file(what, &e, &path);
         }
     }
 }

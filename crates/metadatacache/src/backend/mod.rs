@@ -13,6 +13,6 @@ pub(crate) mod object_store;
 pub(crate) mod open;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
-#[cfg(any(feature = "etcd", feature = "postgres"))]
+#[cfg(any(feature = "etcd", feature = "postgres", feature = "nats"))]
 pub(crate) mod tls;
 pub(crate) mod util;

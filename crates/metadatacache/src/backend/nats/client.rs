@@ -22,11 +22,13 @@ use async_nats::jetstream::stream::{
 use async_nats::jetstream::stream::{DiscardPolicy, StorageType};
 use async_nats::jetstream::{self, ErrorCode, stream};
 use async_nats::{Client, ConnectOptions, ServerAddr, StatusCode};
+use rustls::ClientConfig;
 use tokio::sync::watch;
 
 use super::BACKEND;
 use super::config::{Auth, NatsConfig};
 use super::link::{Link, LinkState, reconnect_delay};
+use super::tls::Probe;
 use crate::backend::util::no_answer;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -51,6 +53,8 @@ pub(super) struct Conn {
     /// Serialises looking the bucket up (and creating it).
     bucket_lock: tokio::sync::Mutex<()>,
     link: Arc<Link>,
+    /// For explaining a failure to connect.
+    tls: Probe,
 }
 
 impl fmt::Debug for Conn {
@@ -108,15 +112,11 @@ impl Conn {
                 options.nkey(seed.trim().to_owned())
             }
         };
-        if config.tls.required {
-            options = options.require_tls(true);
-        }
-        if let Some(ca) = &config.tls.ca {
-            options = options.add_root_certificates(ca.clone());
-        }
-        if let Some((cert, key)) = &config.tls.client {
-            options = options.add_client_certificate(cert.clone(), key.clone());
-        }
+        // Always ours, also for a server that asks for TLS unasked.
+        let tls = Arc::new(super::tls::config(&config.tls)?);
+        options = options
+            .require_tls(config.tls.required)
+            .tls_client_config(ClientConfig::clone(&tls));
         let mut servers = Vec::new();
         for server in &config.servers {
             servers.push(server.parse::<ServerAddr>().map_err(|e| {
@@ -139,6 +139,7 @@ impl Conn {
             bucket: Mutex::new(None),
             bucket_lock: tokio::sync::Mutex::new(()),
             link,
+            tls: Probe::new(tls, &config.tls, &config.servers),
         })
     }
 
@@ -171,7 +172,7 @@ impl Conn {
     ) -> Result<T> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let res = match tokio::time::timeout_at(deadline, self.connected()).await {
-            Err(_) => Err(self.not_connected()),
+            Err(_) => Err(self.not_connected().await),
             Ok(()) => match tokio::time::timeout_at(deadline, op).await {
                 Ok(res) => res,
                 Err(_) => {
@@ -201,12 +202,21 @@ impl Conn {
     }
 
     /// The error of a call that found no connection in time (it sent
-    /// nothing), with the last error connecting.
-    fn not_connected(&self) -> Error {
+    /// nothing), with the last error connecting; a TLS failure (which the
+    /// client reports only as an IO error) found by a probe of its own,
+    /// within a quarter of the timeout, is `PermissionDenied` saying what
+    /// is wrong, naming the files and the servers.
+    async fn not_connected(&self) -> Error {
         let last = self.link.last_error().clone();
         let refused = last
             .as_deref()
             .is_some_and(|m| m.to_ascii_lowercase().contains("authorization"));
+        if last.is_some()
+            && !refused
+            && let Some(e) = self.tls.explain(self.timeout / 4).await
+        {
+            return e;
+        }
         let text = format!(
             "not connected to NATS within the {} ms timeout{}; nothing was sent",
             self.timeout.as_millis(),

@@ -13,6 +13,7 @@ mod config;
 mod keys;
 mod link;
 mod requests;
+mod tls;
 mod version;
 mod watch;
 mod write;
@@ -58,8 +59,8 @@ const BACKEND: &str = "nats";
 ///   `password` (or `user:password@`), `token` (or `token@`), `creds` (the
 ///   path of a `.creds` file, as `nats --creds`), `nkey` (the path of a file
 ///   holding an nkey seed, as `nats --nkey`); TLS: `tls_ca` (PEM file of the
-///   authorities to trust), `tls_cert` and `tls_key` (a client
-///   certificate), each of which requires TLS. Passwords and tokens are
+///   authorities to trust; else the system's), `tls_cert` and `tls_key` (a
+///   client certificate), each of which requires TLS. Passwords and tokens are
 ///   never printed, neither by `Debug` nor in error messages.
 ///
 /// # Layout and semantics
