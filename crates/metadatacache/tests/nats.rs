@@ -274,6 +274,130 @@ async fn documents_are_plain_kv_entries() {
         .unwrap();
 }
 
+/// The JetStream API requests the server has answered so far (consumers
+/// made, streams looked up; not direct gets or publishes), this request
+/// included.
+async fn api_requests(client: &async_nats::Client) -> u64 {
+    let reply = client.request("$JS.API.INFO", "".into()).await.unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    info["api"]["total"].as_u64().unwrap()
+}
+
+/// Creating a document asks whether documents lie below its path. In a
+/// bucket this backend made, every document's directories carry marks, so
+/// that is one read of the path's mark; only a path that once was a
+/// directory is checked by scanning what lies below it (a consumer, which
+/// nats-server answers by walking the stream: the cost of a create grew
+/// with the bucket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_a_document_reads_marks_instead_of_scanning() {
+    let Some(server) = Nats::launch() else {
+        return;
+    };
+    let storage = connect(&format!("nats://{}/marked/app", server.addr())).await;
+    for i in 0..50 {
+        storage
+            .simple_upload(&format!("many/d{i}/x.json"), "{}".into())
+            .await
+            .unwrap();
+    }
+    let client = async_nats::connect(server.addr()).await.unwrap();
+    let before = api_requests(&client).await;
+    for i in 0..20 {
+        storage
+            .upload(UploadRequest {
+                if_none_match: vec!["*".into()],
+                ..UploadRequest::new(format!("new/n{i}.json"), "{}")
+            })
+            .await
+            .unwrap();
+        storage
+            .simple_upload(&format!("many/d{i}/y.json"), "{}".into())
+            .await
+            .unwrap();
+    }
+    let requests = api_requests(&client).await - before;
+    assert!(
+        requests <= 1,
+        "40 first writes made {requests} JetStream API requests (scans)"
+    );
+
+    // Marks are written for every directory above, the prefix's too; the
+    // places they guard are refused, at any depth.
+    let root = connect(&format!("nats://{}/marked", server.addr())).await;
+    for dir in ["app", "app/many", "app/many/d3"] {
+        let e = root.simple_upload(dir, "x".into()).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{dir}: {e}");
+        assert!(root.stat(dir).await.unwrap().is_dir(), "{dir}");
+    }
+    // A directory emptied keeps its mark; the scan then finds nothing.
+    for name in ["x.json", "y.json"] {
+        storage
+            .delete_if_match(&format!("many/d3/{name}"), None)
+            .await
+            .unwrap();
+    }
+    let e = storage.stat("many/d3").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    storage.simple_upload("many/d3", "{}".into()).await.unwrap();
+    // Marks are neither listed nor documents.
+    let names: Vec<String> = root
+        .list_dir("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.path)
+        .collect();
+    assert_eq!(names, ["app"]);
+    // (The segment `=` is the key token `=3D`, not a mark.)
+    let e = root.simple_download("app/many/=").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+}
+
+/// A bucket that held documents before this backend first looked at it
+/// (written by another tool, or before directory marks existed) has no
+/// marks for them: there a create still scans, and still refuses a path
+/// where documents lie below. The documents written through the backend get
+/// their marks all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_filled_without_marks_is_checked_by_scanning() {
+    let Some(server) = Nats::launch() else {
+        return;
+    };
+    let js = raw(server.addr()).await;
+    js.create_stream(jetstream::stream::Config {
+        name: "KV_legacy".into(),
+        subjects: vec!["$KV.legacy.>".into()],
+        max_messages_per_subject: 1,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish("$KV.legacy.old.doc", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let storage = connect(&format!("nats://{}/legacy", server.addr())).await;
+    let e = storage.simple_upload("old", "x".into()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(storage.stat("old").await.unwrap().is_dir());
+    storage
+        .simple_upload("new/doc.json", "{}".into())
+        .await
+        .unwrap();
+    let mark = js
+        .get_stream("KV_legacy")
+        .await
+        .unwrap()
+        .direct_get_last_for_subject("$KV.legacy.new.=")
+        .await;
+    assert!(mark.is_ok(), "no mark for new/: {mark:?}");
+    let e = storage.simple_upload("new", "x".into()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+}
+
 /// Paths of any printable characters, with what NATS subjects and the key
 /// escape treat specially over-represented, and some invalid ones.
 fn hostile_path() -> impl Strategy<Value = String> {

@@ -3,6 +3,7 @@
 //! whose reply is lost after the server applied it is answered `Ok` by
 //! looking up its etags.
 
+#![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

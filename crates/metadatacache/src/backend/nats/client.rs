@@ -1,11 +1,11 @@
-//! The connection to NATS: connecting and reconnecting, the bucket (created
-//! on first use), the bound on every call, and the one mapping of driver
-//! errors to [`ErrorKind`]s. The requests themselves are in
+//! The connection to NATS: connecting and reconnecting, the bound on every
+//! call, and the one mapping of driver errors to [`ErrorKind`]s. The bucket
+//! is looked up in [`bucket`](super::bucket), the requests themselves are in
 //! [`requests`](super::requests).
 
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -17,41 +17,30 @@ use async_nats::jetstream::context::{
 };
 use async_nats::jetstream::stream::{
     ConsumerError, ConsumerErrorKind, DirectGetError, DirectGetErrorKind, RawMessageError,
-    RawMessageErrorKind, Stream,
+    RawMessageErrorKind,
 };
-use async_nats::jetstream::stream::{DiscardPolicy, StorageType};
-use async_nats::jetstream::{self, ErrorCode, stream};
+use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, ConnectOptions, ServerAddr, StatusCode};
 use rustls::ClientConfig;
 use tokio::sync::watch;
 
 use super::BACKEND;
+use super::bucket::Bucket;
 use super::config::{Auth, NatsConfig};
 use super::link::{Link, LinkState, reconnect_delay};
 use super::tls::Probe;
 use crate::backend::util::no_answer;
 use crate::error::{Error, ErrorKind, Result};
 
-/// A bucket's stream, as the calls use it.
-#[derive(Debug)]
-pub(super) struct Bucket {
-    pub(super) stream: Stream,
-    /// The bucket keeps one message per key (history 1), so any message of
-    /// a key newer than a revision is its current version.
-    pub(super) single_history: bool,
-    /// Direct gets are allowed (else reads go through the stream leader).
-    pub(super) direct: bool,
-}
-
 /// The client, its JetStream context and the bucket handle.
 pub(super) struct Conn {
     pub(super) client: Client,
     pub(super) js: jetstream::Context,
-    bucket_name: String,
+    pub(super) bucket_name: String,
     timeout: Duration,
-    bucket: Mutex<Option<Arc<Bucket>>>,
+    pub(super) bucket: Mutex<Option<Arc<Bucket>>>,
     /// Serialises looking the bucket up (and creating it).
-    bucket_lock: tokio::sync::Mutex<()>,
+    pub(super) bucket_lock: tokio::sync::Mutex<()>,
     link: Arc<Link>,
     /// For explaining a failure to connect.
     tls: Probe,
@@ -238,70 +227,6 @@ impl Conn {
             *self.cached_bucket() = None;
         }
         map_error(failure)
-    }
-
-    fn cached_bucket(&self) -> MutexGuard<'_, Option<Arc<Bucket>>> {
-        // Replacing an Arc cannot be left half done.
-        self.bucket.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The bucket, looked up on first use and created when it is missing.
-    pub(super) async fn bucket(&self) -> Result<Arc<Bucket>> {
-        if let Some(b) = self.cached_bucket().clone() {
-            return Ok(b);
-        }
-        let _one_at_a_time = self.bucket_lock.lock().await;
-        if let Some(b) = self.cached_bucket().clone() {
-            return Ok(b);
-        }
-        let name = format!("KV_{}", self.bucket_name);
-        let stream = match self.js.get_stream(&name).await {
-            Ok(stream) => stream,
-            Err(e) => {
-                let e = map_error(Failure::GetStream(e));
-                if e.kind() != ErrorKind::NotFound {
-                    return Err(e);
-                }
-                self.create_bucket(&name).await?
-            }
-        };
-        let config = &stream.cached_info().config;
-        let bucket = Arc::new(Bucket {
-            single_history: config.max_messages_per_subject == 1,
-            direct: config.allow_direct,
-            stream,
-        });
-        *self.cached_bucket() = Some(Arc::clone(&bucket));
-        Ok(bucket)
-    }
-
-    /// Creates the bucket: a stream as NATS KV clients make one (`nats kv
-    /// add` sees a bucket), with history 1 and file storage.
-    async fn create_bucket(&self, name: &str) -> Result<Stream> {
-        let config = stream::Config {
-            name: name.to_owned(),
-            description: Some("metadatacache documents".to_owned()),
-            subjects: vec![format!("$KV.{}.>", self.bucket_name)],
-            max_messages_per_subject: 1,
-            storage: StorageType::File,
-            discard: DiscardPolicy::New,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            num_replicas: 1,
-            ..stream::Config::default()
-        };
-        // Not `create_key_value`: that one asks for account details in a
-        // form servers before 2.10 do not give.
-        match self.js.create_stream(config).await {
-            Ok(stream) => Ok(stream),
-            // Another client may have created it meanwhile (with other
-            // settings, which creating it again refuses).
-            Err(e) => match self.js.get_stream(name).await {
-                Ok(stream) => Ok(stream),
-                Err(_) => Err(map_error(Failure::CreateBucket(e))),
-            },
-        }
     }
 }
 

@@ -12,6 +12,16 @@
 //! no escaped plain byte), so distinct paths never share a key, and the
 //! keys below directory `d` are exactly the subjects `<key of d>.>`: a
 //! subject filter lists a directory.
+//!
+//! Directory marks: before a document is first written, every directory
+//! above it gets a mark, the key `<key of the directory>.=` (an empty
+//! value), so "does anything lie below `d`" is one read of `d`'s mark
+//! instead of a scan of the bucket. A mark stays when its directory empties;
+//! finding one only sends the check to the scan. `=` alone decodes to no
+//! path, so marks are never listed or reported as documents. The key
+//! `=dirs` at the bucket's top says every document of the bucket was
+//! written with its marks: set on a bucket found empty, so buckets filled
+//! before marks existed, or by other tools, keep the scan.
 
 use crate::error::{Error, Result};
 use crate::storage::validate_path;
@@ -144,6 +154,29 @@ impl Layout {
         s
     }
 
+    /// The mark of directory `dir` (a non-empty path).
+    pub(super) fn mark(&self, dir: &str) -> String {
+        let mut s = self.subject(dir);
+        s.push_str(".=");
+        s
+    }
+
+    /// The marks of every directory above the document at `path`, the
+    /// directories of the storage's own prefix included, outermost first.
+    pub(super) fn marks_above(&self, path: &str) -> Vec<String> {
+        let subject = self.subject(path);
+        // `$KV.<bucket>.` is not a directory: start after its two dots.
+        let tokens_from = subject.match_indices('.').nth(1).map_or(0, |(i, _)| i + 1);
+        subject[tokens_from..]
+            .match_indices('.')
+            .map(|(i, _)| {
+                let mut mark = subject[..tokens_from + i].to_owned();
+                mark.push_str(".=");
+                mark
+            })
+            .collect()
+    }
+
     /// The storage path of a subject of this storage; `None` for subjects
     /// outside it and for keys this encoding never makes.
     pub(super) fn path_of(&self, subject: &str) -> Option<String> {
@@ -166,6 +199,12 @@ impl Layout {
         ))
         .with_path(path))
     }
+}
+
+/// The key that says the bucket's documents all have their directory
+/// marks.
+pub(super) fn marked_flag(bucket: &str) -> String {
+    format!("$KV.{bucket}.=dirs")
 }
 
 fn encode_segments_into(path: &str, out: &mut String) {
@@ -192,6 +231,28 @@ mod tests {
             && key
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b))
+    }
+
+    #[test]
+    fn marks() {
+        let l = Layout::new("b", "app/v1");
+        assert_eq!(l.mark("d/e"), "$KV.b.app.v1.d.e.=");
+        assert_eq!(
+            l.marks_above("d/e/f.json"),
+            [
+                "$KV.b.app.=",
+                "$KV.b.app.v1.=",
+                "$KV.b.app.v1.d.=",
+                "$KV.b.app.v1.d.e.="
+            ]
+        );
+        let root = Layout::new("b", "");
+        assert!(root.marks_above("top").is_empty());
+        assert_eq!(root.marks_above("a/x"), ["$KV.b.a.="]);
+        for mark in l.marks_above("d/e/f").iter().chain([&marked_flag("b")]) {
+            assert_eq!(root.path_of(mark), None, "{mark}");
+            assert!(is_valid_key(mark.strip_prefix("$KV.b.").unwrap()), "{mark}");
+        }
     }
 
     #[test]

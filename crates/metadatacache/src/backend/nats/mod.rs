@@ -8,6 +8,7 @@
 //! [`version`], writes and deletes in [`write`], and change notifications
 //! in [`watch`].
 
+mod bucket;
 mod client;
 mod config;
 mod keys;
@@ -106,6 +107,14 @@ const BACKEND: &str = "nats";
 ///   checked just before the write, and two first writes racing to create
 ///   a path and a path below it can both succeed (a listing then shows the
 ///   document).
+/// * The first write of a document marks every directory above it (an
+///   empty value at the key `<directory's key>.=`, never listed), so the
+///   check above is a few direct reads however large the bucket. A bucket
+///   this backend finds empty is flagged as marked (key `=dirs`); in a
+///   bucket that held documents before (written by another tool or an
+///   earlier version) the check scans the keys below the path, as does a
+///   path that once was a directory. Other tools writing into a marked
+///   bucket should not create new directories.
 /// * [`watch`](Storage::watch) follows the bucket with a JetStream
 ///   consumer (headers only, from now on) and reports a
 ///   [`Change::Gap`](crate::Change::Gap) whenever the connection is lost,
@@ -303,13 +312,14 @@ impl Storage for NatsStorage {
             if let Some(doc) = live(self.conn.read(&bucket, &subject, None).await?) {
                 return Ok(doc.file_info(path.to_owned()));
             }
-            let below = self
-                .conn
-                .scan(&bucket, &self.layout.below(path), |m| {
-                    m.message.headers.as_ref().is_none_or(version::is_put)
-                })
-                .await?;
-            if below.iter().any(|s| version::is_put(&s.headers)) {
+            // Nothing was ever written below an unmarked path.
+            let marked = !bucket.marked
+                || (self
+                    .conn
+                    .read(&bucket, &self.layout.mark(path), None)
+                    .await?)
+                    .is_some();
+            if marked && self.lies_below(&bucket, path).await? {
                 return Ok(FileInfo::dir(path.to_owned()));
             }
             Err(Error::not_found("no such document or directory").with_path(path))

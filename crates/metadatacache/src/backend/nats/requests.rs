@@ -10,7 +10,8 @@ use async_nats::jetstream::message::StreamMessage;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::client::{Bucket, Conn, Failure};
+use super::bucket::Bucket;
+use super::client::{Conn, Failure};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Room left for headers when checking a document against the server's

@@ -3,10 +3,11 @@
 
 use std::time::SystemTime;
 
+use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::future::join_all;
 
-use super::client::Bucket;
+use super::bucket::Bucket;
 use super::version::{Version, delete_headers, etag, is_put, live, put_headers, revision};
 use super::{NatsStorage, ancestors};
 use crate::error::{Error, ErrorKind, Result};
@@ -179,31 +180,65 @@ impl NatsStorage {
     }
 
     /// Refuses to create a document below a document or where documents
-    /// lie below. Not atomic with the write that follows (a KV bucket has
-    /// no multi-key transactions): two first writes of a path and a path
-    /// below it, at the same moment, can both succeed.
+    /// lie below, and marks the directories above it. Not atomic with the
+    /// write that follows (a KV bucket has no multi-key transactions): two
+    /// first writes of a path and a path below it, at the same moment, can
+    /// both succeed.
+    ///
+    /// One round of reads, all at once: the ancestors (none may be a
+    /// document), their marks, and the path's own mark; then the missing
+    /// marks are written. Only a path whose mark exists, or a bucket without
+    /// marks, is checked by scanning what lies below it.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] naming what is in the way.
     pub(super) async fn check_placement(&self, bucket: &Bucket, path: &str) -> Result<()> {
-        if let Some(doc) = self.first_document(bucket, ancestors(path)).await? {
+        let marks = self.layout.marks_above(path);
+        let own = self.layout.mark(path);
+        let (parent, marked, below) = tokio::join!(
+            self.first_document(bucket, ancestors(path)),
+            join_all(marks.iter().map(|m| self.conn.read(bucket, m, None))),
+            self.conn.read(bucket, &own, None),
+        );
+        if let Some(doc) = parent? {
             return Err(
                 Error::invalid_input(format!("parent {doc:?} is a document")).with_path(path),
             );
         }
-        let below = self
-            .conn
-            .scan(bucket, &self.layout.below(path), |m| {
-                m.message.headers.as_ref().is_none_or(is_put)
-            })
-            .await?;
-        if below.iter().any(|s| is_put(&s.headers)) {
+        if (!bucket.marked || below?.is_some()) && self.lies_below(bucket, path).await? {
             return Err(
                 Error::invalid_input("documents lie below this path (it is a directory)")
                     .with_path(path),
             );
         }
+        let mut missing = Vec::new();
+        for (mark, found) in marks.into_iter().zip(marked) {
+            if found?.is_none() {
+                missing.push(mark);
+            }
+        }
+        let written = missing
+            .into_iter()
+            .map(|mark| self.conn.publish(mark, HeaderMap::new(), Bytes::new()));
+        for done in join_all(written).await {
+            done?;
+        }
         Ok(())
+    }
+
+    /// Whether a document lies below `path`: a scan of the last message of
+    /// each key below it, until one that stores a document.
+    pub(super) async fn lies_below(&self, bucket: &Bucket, path: &str) -> Result<bool> {
+        let is_doc = |subject: &str| self.layout.path_of(subject).is_some();
+        let below = self
+            .conn
+            .scan(bucket, &self.layout.below(path), |m| {
+                is_doc(&m.subject) && m.message.headers.as_ref().is_none_or(is_put)
+            })
+            .await?;
+        Ok(below
+            .iter()
+            .any(|s| is_doc(&s.subject) && is_put(&s.headers)))
     }
 
     /// The first of `paths` that is a document, reading them all at once.
