@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use common::servers::{self, Server};
 use common::suite::{self, TestServer};
+use futures_util::StreamExt;
 use metadatacache::{
     DownloadRequest, ErrorKind, ObjectStoreStorage, Result, S3Config, Storage, UploadRequest,
 };
@@ -237,6 +238,42 @@ async fn s3_etags_conditions_listing_and_errors() {
 
 /// `init` creates a missing bucket (CreateBucket), and again is a no-op;
 /// before, every call on it fails with `NotFound`.
+/// A listing longer than a page (S3 answers at most 1000 keys a page)
+/// follows the pages to the end: every document and directory once, and
+/// nothing of the neighbouring directory `dx` (whose keys share the prefix
+/// `d`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_follows_every_page() {
+    let Some(server) = S3::launch() else {
+        return;
+    };
+    servers::create_bucket(server.addr(), "paged");
+    let storage = Arc::new(open(server.addr(), "paged/p", "").await);
+    let mut expected: Vec<String> = (0..1100).map(|i| format!("d/doc{i:04}")).collect();
+    expected.extend(["d/s1", "d/s2", "d/s3"].map(String::from));
+    let writes = (0..1100)
+        .map(|i| format!("d/doc{i:04}"))
+        .chain(["d/s1/x", "d/s2/x", "d/s3/x", "dx/y"].map(String::from));
+    futures_util::stream::iter(writes)
+        .map(|path| {
+            let storage = Arc::clone(&storage);
+            async move { storage.simple_upload(&path, "{}".into()).await.unwrap() }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let listed = storage.list_dir("d").await.unwrap();
+    let paths: Vec<&str> = listed.iter().map(|i| i.path.as_str()).collect();
+    expected.sort();
+    assert_eq!(paths, expected);
+    let dirs: Vec<&str> = listed
+        .iter()
+        .filter(|i| i.is_dir())
+        .map(|i| i.path.as_str())
+        .collect();
+    assert_eq!(dirs, ["d/s1", "d/s2", "d/s3"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_creates_the_bucket() {
     let Some(server) = S3::launch() else {

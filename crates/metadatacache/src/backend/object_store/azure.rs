@@ -219,8 +219,10 @@ impl AzureConfig {
             container_url,
             http: http_client(self.parts.timeout)?,
         };
+        let read = Arc::new(self.build(READ_RETRIES)?);
         Ok(Connected {
-            read: Arc::new(self.build(READ_RETRIES)?),
+            read: read.clone(),
+            pages: read,
             write,
             requests: Arc::new(requests),
             etags: EtagStyle::QuotedETag,

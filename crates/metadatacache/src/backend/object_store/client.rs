@@ -190,9 +190,11 @@ impl ObjectStoreStorage {
         self.timed_within(self.timeout, path, write, fut).await
     }
 
-    /// Runs a listing: one LIST request per 1000 entries, each bounded by
-    /// the client's timeout, and all of them by [`LISTING_TIMEOUTS`] times
-    /// it (a directory of 20 000 documents took more than 5 s on moto).
+    /// Runs a listing made in one call (a store without
+    /// [`with_pages`](ObjectStoreStorage::with_pages)): one LIST request per
+    /// 1000 entries, each bounded by the client's timeout, and all of them
+    /// by [`LISTING_TIMEOUTS`] times it (a directory of 20 000 documents took
+    /// more than 5 s on moto).
     pub(super) async fn timed_listing<T>(
         &self,
         path: &str,

@@ -142,8 +142,10 @@ impl GcsConfig {
             signed: SignedDelete::new(write.clone(), header, self.parts.timeout)?,
             bucket: self.parts.bucket.clone(),
         };
+        let read = Arc::new(self.build(READ_RETRIES)?);
         Ok(Connected {
-            read: Arc::new(self.build(READ_RETRIES)?),
+            read: read.clone(),
+            pages: read,
             write,
             requests: Arc::new(requests),
             etags: EtagStyle::Generation,

@@ -14,6 +14,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::object_store::list::PaginatedListStore;
 use ::object_store::signer::Signer;
 use ::object_store::{ObjectStore, ObjectStoreExt, PutMode};
 use async_trait::async_trait;
@@ -138,6 +139,8 @@ pub struct ObjectStoreStorage {
     store: Arc<dyn ObjectStore>,
     /// For writes: puts and deletes (configured without automatic retries).
     write_store: Arc<dyn ObjectStore>,
+    /// For listings, a page at a time; `None`: a listing is one call.
+    pages: Option<Arc<dyn PaginatedListStore>>,
     /// The conditional delete and bucket creation; `None` when neither a
     /// URL nor a signer gave them.
     requests: Option<Arc<dyn Requests>>,
@@ -153,6 +156,8 @@ pub struct ObjectStoreStorage {
 /// send, and how the storage reports itself.
 struct Connected {
     read: Arc<dyn ObjectStore>,
+    /// The read store, listing a page at a time.
+    pages: Arc<dyn PaginatedListStore>,
     write: Arc<dyn ObjectStore>,
     requests: Arc<dyn Requests>,
     etags: EtagStyle,
@@ -201,6 +206,7 @@ impl ObjectStoreStorage {
         }
         Ok(ObjectStoreStorage {
             write_store: Arc::clone(&store),
+            pages: None,
             requests: None,
             store,
             prefix: prefix.to_owned(),
@@ -242,6 +248,7 @@ impl ObjectStoreStorage {
         };
         let mut storage = ObjectStoreStorage::from_store(connected.read, &parts.prefix, backend)?
             .with_write_store(connected.write)
+            .with_pages(connected.pages)
             .with_timeout(parts.timeout);
         storage.requests = Some(connected.requests);
         storage.etags = connected.etags;
@@ -271,6 +278,17 @@ impl ObjectStoreStorage {
     #[must_use]
     pub fn with_write_store(mut self, store: Arc<dyn ObjectStore>) -> Self {
         self.write_store = store;
+        self
+    }
+
+    /// Lists through `store` (the bucket of the read store, e.g. the same
+    /// `AmazonS3`) one page of up to 1000 entries at a time, each page
+    /// bounded by the timeout, so that a listing of any size completes.
+    /// Without it a listing is one `list_with_delimiter` call, bounded by
+    /// 32 timeouts in all. Stores made from a URL list by pages.
+    #[must_use]
+    pub fn with_pages(mut self, store: Arc<dyn PaginatedListStore>) -> Self {
+        self.pages = Some(store);
         self
     }
 
@@ -443,29 +461,21 @@ impl Storage for ObjectStoreStorage {
     async fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
         validate_path(path, true).map_err(|e| self.tag(e))?;
         let key = self.key(path)?;
-        self.timed_listing(path, async {
-            let prefix = (!key.as_ref().is_empty()).then_some(&key);
-            let listed = self
-                .store
-                .list_with_delimiter(prefix)
-                .await
-                .map_err(self.map(Op::Read, path))?;
-            let mut out: Vec<FileInfo> = Vec::new();
-            for dir in &listed.common_prefixes {
-                if let Some(p) = self.path_of(dir) {
-                    out.push(FileInfo::dir(p.to_owned()));
-                }
+        let listed = self.list(path, &key).await?;
+        let mut out: Vec<FileInfo> = Vec::new();
+        for dir in &listed.common_prefixes {
+            if let Some(p) = self.path_of(dir) {
+                out.push(FileInfo::dir(p.to_owned()));
             }
-            for meta in listed.objects {
-                if let Some(p) = self.path_of(&meta.location).map(str::to_owned) {
-                    out.push(self.file_info(&p, meta));
-                }
+        }
+        for meta in listed.objects {
+            if let Some(p) = self.path_of(&meta.location).map(str::to_owned) {
+                out.push(self.file_info(&p, meta));
             }
-            out.sort_by(|a, b| a.path.cmp(&b.path));
-            out.dedup_by(|a, b| a.path == b.path);
-            Ok(out)
-        })
-        .await
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        out.dedup_by(|a, b| a.path == b.path);
+        Ok(out)
     }
 
     /// A no-op: object stores have no directories; a "directory" exists

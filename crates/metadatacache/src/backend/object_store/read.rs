@@ -1,10 +1,12 @@
 //! Reads: object keys of storage paths and back, downloads (conditional
 //! where the service can), and the file info of an object.
 
+use std::borrow::Cow;
 use std::time::SystemTime;
 
-use ::object_store::path::Path as ObjectPath;
-use ::object_store::{GetOptions, ObjectMeta, ObjectStore};
+use ::object_store::list::PaginatedListOptions;
+use ::object_store::path::{DELIMITER, Path as ObjectPath};
+use ::object_store::{GetOptions, ListResult, ObjectMeta, ObjectStore};
 
 use super::ObjectStoreStorage;
 use super::client::{EtagStyle, Op};
@@ -26,6 +28,51 @@ impl ObjectStoreStorage {
                     .with_source(e),
             )
         })
+    }
+
+    /// The objects and common prefixes directly below object key `key`
+    /// (storage path `path`): page by page, each within the timeout, with
+    /// [`with_pages`](ObjectStoreStorage::with_pages); else in one call.
+    pub(super) async fn list(&self, path: &str, key: &ObjectPath) -> Result<ListResult> {
+        let prefix = (!key.as_ref().is_empty()).then_some(key);
+        let Some(pages) = &self.pages else {
+            let listed = self.store.list_with_delimiter(prefix);
+            return self
+                .timed_listing(path, async {
+                    listed.await.map_err(self.map(Op::Read, path))
+                })
+                .await;
+        };
+        // A paginated listing takes its prefix as given: end it with the
+        // delimiter, or "a/b" would list "a/bc" too.
+        let prefix = prefix.map(|k| format!("{k}{DELIMITER}"));
+        let mut all: Option<ListResult> = None;
+        let mut token = None;
+        loop {
+            let opts = PaginatedListOptions {
+                delimiter: Some(Cow::Borrowed(DELIMITER)),
+                page_token: token,
+                ..PaginatedListOptions::default()
+            };
+            let page = pages.list_paginated(prefix.as_deref(), opts);
+            let page = self
+                .timed(path, false, async {
+                    page.await.map_err(self.map(Op::Read, path))
+                })
+                .await?;
+            let listed = match all.take() {
+                None => page.result,
+                Some(mut listed) => {
+                    listed.common_prefixes.extend(page.result.common_prefixes);
+                    listed.objects.extend(page.result.objects);
+                    listed
+                }
+            };
+            match page.page_token {
+                Some(next) => (all, token) = (Some(listed), Some(next)),
+                None => return Ok(listed),
+            }
+        }
     }
 
     /// The storage path of object key `key`, if it lies under the prefix.

@@ -158,8 +158,10 @@ impl S3Config {
             bucket: self.parts.bucket.clone(),
             region,
         };
+        let read = Arc::new(self.build(READ_RETRIES)?);
         Ok(Connected {
-            read: Arc::new(self.build(READ_RETRIES)?),
+            read: read.clone(),
+            pages: read,
             write,
             requests: Arc::new(requests),
             etags: EtagStyle::ETag,
