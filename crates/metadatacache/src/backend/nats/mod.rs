@@ -233,10 +233,12 @@ impl Storage for NatsStorage {
 
     /// Revisions never repeat; write tokens travel as headers of the
     /// message that stores the version; deletes name the revision they
-    /// delete; a consumer reports changes.
+    /// delete; a consumer reports changes; a refused write comes with the
+    /// version it read to tell why.
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             notifications: true,
+            current_on_conflict: true,
             ..Capabilities::VERSIONED
         }
     }
@@ -284,12 +286,7 @@ impl Storage for NatsStorage {
             if any || req.if_none_match.contains(&doc.etag()) {
                 return Err(not_modified());
             }
-            Ok(DownloadResponse {
-                etag: doc.etag(),
-                mtime: doc.mtime,
-                write_token: doc.write_token,
-                content: doc.content,
-            })
+            Ok(doc.response())
         };
         self.conn.bounded(path, false, op).await
     }

@@ -9,7 +9,7 @@ use async_nats::jetstream::message::StreamMessage;
 use bytes::Bytes;
 
 use super::requests::Scanned;
-use crate::storage::{EntryKind, FileInfo};
+use crate::storage::{DownloadResponse, EntryKind, FileInfo};
 
 /// The KV operation header: absent or `PUT` for a value, `DEL` or `PURGE`
 /// for a tombstone (the conventions of every NATS KV client).
@@ -78,6 +78,16 @@ impl Version {
     /// The etag of this version.
     pub(super) fn etag(&self) -> String {
         etag(self.revision)
+    }
+
+    /// What a download of it returns.
+    pub(super) fn response(self) -> DownloadResponse {
+        DownloadResponse {
+            etag: self.etag(),
+            mtime: self.mtime,
+            write_token: self.write_token,
+            content: self.content,
+        }
     }
 
     /// What [`Storage::stat`](crate::Storage::stat) reports about it.

@@ -13,6 +13,7 @@ use super::{NatsStorage, ancestors};
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
     UploadRequest, UploadResponse, check_delete_precondition, check_upload_preconditions,
+    with_current,
 };
 
 /// How often a write re-reads and tries again when the key changes
@@ -59,11 +60,8 @@ impl NatsStorage {
                 }
                 match self.read(&bucket, &subject).await? {
                     Some(v) if v.live => {
-                        return Err(Error::new(
-                            ErrorKind::AlreadyExists,
-                            "document already exists",
-                        )
-                        .with_path(path));
+                        let e = Error::new(ErrorKind::AlreadyExists, "document already exists");
+                        return Err(e.with_path(path).with_current(v.response()));
                     }
                     v => expected = v.map_or(0, |v| v.revision),
                 }
@@ -91,7 +89,8 @@ impl NatsStorage {
                 doc.map(|v| (v.etag(), v.mtime))
                     .as_ref()
                     .map(|(e, m)| (e.as_str(), *m)),
-            )?;
+            )
+            .map_err(|e| with_current(e, || doc.cloned().map(Version::response)))?;
             if doc.is_none() {
                 self.check_placement(&bucket, path).await?;
             }
@@ -111,13 +110,19 @@ impl NatsStorage {
 
     /// The precondition error of a write refused for its revision: what
     /// the key holds now decides between `NotFound` and
-    /// `PreconditionFailed`.
+    /// `PreconditionFailed`, and comes with it. A read that fails counts as
+    /// "changed" (the write was not applied whatever it would say).
     async fn why_refused(&self, bucket: &Bucket, req: &UploadRequest, subject: &str) -> Error {
-        let current = self.current(bucket, subject).await;
-        let current = current.map(|v| (v.etag(), v.mtime));
-        check_upload_preconditions(req, current.as_ref().map(|(e, m)| (e.as_str(), *m)))
-            .err()
-            .unwrap_or_else(|| changed(&req.path))
+        let Ok(current) = self.read(bucket, subject).await else {
+            return changed(&req.path);
+        };
+        let current = current.filter(|v| v.live);
+        let state = current.as_ref().map(|v| (v.etag(), v.mtime));
+        let refused =
+            check_upload_preconditions(req, state.as_ref().map(|(e, m)| (e.as_str(), *m)))
+                .err()
+                .unwrap_or_else(|| changed(&req.path));
+        with_current(refused, || current.map(Version::response))
     }
 
     /// The live version of a subject after a refused write, for its error
