@@ -416,3 +416,51 @@ async fn large_directories_are_listed_page_by_page() {
     let root = storage.read_dir("").await.unwrap();
     assert_eq!(root, ["big"]);
 }
+
+/// A listing reads every page at the revision of its first, so that it is
+/// one snapshot; when that revision is compacted away between two pages,
+/// the listing starts again at a new revision and still returns every
+/// entry once. A loopback proxy holds the second page's request (it names
+/// the last key of the first page) while the history is compacted past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_compacted_between_pages_starts_again() {
+    use common::proxy::Proxy;
+    let Some(server) = Etcd::launch() else {
+        return;
+    };
+    let mut raw = raw(server.addr()).await;
+    let mut puts = tokio::task::JoinSet::new();
+    for chunk in 0..11 {
+        let mut raw = raw.clone();
+        puts.spawn(async move {
+            for i in chunk * 100..(chunk + 1) * 100 {
+                raw.put(format!("app/cmp/f{i:04}.json"), "{}", None)
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    puts.join_all().await;
+    let proxy = Proxy::start(server.addr()).await;
+    let storage = connect(&format!("etcd://{}/app", proxy.addr())).await;
+    // The first page holds f0000..f0499; the second starts after f0499.
+    proxy.stall_writes(b"f0499.json", 1, Duration::from_secs(2));
+    let listing = tokio::spawn({
+        let storage = Arc::clone(&storage);
+        async move { storage.list_dir("cmp").await }
+    });
+    let mut waited = 0;
+    while proxy.counts().stalls == 0 {
+        assert!(waited < 1000, "the second page was never requested");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    let rev = raw.put("app/elsewhere", "{}", None).await.unwrap();
+    let rev = rev.header().unwrap().revision();
+    raw.compact(rev, None).await.unwrap();
+    let listed = listing.await.unwrap().unwrap();
+    let want: Vec<String> = (0..1100).map(|i| format!("cmp/f{i:04}.json")).collect();
+    let paths: Vec<&str> = listed.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, want);
+    assert_eq!(proxy.counts().stalls, 1, "{:?}", proxy.counts());
+}
