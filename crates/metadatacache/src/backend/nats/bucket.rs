@@ -69,7 +69,9 @@ impl Conn {
     /// marks; a bucket found empty is made to say so. Documents written by
     /// this backend always get their marks, so only one written by another
     /// tool, or before marks existed, can lack them, and neither is in an
-    /// empty bucket.
+    /// empty bucket. A flag that cannot be written (a client that may only
+    /// read, say) leaves the bucket unmarked for this handle: slower
+    /// creates, never a wrong answer.
     async fn is_marked(&self, bucket: &Bucket, empty: bool) -> Result<bool> {
         let flag = keys::marked_flag(&self.bucket_name);
         if self.read(bucket, &flag, None).await?.is_some() {
@@ -78,8 +80,13 @@ impl Conn {
         if !empty {
             return Ok(false);
         }
-        self.publish(flag, HeaderMap::new(), Bytes::new()).await?;
-        Ok(true)
+        match self.publish(flag, HeaderMap::new(), Bytes::new()).await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                tracing::debug!(error = %e, "nats: cannot flag the empty bucket as marked");
+                Ok(false)
+            }
+        }
     }
 
     /// Creates the bucket: a stream as NATS KV clients make one (`nats kv

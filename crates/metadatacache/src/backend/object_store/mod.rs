@@ -130,6 +130,11 @@ pub use s3::S3Config;
 ///   missing object.
 /// - There are no directories: [`make_dir_if_not_exist`](Storage::make_dir_if_not_exist)
 ///   is a no-op and a "directory" exists while some document lies below it.
+///   [`list_dir`](Storage::list_dir) reads one LIST page (up to 1000
+///   entries) at a time, each within the timeout, so a directory of any size
+///   can be listed (a store wrapped with [`from_store`](ObjectStoreStorage::from_store)
+///   lists in one call bounded by 32 timeouts, unless given
+///   [`with_pages`](ObjectStoreStorage::with_pages)).
 /// - The server keeps the modification time (second resolution);
 ///   [`UploadRequest::mtime`] is ignored and the returned `mtime` is this
 ///   host's clock at the end of the write.
