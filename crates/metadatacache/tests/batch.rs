@@ -660,3 +660,66 @@ async fn one_members_error_never_fails_another() {
     assert_eq!(bag.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
     assert_eq!(s.locked_keys(), 0);
 }
+
+/// A member cancelled while the batch's value is on its way to it (the
+/// members hand it on to each other) drops the value with it: the leader
+/// runs its own update again, alone, and the members after the cancelled
+/// one queue again. Every update not cancelled lands exactly once, the
+/// cancelled one not at all. On one thread the order is fixed: the
+/// leader's `f` wakes the task that cancels the first member, just before
+/// the leader hands that member the value.
+#[tokio::test(flavor = "current_thread")]
+async fn a_member_cancelled_with_the_batch_in_hand_loses_nothing() {
+    let (gate, s) = gated();
+    gate.open.add_permits(1000);
+    s.update("k".into(), true, |d| Ok((d, true))).await.unwrap();
+    let add =
+        |s: &Store<String, Doc>, name: &'static str, wake: Option<Arc<tokio::sync::Notify>>| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.update("k".into(), false, move |mut d| {
+                    if let Some(wake) = &wake {
+                        wake.notify_one();
+                    }
+                    *d.entry(name.into()).or_default() += 1;
+                    Ok((d, true))
+                })
+                .await
+            })
+        };
+    let g = s.lock("k".into()).await;
+    let cancel = Arc::new(tokio::sync::Notify::new());
+    let leader = add(&s, "leader", Some(Arc::clone(&cancel)));
+    until_users(&s, 2).await;
+    let victim = add(&s, "victim", None);
+    until_users(&s, 3).await;
+    let other = add(&s, "other", None);
+    until_users(&s, 4).await;
+    let killer = {
+        let victim = victim.abort_handle();
+        tokio::spawn(async move {
+            cancel.notified().await;
+            victim.abort();
+        })
+    };
+    drop(g);
+    tokio::time::timeout(HANG, leader)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(HANG, other)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    killer.await.unwrap();
+    assert!(victim.await.unwrap_err().is_cancelled());
+    let doc = stored(&(Arc::clone(&gate) as Arc<dyn Storage>), "k").await;
+    assert_eq!(
+        doc,
+        Doc::from([("leader".into(), 1), ("other".into(), 1)]),
+        "{:?}",
+        s.stats()
+    );
+}

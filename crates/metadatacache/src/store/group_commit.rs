@@ -5,9 +5,13 @@
 //! Every caller runs its own closure in its own task, so closures may borrow
 //! from their caller's stack. The task that gets the lock leads: it runs its
 //! own closure on the committed value, and only if that changes the value
-//! does it take the queue of waiting updates and hand each waiter the value
-//! in turn (the waiter runs its `f` and answers). It writes the final value
-//! once and tells each waiter that changed it the outcome.
+//! does it take the queue of waiting updates and send the value along them
+//! (a [`Chain`]: each waiter runs its `f` on it and hands it to the next
+//! one, the last back to the leader, n + 1 hand-offs between tasks for n
+//! waiters). It writes the final value once and tells each waiter that
+//! changed it the outcome. A waiter cancelled with the value on its way to
+//! it takes the value along: the leader runs its own `f` again, alone, and
+//! the waiters after it queue again (nothing was written yet).
 //!
 //! Each caller gets its own outcome:
 //!
@@ -41,121 +45,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Store;
+use super::batch::{Basis, Batch, Chain, Outcome, ToWaiter, Waiter, run, settle};
 use super::guard::KeyGuard;
 use super::stats::Counter;
 use crate::error::{Error, ErrorKind, Result};
-
-/// An update waiting for its key's lock, queued for the next batch leader.
-pub(super) struct Waiter<V> {
-    tx: mpsc::UnboundedSender<ToWaiter<V>>,
-    create: bool,
-    call: Instant,
-}
-
-impl<V> fmt::Debug for Waiter<V> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Waiter")
-            .field("create", &self.create)
-            .finish_non_exhaustive()
-    }
-}
-
-/// What the value handed to a waiter is.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Basis {
-    /// The batch's value so far: earlier members may have changed it.
-    Batch,
-    /// Exactly what storage holds: a decision without a write is final.
-    Committed,
-    /// The cached version, not confirmed since the call (an optimistic
-    /// batch): a decision without a write stands only if the batch's
-    /// compare-and-swap on that version lands.
-    Provisional,
-}
-
-/// What a leader tells a waiter.
-enum ToWaiter<V> {
-    /// Run your `f` on this value and reply.
-    Apply {
-        value: V,
-        basis: Basis,
-        reply: oneshot::Sender<Reply<V>>,
-    },
-    /// Wait for the lock again: your update takes part in a later batch.
-    Requeue,
-    /// The batch's write is over; this is your result.
-    Done(Result<()>),
-}
-
-/// What a waiter's `f` made of the value it was handed.
-enum Reply<V> {
-    /// Write this value.
-    Changed(V),
-    /// `f` returned `persist = false`.
-    Unchanged,
-    /// `f` failed; the waiter keeps its error.
-    Failed,
-}
-
-/// The waiters of one batch that changed the value and wait for the write.
-/// Dropping it tells them their outcome, also when the leader's future is
-/// dropped half-way.
-struct Batch<V> {
-    waiters: Vec<Waiter<V>>,
-    /// A write was sent and its outcome is not known yet.
-    writing: bool,
-}
-
-impl<V> Batch<V> {
-    fn finish(&mut self, res: &Result<()>) {
-        for w in self.waiters.drain(..) {
-            let _ = w.tx.send(ToWaiter::Done(match res {
-                Ok(()) => Ok(()),
-                Err(e) => Err(e.duplicate()),
-            }));
-        }
-    }
-
-    fn requeue_all(&mut self) {
-        for w in self.waiters.drain(..) {
-            let _ = w.tx.send(ToWaiter::Requeue);
-        }
-    }
-}
-
-impl<V> Drop for Batch<V> {
-    fn drop(&mut self) {
-        if self.writing {
-            // The leader was cancelled with a write in flight: it may have
-            // been applied, so nobody may run their `f` again.
-            let err = Error::new(
-                ErrorKind::Unavailable,
-                "the update's batch was cancelled while writing; it may have been applied",
-            );
-            self.finish(&Err(err));
-        }
-        // Otherwise dropping the senders tells waiters to queue again:
-        // nothing of theirs was written.
-    }
-}
-
-/// What running one `f` gave.
-enum Outcome<V> {
-    Changed(V),
-    Unchanged,
-    Failed(Error),
-}
-
-fn run<V, F>(f: &mut F, value: V) -> Outcome<V>
-where
-    F: FnMut(V) -> Result<(V, bool)>,
-{
-    match f(value) {
-        Ok((new, true)) => Outcome::Changed(new),
-        Ok((_, false)) => Outcome::Unchanged,
-        Err(e) => Outcome::Failed(e),
-    }
-}
 
 impl<K, V> Store<K, V>
 where
@@ -196,25 +89,12 @@ where
                     // the leader unlocks.
                     biased;
                     msg = rx.recv() => match msg {
-                        Some(ToWaiter::Apply { value, basis, reply }) => {
-                            let mut own_error = None;
-                            let answer = match run(&mut f, value) {
-                                Outcome::Changed(new) => Reply::Changed(new),
-                                Outcome::Unchanged => Reply::Unchanged,
-                                Outcome::Failed(e) => {
-                                    own_error = Some(e);
-                                    Reply::Failed
-                                }
-                            };
-                            let decided = !matches!(answer, Reply::Changed(_));
-                            let _ = reply.send(answer);
-                            let own = own_error.map_or(Ok(()), Err);
-                            match basis {
-                                // Decided on the committed value: final,
-                                // whatever becomes of the batch's write.
-                                Basis::Committed if decided => return own,
-                                Basis::Provisional if decided => pending = Some(own),
-                                _ => pending = None,
+                        Some(ToWaiter::Chain(chain)) => {
+                            match self.take_turn(chain, &key, &path, create, &mut f) {
+                                Turn::Joined => pending = None,
+                                Turn::Pending(own) => pending = Some(own),
+                                Turn::Decided(own) => return own,
+                                Turn::Requeued => break,
                             }
                         }
                         Some(ToWaiter::Requeue) | None => break,
@@ -237,8 +117,10 @@ where
                             {
                                 return res;
                             }
-                            // A stale Apply or Requeue from a leader that
-                            // wrote nothing of ours.
+                            // A stale chain or Requeue from a leader that
+                            // wrote nothing of ours (a leader cancelled
+                            // before its write): dropping the chain sends
+                            // its members back to the queue.
                         }
                         let mut g = KeyGuard::new(self.clone(), lock, path);
                         // Our own queue entry may still be in the queue; a
@@ -297,7 +179,7 @@ where
             let committed = g.committed();
             let etag = committed.as_ref().map(|(_, e)| Arc::clone(e));
             let committed: Option<Arc<V>> = committed.map(|(v, _)| v);
-            let own_input = match self.input(g, &committed, create) {
+            let own_input = match self.input(g.key(), g.path(), &committed, create) {
                 Ok(v) => v,
                 Err(e) => break Err(e),
             };
@@ -326,15 +208,29 @@ where
             } else {
                 Basis::Committed
             };
-            let mut i = 0;
-            while i < batch.waiters.len() {
-                if self
-                    .apply(g, &batch.waiters[i], &mut value, &committed, basis)
-                    .await
-                {
-                    i += 1;
-                } else {
-                    batch.waiters.remove(i);
+            if !batch.waiters.is_empty() {
+                let (back, returned) = oneshot::channel();
+                Chain {
+                    value,
+                    committed: committed.clone(),
+                    basis,
+                    rest: batch.waiters.drain(..).collect(),
+                    kept: Vec::new(),
+                    back,
+                }
+                .pass_on();
+                match returned.await {
+                    Ok((batched, kept)) => {
+                        value = batched;
+                        batch.waiters = kept;
+                    }
+                    // A member was cancelled (or its `f` panicked) holding
+                    // the chain: the others queue again by themselves, and
+                    // the value went with it. Run our `f` again, alone.
+                    Err(_) => {
+                        unconfirmed = false;
+                        continue;
+                    }
                 }
             }
             let had_etag = etag.is_some();
@@ -409,13 +305,11 @@ where
 
     /// The value an update's `f` starts from: the committed one, else
     /// `init()` if it may create the key.
-    fn input(&self, g: &KeyGuard<K, V>, committed: &Option<Arc<V>>, create: bool) -> Result<V> {
+    fn input(&self, key: &K, path: &str, committed: &Option<Arc<V>>, create: bool) -> Result<V> {
         match committed {
             Some(v) => Ok(V::clone(v)),
-            None if create => self.init_value(g),
-            None => {
-                Err(Error::not_found(format!("key {} does not exist", g.key())).with_path(g.path()))
-            }
+            None if create => self.init_value(key, path),
+            None => Err(Error::not_found(format!("key {key} does not exist")).with_path(path)),
         }
     }
 
@@ -431,68 +325,70 @@ where
         taken
     }
 
-    /// Hands `value` to waiter `w` and takes its answer. True when the
-    /// waiter stays in the batch for the write's outcome (it changed the
-    /// value, or decided on the `Provisional` committed value); false when
-    /// it left (decided on the committed value, sent back to the queue, or
-    /// cancelled).
-    async fn apply(
+    /// A member's turn in its batch's chain: runs `f` on the batch's value
+    /// and, when that changes nothing (or fails), on the committed value
+    /// instead; then passes the chain on, itself among the members waiting
+    /// for the write when its outcome depends on it.
+    fn take_turn<F>(
         &self,
-        g: &KeyGuard<K, V>,
-        w: &Waiter<V>,
-        value: &mut V,
-        committed: &Option<Arc<V>>,
-        basis: Basis,
-    ) -> bool {
-        match ask(w, value.clone(), Basis::Batch).await {
-            Some(Reply::Changed(new)) => {
-                *value = new;
-                return true;
-            }
-            // It changed nothing, or failed, on a value that is not
-            // committed yet: decide on the committed one instead.
-            Some(Reply::Unchanged | Reply::Failed) => {}
-            None => return false,
-        }
-        let input = match self.input(g, committed, w.create) {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = w.tx.send(ToWaiter::Done(Err(e)));
-                return false;
-            }
+        mut chain: Chain<V>,
+        key: &K,
+        path: &str,
+        create: bool,
+        f: &mut F,
+    ) -> Turn
+    where
+        F: FnMut(V) -> Result<(V, bool)>,
+    {
+        let Some(me) = chain.rest.pop_front() else {
+            chain.pass_on();
+            return Turn::Requeued;
         };
-        match ask(w, input, basis).await {
-            Some(Reply::Changed(_)) => {
+        if let Outcome::Changed(new) = run(f, chain.value.clone()) {
+            chain.value = new;
+            chain.kept.push(me);
+            chain.pass_on();
+            return Turn::Joined;
+        }
+        // It changed nothing, or failed, on a value that is not committed
+        // yet: decide on the committed one instead.
+        let turn = match self.input(key, path, &chain.committed, create) {
+            Err(e) => Turn::Decided(Err(e)),
+            Ok(input) => match run(f, input) {
                 // It wants to write after all, on the committed value: it
                 // goes to the next batch, which starts from this one's.
-                let _ = w.tx.send(ToWaiter::Requeue);
-                false
+                Outcome::Changed(_) => Turn::Requeued,
+                Outcome::Unchanged => self.decided(&mut chain, me, Ok(())),
+                Outcome::Failed(e) => self.decided(&mut chain, me, Err(e)),
+            },
+        };
+        chain.pass_on();
+        turn
+    }
+
+    /// A member decided `own` without a write: final on the committed
+    /// value; on a provisional one, standing only if the batch's write
+    /// lands, so it waits for it.
+    fn decided(&self, chain: &mut Chain<V>, me: Waiter<V>, own: Result<()>) -> Turn {
+        match chain.basis {
+            Basis::Committed => Turn::Decided(own),
+            Basis::Provisional => {
+                chain.kept.push(me);
+                Turn::Pending(own)
             }
-            Some(_) => basis == Basis::Provisional,
-            None => false,
         }
     }
 }
 
-/// A waiter's result once its batch's write is over (`res`): the outcome
-/// it decided on a provisional value if that write landed and so confirmed
-/// the value; `None` (decide again) if it did not; else the write's.
-fn settle(pending: Option<Result<()>>, res: Result<()>) -> Option<Result<()>> {
-    match (pending, res) {
-        (Some(own), Ok(())) => Some(own),
-        (Some(_), Err(_)) => None,
-        (None, res) => Some(res),
-    }
-}
-
-/// Sends `value` to waiter `w`; `None` when it is gone.
-async fn ask<V>(w: &Waiter<V>, value: V, basis: Basis) -> Option<Reply<V>> {
-    let (reply, answer) = oneshot::channel();
-    w.tx.send(ToWaiter::Apply {
-        value,
-        basis,
-        reply,
-    })
-    .ok()?;
-    answer.await.ok()
+/// What a member's turn in a batch came to.
+enum Turn {
+    /// It changed the batch's value: its outcome is the write's.
+    Joined,
+    /// It decided on a provisional value: this outcome stands if the
+    /// batch's write lands.
+    Pending(Result<()>),
+    /// Its outcome, final.
+    Decided(Result<()>),
+    /// It takes part in a later batch.
+    Requeued,
 }

@@ -10,8 +10,8 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
 use super::Store;
+use super::batch::Waiter;
 use super::cache::Cached;
-use super::group_commit::Waiter;
 use super::key_lock::KeyLockGuard;
 use super::stats::{self, Counter};
 use crate::error::{Error, ErrorKind, Result};

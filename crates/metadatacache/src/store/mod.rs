@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
+mod batch;
 mod cache;
 mod codec;
 mod combine;
@@ -29,9 +30,9 @@ pub use self::options::Options;
 pub use self::retry::RetryPolicy;
 pub use self::stats::Stats;
 
+use self::batch::Waiter;
 use self::cache::Cache;
 use self::combine::Combiner;
-use self::group_commit::Waiter;
 use self::key_lock::KeyLocks;
 use self::stats::{Counter, Counters};
 use self::watch::Watch;
@@ -369,14 +370,13 @@ where
         self.inner.cache().clear(|k| locks.users(k) > 0);
     }
 
-    fn init_value(&self, g: &KeyGuard<K, V>) -> Result<V> {
+    fn init_value(&self, key: &K, path: &str) -> Result<V> {
         match &self.inner.opts.init {
             Some(init) => Ok(init()),
             None => Err(Error::invalid_input(format!(
-                "cannot create key {}: Options::init was not set",
-                g.key()
+                "cannot create key {key}: Options::init was not set"
             ))
-            .with_path(g.path())),
+            .with_path(path)),
         }
     }
 
