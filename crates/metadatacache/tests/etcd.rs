@@ -464,3 +464,49 @@ async fn a_listing_compacted_between_pages_starts_again() {
     assert_eq!(paths, want);
     assert_eq!(proxy.counts().stalls, 1, "{:?}", proxy.counts());
 }
+
+/// A watch starts from the revision after the one read when it is opened;
+/// when that revision is compacted away before the server takes the watch,
+/// the server cancels it: the stream reports a gap naming the compaction,
+/// opens a new watch, is in sync again, and reports the changes after. A
+/// loopback proxy holds the watch's request (the range end of `app/w`,
+/// then the start revision, which only a watch request carries) while two
+/// writes land and the history is compacted past them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_compacted_before_it_starts_reports_a_gap() {
+    use common::proxy::Proxy;
+    use common::watching::{changed, next_change, until_change};
+    use metadatacache::Change;
+    let Some(server) = Etcd::launch() else {
+        return;
+    };
+    let mut raw = raw(server.addr()).await;
+    let proxy = Proxy::start(server.addr()).await;
+    let storage = connect(&format!("etcd://{}/app", proxy.addr())).await;
+    proxy.stall_writes(b"\x12\x05app/x\x18", 1, Duration::from_secs(1));
+    let watching = tokio::spawn({
+        let storage = Arc::clone(&storage);
+        async move { storage.watch("w").await }
+    });
+    let mut waited = 0;
+    while proxy.counts().stalls == 0 {
+        assert!(waited < 1000, "the watch was never requested");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    raw.put("app/w/a.json", "1", None).await.unwrap();
+    let rev = raw.put("app/w/a.json", "2", None).await.unwrap();
+    raw.compact(rev.header().unwrap().revision(), None)
+        .await
+        .unwrap();
+    let mut stream = watching.await.unwrap().unwrap();
+    assert_eq!(next_change(&mut stream).await, Change::InSync);
+    match next_change(&mut stream).await {
+        Change::Gap { reason } => assert!(reason.contains("compacted"), "{reason}"),
+        other => panic!("expected a gap, got {other:?}"),
+    }
+    assert_eq!(next_change(&mut stream).await, Change::InSync);
+    let v = storage.simple_upload("w/b.json", "3".into()).await.unwrap();
+    until_change(&mut stream, &changed("w/b.json", Some(&v.etag))).await;
+    assert_eq!(proxy.counts().stalls, 1, "{:?}", proxy.counts());
+}
