@@ -417,6 +417,19 @@ async fn large_directories_are_listed_page_by_page() {
     assert_eq!(root, ["big"]);
 }
 
+/// Waits until `proxy` holds the request it was told to stall (`what`);
+/// fails the test if none comes within the hang guard.
+async fn until_stalled(proxy: &common::proxy::Proxy, what: &str) {
+    let asked = async {
+        while proxy.counts().stalls == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(common::GUARD, asked).await.is_err() {
+        panic!("{what} was never requested");
+    }
+}
+
 /// A listing reads every page at the revision of its first, so that it is
 /// one snapshot; when that revision is compacted away between two pages,
 /// the listing starts again at a new revision and still returns every
@@ -449,12 +462,7 @@ async fn a_listing_compacted_between_pages_starts_again() {
         let storage = Arc::clone(&storage);
         async move { storage.list_dir("cmp").await }
     });
-    let mut waited = 0;
-    while proxy.counts().stalls == 0 {
-        assert!(waited < 1000, "the second page was never requested");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        waited += 1;
-    }
+    until_stalled(&proxy, "the second page").await;
     let rev = raw.put("app/elsewhere", "{}", None).await.unwrap();
     let rev = rev.header().unwrap().revision();
     raw.compact(rev, None).await.unwrap();
@@ -488,12 +496,7 @@ async fn a_watch_compacted_before_it_starts_reports_a_gap() {
         let storage = Arc::clone(&storage);
         async move { storage.watch("w").await }
     });
-    let mut waited = 0;
-    while proxy.counts().stalls == 0 {
-        assert!(waited < 1000, "the watch was never requested");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        waited += 1;
-    }
+    until_stalled(&proxy, "the watch").await;
     raw.put("app/w/a.json", "1", None).await.unwrap();
     let rev = raw.put("app/w/a.json", "2", None).await.unwrap();
     raw.compact(rev.header().unwrap().revision(), None)
