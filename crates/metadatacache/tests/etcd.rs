@@ -425,9 +425,7 @@ async fn until_stalled(proxy: &common::proxy::Proxy, what: &str) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    if tokio::time::timeout(common::GUARD, asked).await.is_err() {
-        panic!("{what} was never requested");
-    }
+    common::must_finish(&format!("waiting for {what}"), common::GUARD, asked).await;
 }
 
 /// A listing reads every page at the revision of its first, so that it is

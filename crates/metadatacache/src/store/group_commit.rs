@@ -358,24 +358,24 @@ where
                 // It wants to write after all, on the committed value: it
                 // goes to the next batch, which starts from this one's.
                 Outcome::Changed(_) => Turn::Requeued,
-                Outcome::Unchanged => self.decided(&mut chain, me, Ok(())),
-                Outcome::Failed(e) => self.decided(&mut chain, me, Err(e)),
+                Outcome::Unchanged => decided(&mut chain, me, Ok(())),
+                Outcome::Failed(e) => decided(&mut chain, me, Err(e)),
             },
         };
         chain.pass_on();
         turn
     }
+}
 
-    /// A member decided `own` without a write: final on the committed
-    /// value; on a provisional one, standing only if the batch's write
-    /// lands, so it waits for it.
-    fn decided(&self, chain: &mut Chain<V>, me: Waiter<V>, own: Result<()>) -> Turn {
-        match chain.basis {
-            Basis::Committed => Turn::Decided(own),
-            Basis::Provisional => {
-                chain.kept.push(me);
-                Turn::Pending(own)
-            }
+/// A member decided `own` without a write: final on the committed value; on
+/// a provisional one, standing only if the batch's write lands, so it waits
+/// for it.
+fn decided<V>(chain: &mut Chain<V>, me: Waiter<V>, own: Result<()>) -> Turn {
+    match chain.basis {
+        Basis::Committed => Turn::Decided(own),
+        Basis::Provisional => {
+            chain.kept.push(me);
+            Turn::Pending(own)
         }
     }
 }

@@ -466,14 +466,14 @@ impl Storage for ObjectStoreStorage {
     async fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
         validate_path(path, true).map_err(|e| self.tag(e))?;
         let key = self.key(path)?;
-        let listed = self.list(path, &key).await?;
+        let (dirs, objects) = self.list(path, &key).await?;
         let mut out: Vec<FileInfo> = Vec::new();
-        for dir in &listed.common_prefixes {
+        for dir in &dirs {
             if let Some(p) = self.path_of(dir) {
                 out.push(FileInfo::dir(p.to_owned()));
             }
         }
-        for meta in listed.objects {
+        for meta in objects {
             if let Some(p) = self.path_of(&meta.location).map(str::to_owned) {
                 out.push(self.file_info(&p, meta));
             }

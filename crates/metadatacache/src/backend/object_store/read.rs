@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use ::object_store::list::PaginatedListOptions;
 use ::object_store::path::{DELIMITER, Path as ObjectPath};
-use ::object_store::{GetOptions, ListResult, ObjectMeta, ObjectStore};
+use ::object_store::{GetOptions, ObjectMeta, ObjectStore};
 
 use super::ObjectStoreStorage;
 use super::client::{EtagStyle, Op};
@@ -30,23 +30,28 @@ impl ObjectStoreStorage {
         })
     }
 
-    /// The objects and common prefixes directly below object key `key`
+    /// The common prefixes and objects directly below object key `key`
     /// (storage path `path`): page by page, each within the timeout, with
     /// [`with_pages`](ObjectStoreStorage::with_pages); else in one call.
-    pub(super) async fn list(&self, path: &str, key: &ObjectPath) -> Result<ListResult> {
+    pub(super) async fn list(
+        &self,
+        path: &str,
+        key: &ObjectPath,
+    ) -> Result<(Vec<ObjectPath>, Vec<ObjectMeta>)> {
         let prefix = (!key.as_ref().is_empty()).then_some(key);
         let Some(pages) = &self.pages else {
             let listed = self.store.list_with_delimiter(prefix);
-            return self
+            let listed = self
                 .timed_listing(path, async {
                     listed.await.map_err(self.map(Op::Read, path))
                 })
-                .await;
+                .await?;
+            return Ok((listed.common_prefixes, listed.objects));
         };
         // A paginated listing takes its prefix as given: end it with the
         // delimiter, or "a/b" would list "a/bc" too.
         let prefix = prefix.map(|k| format!("{k}{DELIMITER}"));
-        let mut all: Option<ListResult> = None;
+        let (mut dirs, mut objects) = (Vec::new(), Vec::new());
         let mut token = None;
         loop {
             let opts = PaginatedListOptions {
@@ -60,17 +65,11 @@ impl ObjectStoreStorage {
                     page.await.map_err(self.map(Op::Read, path))
                 })
                 .await?;
-            let listed = match all.take() {
-                None => page.result,
-                Some(mut listed) => {
-                    listed.common_prefixes.extend(page.result.common_prefixes);
-                    listed.objects.extend(page.result.objects);
-                    listed
-                }
-            };
-            match page.page_token {
-                Some(next) => (all, token) = (Some(listed), Some(next)),
-                None => return Ok(listed),
+            dirs.extend(page.result.common_prefixes);
+            objects.extend(page.result.objects);
+            token = page.page_token;
+            if token.is_none() {
+                return Ok((dirs, objects));
             }
         }
     }
