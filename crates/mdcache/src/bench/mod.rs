@@ -19,10 +19,12 @@ use serde::{Deserialize, Serialize};
 
 mod group;
 mod large;
+mod memory;
 mod report;
 mod scale;
 mod watch;
 
+pub use self::memory::{MemProbeArgs, mem_probe};
 use self::report::{Goal, Row, compare};
 
 type Result<T> = std::result::Result<T, Error>;
@@ -37,6 +39,32 @@ pub struct BenchArgs {
     /// (`bench/ls`, written on the first run and kept for the next).
     #[arg(long, value_name = "N")]
     ls: Option<usize>,
+    /// Runs only these sections (comma-separated; all when not given).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "SECTION")]
+    only: Vec<Section>,
+}
+
+/// A section of the `bench` report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// The library against the raw operations it wraps (and `--ls`).
+    Raw,
+    /// Group commit: T tasks of one process on one hot key.
+    Group,
+    /// One hot key, 1–8 replica processes.
+    Replicas,
+    /// 1 key vs 64 keys, 4 replica processes.
+    Keys,
+    /// Push invalidation.
+    Watch,
+    /// Memory after 1 000 000 distinct keys.
+    Memory,
+}
+
+impl BenchArgs {
+    fn runs(&self, section: Section) -> bool {
+        self.only.is_empty() || self.only.contains(&section)
+    }
 }
 
 /// A document of roughly `size` bytes of JSON, shaped like real metadata.
@@ -326,98 +354,6 @@ async fn bench_keys(url: &str, quick: bool) -> Result<()> {
     Ok(())
 }
 
-/// Section 5: memory after touching 1,000,000 distinct keys, measured in
-/// fresh processes (`mdcache mem-probe`).
-fn bench_memory(quick: bool) -> Result<()> {
-    let keys = if quick { 100_000 } else { 1_000_000 };
-    println!();
-    println!(
-        "{:<22} {:>12} {:>12} {:>12} {:>14}",
-        "memory", "cache MiB", "lock table", "cached", "bytes/entry"
-    );
-    for capacity in [None, Some(10_000usize)] {
-        let exe = std::env::current_exe().map_err(|e| err(e, "cannot find mdcache"))?;
-        let mut cmd = std::process::Command::new(exe);
-        cmd.args(["mem-probe", "--keys", &keys.to_string()]);
-        if let Some(c) = capacity {
-            cmd.args(["--capacity", &c.to_string()]);
-        }
-        let out = cmd.output().map_err(|e| err(e, "cannot run mem-probe"))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let field = |name: &str| -> u64 {
-            text.split_whitespace()
-                .find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
-                .unwrap_or(0)
-        };
-        let delta = field("cache_bytes");
-        let cached = field("cached");
-        println!(
-            "{:<22} {:>12.1} {:>12} {:>12} {:>14}",
-            match capacity {
-                None => format!("{keys} keys, unbounded"),
-                Some(c) => format!("{keys} keys, cap {c}"),
-            },
-            delta as f64 / (1 << 20) as f64,
-            field("lock_table"),
-            cached,
-            if capacity.is_none() {
-                (delta / cached.max(1)).to_string()
-            } else {
-                "-".to_owned()
-            }
-        );
-    }
-    Ok(())
-}
-
-/// Options of the hidden `mdcache mem-probe`.
-#[derive(Debug, Args)]
-pub struct MemProbeArgs {
-    #[arg(long)]
-    keys: u32,
-    #[arg(long)]
-    capacity: Option<usize>,
-}
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
-}
-
-/// Fills a memory storage with `keys` small documents, then reads every key
-/// through a store and reports how much the store's memory grew.
-pub async fn mem_probe(args: MemProbeArgs) -> Result<ExitCode> {
-    let storage: Arc<dyn Storage> = Arc::new(metadatacache::MemoryStorage::new());
-    for k in 0..args.keys {
-        storage
-            .simple_upload(&format!("k/{k}"), bytes::Bytes::from_static(b"1"))
-            .await?;
-    }
-    let mut opts = Options::new(Arc::clone(&storage), |k: &u32| format!("k/{k}"));
-    if let Some(c) = args.capacity {
-        opts = opts.capacity(c);
-    }
-    let store: Store<u32, u32> = Store::new(opts);
-    let before = rss_bytes();
-    for k in 0..args.keys {
-        store.get(k).await?;
-    }
-    let after = rss_bytes();
-    println!(
-        "cache_bytes={} lock_table={} cached={}",
-        after.saturating_sub(before),
-        store.locked_keys(),
-        store.cached_keys()
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
 pub async fn bench(url: Option<&str>, args: BenchArgs) -> Result<ExitCode> {
     let tmp = torture::temp_dir("mdcache-bench-")?;
     let targets: Vec<(String, Option<PathBuf>)> = match url {
@@ -440,6 +376,12 @@ pub async fn bench(url: Option<&str>, args: BenchArgs) -> Result<ExitCode> {
         let storage = metadatacache::open(&url).await?;
         // The bucket or container, where the service lets us create it.
         storage.init("").await?;
+        if storage.backend() != "memory" {
+            durable.push(Arc::clone(&storage));
+        }
+        if !args.runs(Section::Raw) {
+            continue;
+        }
         let s = sizes(args.quick, storage.backend());
         bench_update(&storage, &s).await?.print();
         if let Some(dir) = &dir {
@@ -457,12 +399,11 @@ pub async fn bench(url: Option<&str>, args: BenchArgs) -> Result<ExitCode> {
         if let Some(n) = args.ls {
             scale::bench_ls(&storage, n).await?;
         }
-        if storage.backend() != "memory" {
-            durable.push(storage);
-        }
     }
-    for storage in &durable {
-        group::bench_group_commit(storage, args.quick).await?;
+    if args.runs(Section::Group) {
+        for storage in &durable {
+            group::bench_group_commit(storage, args.quick).await?;
+        }
     }
     // Replica processes need a storage they can share.
     let shared = match url {
@@ -471,8 +412,12 @@ pub async fn bench(url: Option<&str>, args: BenchArgs) -> Result<ExitCode> {
         None => Some(format!("disk:{}", tmp.path().join("replicas").display())),
     };
     if let Some(url) = shared {
-        bench_hot_key(&url, args.quick).await?;
-        bench_keys(&url, args.quick).await?;
+        if args.runs(Section::Replicas) {
+            bench_hot_key(&url, args.quick).await?;
+        }
+        if args.runs(Section::Keys) {
+            bench_keys(&url, args.quick).await?;
+        }
     }
     // Push invalidation, on each storage (replicas on separate handles).
     let watch_targets: Vec<String> = match url {
@@ -482,9 +427,13 @@ pub async fn bench(url: Option<&str>, args: BenchArgs) -> Result<ExitCode> {
             format!("disk:{}", tmp.path().join("watch").display()),
         ],
     };
-    for url in watch_targets {
-        watch::bench_watch(&url, args.quick).await?;
+    if args.runs(Section::Watch) {
+        for url in watch_targets {
+            watch::bench_watch(&url, args.quick).await?;
+        }
     }
-    bench_memory(args.quick)?;
+    if args.runs(Section::Memory) {
+        memory::bench_memory(args.quick)?;
+    }
     Ok(ExitCode::SUCCESS)
 }

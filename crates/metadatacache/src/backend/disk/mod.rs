@@ -7,6 +7,7 @@
 mod config;
 mod fs;
 mod lock;
+mod many;
 mod ops;
 mod temp;
 mod watch;
@@ -244,11 +245,12 @@ impl Storage for DiskStorage {
     }
 
     /// Conditional deletes under the document's lock, real directories,
-    /// and changes reported by inotify. Etags are content hashes: they
-    /// repeat.
+    /// changes reported by inotify, and combined uploads that share their
+    /// syncs. Etags are content hashes: they repeat.
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             conditional_delete: true,
+            combined_calls: true,
             directories: true,
             notifications: true,
             ..Capabilities::default()
@@ -283,6 +285,46 @@ impl Storage for DiskStorage {
         check_path(&req.path, false)?;
         self.blocking(move |inner| inner.upload(&req).map_err(tag))
             .await
+    }
+
+    /// Writes every temp file, syncs them together (the kernel writes them
+    /// back at once, so the first fsync's journal commit carries them all),
+    /// renames each directory's documents under one lock and syncs each
+    /// directory once. Each request keeps its own preconditions and result.
+    async fn upload_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
+        // A bad path is answered here; the others go to the file system.
+        let mut out: Vec<Option<Result<UploadResponse>>> = Vec::with_capacity(reqs.len());
+        let (mut valid, mut places) = (Vec::new(), Vec::new());
+        for req in reqs {
+            match check_path(&req.path, false) {
+                Ok(()) => {
+                    places.push(out.len());
+                    out.push(None);
+                    valid.push(req);
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        if !valid.is_empty() {
+            match self
+                .blocking(move |inner| Ok(inner.upload_many(&valid)))
+                .await
+            {
+                Ok(results) => {
+                    for (i, r) in places.into_iter().zip(results) {
+                        out[i] = Some(r.map_err(tag));
+                    }
+                }
+                Err(e) => {
+                    for i in places {
+                        out[i] = Some(Err(e.duplicate()));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| unreachable!("every request is answered")))
+            .collect()
     }
 
     async fn download(&self, req: DownloadRequest) -> Result<DownloadResponse> {

@@ -12,6 +12,7 @@ use std::os::fd::AsFd;
 
 use super::fs::*;
 use super::lock::lock_dir;
+use super::temp::Temp;
 use super::{BACKEND, DiskStep, Inner, is_internal};
 
 impl Inner {
@@ -19,68 +20,28 @@ impl Inner {
     /// That change is visible already, so a failure here (or anything else
     /// after it) is [`ErrorKind::Unavailable`]: the change may stand, or be
     /// lost on power loss, but must not be taken as "not applied".
-    fn sync_dir(&self, dir: &DirFd<'_>, path: &str, step: DiskStep) -> Result<()> {
+    pub(super) fn sync_dir(&self, dir: &DirFd<'_>, path: &str, step: DiskStep) -> Result<()> {
         let synced = self.opts.fault(step, path).and_then(|()| {
             if self.opts.fsync {
                 rustix::fs::fsync(dir)?;
             }
             Ok(())
         });
-        synced.map_err(|e| {
-            let mut err = io_error(
-                e,
-                path,
-                "the change is visible, but syncing its directory failed: it may stand, or be \
-                 lost on power loss",
-            );
-            if err.kind() != ErrorKind::Unavailable {
-                err = Error::unavailable(err.message().to_owned())
-                    .with_path(path)
-                    .with_backend(BACKEND)
-                    .with_source(err);
-            }
-            err
-        })
+        synced.map_err(|e| visible_error(e, path))
     }
 
     pub(in crate::backend::disk) fn upload(&self, req: &UploadRequest) -> Result<UploadResponse> {
         let path = req.path.as_str();
-        let (dir, name) = (parent(path), base(path));
         // A write that needs the document to exist creates no directories.
-        let dirfd = match self.walk(dir, req.if_match.is_none(), path)? {
+        let dirfd = match self.walk(parent(path), req.if_match.is_none(), path)? {
             Ok(fd) => fd,
-            Err(blocked) => {
-                // The document is absent: answer its preconditions first.
-                check_upload_preconditions(req, None)?;
-                return Err(match blocked {
-                    Blocked::NotDir(at) => {
-                        Error::invalid_input(format!("parent {at:?} is a document"))
-                    }
-                    Blocked::Missing => Error::not_found("parent directory vanished"),
-                }
-                .with_path(path));
-            }
+            Err(blocked) => return Err(blocked_upload(req, blocked)),
         };
         let etag = etag(&req.content);
         // The slow part (write + fsync) happens before taking the lock.
-        let (mut temp, mtime) = self.write_temp(&dirfd, name, req)?;
-        let needs_etag = req.if_match.is_some() || req.if_none_match.iter().any(|e| e != "*");
+        let (mut temp, mtime) = self.write_temp(&dirfd, base(path), req)?;
         let lock = lock_dir(&dirfd, path)?;
-        let current = match open_entry(dirfd.as_fd(), name, path, needs_etag)? {
-            Entry::Missing => None,
-            Entry::File(doc) => Some(doc),
-            Entry::Dir(_) => {
-                return Err(Error::invalid_input("a directory exists at this path").with_path(path));
-            }
-            Entry::Symlink => return Err(symlink_error(path, path)),
-            Entry::Special => {
-                return Err(Error::invalid_input("not a regular file").with_path(path));
-            }
-        };
-        check_upload_preconditions(req, current.as_ref().map(|d| (d.etag.as_str(), d.mtime)))?;
-        rustix::fs::renameat(&dirfd, temp.name.as_str(), &dirfd, name)
-            .map_err(|e| io_error(e, path, "cannot rename the temp file into place"))?;
-        temp.armed = false;
+        replace(&dirfd, &mut temp, req)?;
         drop(lock);
         self.sync_dir(&dirfd, path, DiskStep::Renamed)?;
         Ok(UploadResponse { etag, mtime })
@@ -191,4 +152,59 @@ impl Inner {
             }
         }
     }
+}
+
+/// The error of an upload whose document's directory could not be opened
+/// (`blocked`): the document is absent, so its preconditions answer first.
+pub(super) fn blocked_upload(req: &UploadRequest, blocked: Blocked) -> Error {
+    if let Err(e) = check_upload_preconditions(req, None) {
+        return e;
+    }
+    match blocked {
+        Blocked::NotDir(at) => Error::invalid_input(format!("parent {at:?} is a document")),
+        Blocked::Missing => Error::not_found("parent directory vanished"),
+    }
+    .with_path(&req.path)
+}
+
+/// Checks `req`'s preconditions against the document in `dir` and renames
+/// `temp` over it; the caller holds the directory's lock.
+pub(super) fn replace(dir: &DirFd<'_>, temp: &mut Temp<'_>, req: &UploadRequest) -> Result<()> {
+    let path = req.path.as_str();
+    let name = base(path);
+    let needs_etag = req.if_match.is_some() || req.if_none_match.iter().any(|e| e != "*");
+    let current = match open_entry(dir.as_fd(), name, path, needs_etag)? {
+        Entry::Missing => None,
+        Entry::File(doc) => Some(doc),
+        Entry::Dir(_) => {
+            return Err(Error::invalid_input("a directory exists at this path").with_path(path));
+        }
+        Entry::Symlink => return Err(symlink_error(path, path)),
+        Entry::Special => {
+            return Err(Error::invalid_input("not a regular file").with_path(path));
+        }
+    };
+    check_upload_preconditions(req, current.as_ref().map(|d| (d.etag.as_str(), d.mtime)))?;
+    rustix::fs::renameat(dir, temp.name.as_str(), dir, name)
+        .map_err(|e| io_error(e, path, "cannot rename the temp file into place"))?;
+    temp.armed = false;
+    Ok(())
+}
+
+/// A failure after a change became visible (syncing its directory):
+/// [`ErrorKind::Unavailable`], since the change may stand.
+pub(super) fn visible_error(e: std::io::Error, path: &str) -> Error {
+    let mut err = io_error(
+        e,
+        path,
+        "the change is visible, but syncing its directory failed: it may stand, or be \
+         lost on power loss",
+    );
+    if err.kind() != ErrorKind::Unavailable {
+        err = Error::unavailable(err.message().to_owned())
+            .with_path(path)
+            .with_backend(BACKEND)
+            .with_source(err);
+    }
+    err
 }

@@ -66,6 +66,20 @@ impl Inner {
         name: &str,
         req: &UploadRequest,
     ) -> Result<(Temp<'a>, SystemTime)> {
+        let (temp, mtime, file) = self.write_temp_unsynced(dir, name, req)?;
+        self.sync_temp(&file, &req.path)?;
+        Ok((temp, mtime))
+    }
+
+    /// Like [`write_temp`](Self::write_temp) without the fsync: the caller
+    /// syncs the returned file with [`sync_temp`](Self::sync_temp) before
+    /// renaming it into place.
+    pub(super) fn write_temp_unsynced<'a>(
+        &self,
+        dir: &'a DirFd<'_>,
+        name: &str,
+        req: &UploadRequest,
+    ) -> Result<(Temp<'a>, SystemTime, File)> {
         let path = req.path.as_str();
         let flags =
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -94,20 +108,28 @@ impl Inner {
             // reads the mtime shows the mode the umask (or a default ACL)
             // left, and the write (which clears set-user-ID and
             // set-group-ID bits) has happened. Neither chmod nor fsync
-            // changes the mtime, and the fsync below covers the mode too.
+            // changes the mtime, and the fsync covers the mode too.
             let meta = file.metadata()?;
             if meta.mode() & 0o7777 != self.opts.file_mode {
                 file.set_permissions(Permissions::from_mode(self.opts.file_mode))?;
             }
-            if self.opts.fsync {
-                file.sync_all()?;
-            }
             meta.modified()
         };
-        let mtime = write(&mut file)
-            .and_then(|mtime| self.opts.fault(DiskStep::TempWritten, path).map(|()| mtime))
-            .map_err(|e| io_error(e, path, "cannot write the temp file"))?;
-        Ok((temp, mtime))
+        let mtime =
+            write(&mut file).map_err(|e| io_error(e, path, "cannot write the temp file"))?;
+        Ok((temp, mtime, file))
+    }
+
+    /// Syncs a temp file written for document `path` (if configured).
+    pub(super) fn sync_temp(&self, file: &File, path: &str) -> Result<()> {
+        let synced = if self.opts.fsync {
+            file.sync_all()
+        } else {
+            Ok(())
+        };
+        synced
+            .and_then(|()| self.opts.fault(DiskStep::TempWritten, path))
+            .map_err(|e| io_error(e, path, "cannot write the temp file"))
     }
 
     /// Removes temp files left by killed writers: those whose ctime is older

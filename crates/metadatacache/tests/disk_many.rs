@@ -1,0 +1,258 @@
+//! The disk backend's combined uploads (`upload_many`), whose documents
+//! share their syncs: documents in several directories, faults that hit
+//! one document of a call, and a store whose updates of different keys
+//! go together.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use metadatacache::{
+    DiskOptions, DiskStep, DiskStorage, ErrorKind, Options, Storage, Store, UploadRequest,
+};
+
+/// Every temp file left below `dir`.
+fn temp_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            } else if entry.file_name().to_string_lossy().contains(".tmp.") {
+                out.push(entry.path().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+fn read(dir: &Path, path: &str) -> Option<String> {
+    std::fs::read_to_string(dir.join(path)).ok()
+}
+
+fn cas(path: &str, etag: &str, body: &str) -> UploadRequest {
+    UploadRequest {
+        if_match: Some(etag.to_owned()),
+        ..UploadRequest::new(path, body.to_owned())
+    }
+}
+
+/// One call over three directories, one of them new: each request is
+/// answered by its own precondition, a directory is created only for a
+/// create, and no temp file is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_of_several_directories_are_answered_each_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStorage::open(dir.path()).unwrap();
+    let a = s.simple_upload("x/a.json", "a0".into()).await.unwrap().etag;
+    let b = s.simple_upload("y/b.json", "b0".into()).await.unwrap().etag;
+    s.simple_upload("y/b.json", "b-moved".into()).await.unwrap();
+    let c = s.simple_upload("c.json", "c0".into()).await.unwrap().etag;
+    let res = s
+        .upload_many(vec![
+            cas("x/a.json", &a, "a1"),
+            cas("y/b.json", &b, "b1"),
+            UploadRequest {
+                if_none_match: vec!["*".into()],
+                ..UploadRequest::new("z/new/n.json", "n1")
+            },
+            cas("w/missing.json", &a, "m1"),
+            cas("c.json", &c, "c1"),
+            UploadRequest::new("x/plain.json", "p1"),
+            UploadRequest::new("x/../escape.json", "e1"),
+        ])
+        .await;
+    let kinds: Vec<_> = res
+        .iter()
+        .map(|r| r.as_ref().err().map(|e| e.kind()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            None,
+            Some(ErrorKind::PreconditionFailed),
+            None,
+            Some(ErrorKind::NotFound),
+            None,
+            None,
+            Some(ErrorKind::InvalidInput),
+        ],
+        "{res:?}"
+    );
+    for (i, path, body) in [
+        (0, "x/a.json", "a1"),
+        (2, "z/new/n.json", "n1"),
+        (4, "c.json", "c1"),
+        (5, "x/plain.json", "p1"),
+    ] {
+        assert_eq!(read(dir.path(), path).as_deref(), Some(body), "{path}");
+        let etag = &res[i].as_ref().unwrap().etag;
+        assert_eq!(
+            s.stat(path).await.unwrap().etag.as_ref(),
+            Some(etag),
+            "{path}"
+        );
+    }
+    assert_eq!(read(dir.path(), "y/b.json").as_deref(), Some("b-moved"));
+    assert!(
+        !dir.path().join("w").exists(),
+        "an update created a directory"
+    );
+    assert!(
+        temp_files(dir.path()).is_empty(),
+        "{:?}",
+        temp_files(dir.path())
+    );
+}
+
+/// A fault while one document's temp file is synced fails that document
+/// alone (nothing of it visible, its temp file removed); a fault after one
+/// document's rename makes that one `Unavailable` (it is visible). The
+/// other documents of the call, in the same directories, land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_hits_only_its_own_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStorage::open(dir.path()).unwrap();
+    let mut etags = Vec::new();
+    for path in ["a/1.json", "a/2.json", "b/1.json", "b/2.json"] {
+        etags.push(s.simple_upload(path, "0".into()).await.unwrap().etag);
+    }
+    let faulty = DiskOptions::new()
+        .fault_hook(|step, path| match (step, path) {
+            (DiskStep::TempWritten, "a/2.json") | (DiskStep::Renamed, "b/1.json") => {
+                Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+            }
+            _ => Ok(()),
+        })
+        .open(dir.path())
+        .unwrap();
+    let res = faulty
+        .upload_many(vec![
+            cas("a/1.json", &etags[0], "1"),
+            cas("a/2.json", &etags[1], "1"),
+            cas("b/1.json", &etags[2], "1"),
+            cas("b/2.json", &etags[3], "1"),
+        ])
+        .await;
+    assert!(res[0].is_ok(), "{:?}", res[0]);
+    let e = res[1].as_ref().unwrap_err();
+    assert_ne!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert_eq!(e.path(), Some("a/2.json"));
+    let e = res[2].as_ref().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert_eq!(e.path(), Some("b/1.json"));
+    assert!(res[3].is_ok(), "{:?}", res[3]);
+    let stored: Vec<_> = ["a/1.json", "a/2.json", "b/1.json", "b/2.json"]
+        .iter()
+        .map(|p| read(dir.path(), p).unwrap())
+        .collect();
+    assert_eq!(stored, ["1", "0", "1", "1"]);
+    assert!(
+        temp_files(dir.path()).is_empty(),
+        "{:?}",
+        temp_files(dir.path())
+    );
+}
+
+/// Updates of different keys through one store go to disk together, and
+/// every acknowledged update is counted exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_combines_the_updates_of_different_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(DiskStorage::open(dir.path()).unwrap());
+    assert!(storage.capabilities().combined_calls);
+    // Counts the documents of each combined call.
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let counting: Arc<dyn Storage> = Arc::new(Counting {
+        inner: Arc::clone(&storage),
+        calls: Arc::clone(&calls),
+    });
+    let store: Store<u32, u64> =
+        Store::new(Options::new(counting, |k: &u32| format!("k/{}/{k}.json", k % 4)).init(|| 0));
+    let mut tasks = Vec::new();
+    for t in 0..16u32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..40 {
+                store.update(t, true, |n| Ok((n + 1, true))).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let _ = store;
+    let combined = calls.lock().unwrap().clone();
+    assert!(
+        combined.iter().any(|&n| n > 1),
+        "no call carried more than one document: {combined:?}"
+    );
+    let mut total = 0;
+    for k in 0..16 {
+        total += read(dir.path(), &format!("k/{}/{k}.json", k % 4))
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+    }
+    assert_eq!(total, 16 * 40);
+    assert!(temp_files(dir.path()).is_empty());
+}
+
+/// Passes every call to the disk storage, noting the size of each
+/// combined upload.
+#[derive(Debug)]
+struct Counting {
+    inner: Arc<DiskStorage>,
+    calls: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+#[async_trait::async_trait]
+impl Storage for Counting {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn capabilities(&self) -> metadatacache::Capabilities {
+        self.inner.capabilities()
+    }
+    async fn init(&self, name: &str) -> metadatacache::Result<()> {
+        self.inner.init(name).await
+    }
+    async fn upload(
+        &self,
+        req: UploadRequest,
+    ) -> metadatacache::Result<metadatacache::UploadResponse> {
+        self.inner.upload(req).await
+    }
+    async fn upload_many(
+        &self,
+        reqs: Vec<UploadRequest>,
+    ) -> Vec<metadatacache::Result<metadatacache::UploadResponse>> {
+        self.calls.lock().unwrap().push(reqs.len());
+        self.inner.upload_many(reqs).await
+    }
+    async fn download(
+        &self,
+        req: metadatacache::DownloadRequest,
+    ) -> metadatacache::Result<metadatacache::DownloadResponse> {
+        self.inner.download(req).await
+    }
+    async fn delete_if_match(
+        &self,
+        path: &str,
+        if_match: Option<&str>,
+    ) -> metadatacache::Result<()> {
+        self.inner.delete_if_match(path, if_match).await
+    }
+    async fn stat(&self, path: &str) -> metadatacache::Result<metadatacache::FileInfo> {
+        self.inner.stat(path).await
+    }
+    async fn list_dir(&self, path: &str) -> metadatacache::Result<Vec<metadatacache::FileInfo>> {
+        self.inner.list_dir(path).await
+    }
+    async fn make_dir_if_not_exist(&self, path: &str) -> metadatacache::Result<()> {
+        self.inner.make_dir_if_not_exist(path).await
+    }
+}
