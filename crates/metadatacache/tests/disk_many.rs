@@ -256,3 +256,49 @@ impl Storage for Counting {
         self.inner.make_dir_if_not_exist(path).await
     }
 }
+
+/// A request that its precondition refuses at the start of the call is
+/// answered without a temp file of its own: no sync is spent on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_writes_no_temp_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStorage::open(dir.path()).unwrap();
+    let old = s.simple_upload("d/x.json", "0".into()).await.unwrap().etag;
+    let now = s.simple_upload("d/x.json", "1".into()).await.unwrap().etag;
+    s.simple_upload("d/y.json", "0".into()).await.unwrap();
+    let synced = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&synced);
+    let watched = DiskOptions::new()
+        .fault_hook(move |step, path| {
+            if step == DiskStep::TempWritten {
+                seen.lock().unwrap().push(path.to_owned());
+            }
+            Ok(())
+        })
+        .open(dir.path())
+        .unwrap();
+    let res = watched
+        .upload_many(vec![
+            cas("d/x.json", &old, "stale"),
+            UploadRequest {
+                if_none_match: vec!["*".into()],
+                ..UploadRequest::new("d/y.json", "exists")
+            },
+            cas("d/x.json", &now, "2"),
+        ])
+        .await;
+    let kinds: Vec<_> = res
+        .iter()
+        .map(|r| r.as_ref().err().map(|e| e.kind()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            Some(ErrorKind::PreconditionFailed),
+            Some(ErrorKind::AlreadyExists),
+            None
+        ]
+    );
+    assert_eq!(*synced.lock().unwrap(), ["d/x.json"]);
+    assert_eq!(read(dir.path(), "d/x.json").as_deref(), Some("2"));
+}

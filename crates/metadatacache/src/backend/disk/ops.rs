@@ -167,13 +167,11 @@ pub(super) fn blocked_upload(req: &UploadRequest, blocked: Blocked) -> Error {
     .with_path(&req.path)
 }
 
-/// Checks `req`'s preconditions against the document in `dir` and renames
-/// `temp` over it; the caller holds the directory's lock.
-pub(super) fn replace(dir: &DirFd<'_>, temp: &mut Temp<'_>, req: &UploadRequest) -> Result<()> {
+/// Checks `req`'s preconditions against the document in `dir` now.
+pub(super) fn check_current(dir: &DirFd<'_>, req: &UploadRequest) -> Result<()> {
     let path = req.path.as_str();
-    let name = base(path);
     let needs_etag = req.if_match.is_some() || req.if_none_match.iter().any(|e| e != "*");
-    let current = match open_entry(dir.as_fd(), name, path, needs_etag)? {
+    let current = match open_entry(dir.as_fd(), base(path), path, needs_etag)? {
         Entry::Missing => None,
         Entry::File(doc) => Some(doc),
         Entry::Dir(_) => {
@@ -184,8 +182,15 @@ pub(super) fn replace(dir: &DirFd<'_>, temp: &mut Temp<'_>, req: &UploadRequest)
             return Err(Error::invalid_input("not a regular file").with_path(path));
         }
     };
-    check_upload_preconditions(req, current.as_ref().map(|d| (d.etag.as_str(), d.mtime)))?;
-    rustix::fs::renameat(dir, temp.name.as_str(), dir, name)
+    check_upload_preconditions(req, current.as_ref().map(|d| (d.etag.as_str(), d.mtime)))
+}
+
+/// Checks `req`'s preconditions against the document in `dir` and renames
+/// `temp` over it; the caller holds the directory's lock.
+pub(super) fn replace(dir: &DirFd<'_>, temp: &mut Temp<'_>, req: &UploadRequest) -> Result<()> {
+    check_current(dir, req)?;
+    let path = req.path.as_str();
+    rustix::fs::renameat(dir, temp.name.as_str(), dir, base(path))
         .map_err(|e| io_error(e, path, "cannot rename the temp file into place"))?;
     temp.armed = false;
     Ok(())
