@@ -251,6 +251,7 @@ impl Storage for DiskStorage {
         Capabilities {
             conditional_delete: true,
             combined_calls: true,
+            current_on_conflict: true,
             directories: true,
             notifications: true,
             ..Capabilities::default()

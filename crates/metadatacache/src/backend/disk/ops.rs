@@ -5,6 +5,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::storage::{
     DownloadRequest, DownloadResponse, FileInfo, UploadRequest, UploadResponse,
     check_delete_precondition, check_upload_preconditions, join, parent, validate_path,
+    with_current,
 };
 use bytes::Bytes;
 use rustix::fs::AtFlags;
@@ -38,6 +39,11 @@ impl Inner {
             Err(blocked) => return Err(blocked_upload(req, blocked)),
         };
         let etag = etag(&req.content);
+        // A write refused now is refused before its temp file costs an
+        // inode and a sync; the check is repeated under the lock.
+        if req.if_match.is_some() || !req.if_none_match.is_empty() {
+            check_current(&dirfd, req)?;
+        }
         // The slow part (write + fsync) happens before taking the lock.
         let (mut temp, mtime) = self.write_temp(&dirfd, base(path), req)?;
         let lock = lock_dir(&dirfd, path)?;
@@ -167,11 +173,13 @@ pub(super) fn blocked_upload(req: &UploadRequest, blocked: Blocked) -> Error {
     .with_path(&req.path)
 }
 
-/// Checks `req`'s preconditions against the document in `dir` now.
+/// Checks `req`'s preconditions against the document in `dir` now; a
+/// refusal carries the stored version (`Capabilities::current_on_conflict`).
 pub(super) fn check_current(dir: &DirFd<'_>, req: &UploadRequest) -> Result<()> {
     let path = req.path.as_str();
+    let name = base(path);
     let needs_etag = req.if_match.is_some() || req.if_none_match.iter().any(|e| e != "*");
-    let current = match open_entry(dir.as_fd(), base(path), path, needs_etag)? {
+    let current = match open_entry(dir.as_fd(), name, path, needs_etag)? {
         Entry::Missing => None,
         Entry::File(doc) => Some(doc),
         Entry::Dir(_) => {
@@ -182,7 +190,28 @@ pub(super) fn check_current(dir: &DirFd<'_>, req: &UploadRequest) -> Result<()> 
             return Err(Error::invalid_input("not a regular file").with_path(path));
         }
     };
-    check_upload_preconditions(req, current.as_ref().map(|d| (d.etag.as_str(), d.mtime)))
+    let refused =
+        match check_upload_preconditions(req, current.as_ref().map(|d| (d.etag.as_str(), d.mtime)))
+        {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+    Err(with_current(refused, || {
+        let doc = match current {
+            Some(doc) if needs_etag => doc,
+            // Read without its content: read it now.
+            _ => match open_entry(dir.as_fd(), name, path, true) {
+                Ok(Entry::File(doc)) => doc,
+                _ => return None,
+            },
+        };
+        Some(DownloadResponse {
+            content: Bytes::from(doc.content),
+            etag: doc.etag,
+            mtime: doc.mtime,
+            write_token: None,
+        })
+    }))
 }
 
 /// Checks `req`'s preconditions against the document in `dir` and renames
