@@ -1,14 +1,15 @@
 //! Several uploads in one go ([`Storage::upload_many`](crate::Storage::upload_many)):
 //! the documents share the syncs that make them durable.
 //!
-//! One upload costs two journal commits of the file system: the fsync of its
-//! temp file and the fsync of its directory after the rename. Here every
-//! temp file is written first, the kernel is asked to start writing them all
-//! back, and then each is synced, so the first fsync's commit carries the
-//! others' data and theirs find little left to do; the documents of one
-//! directory are then renamed under one lock and the directory synced once.
-//! Every document is still synced before it is renamed into place, and keeps
-//! its own preconditions and result: one refusal never fails another.
+//! One upload costs two syncs: its temp file's and, after the rename, its
+//! directory's. Here every temp file is written first and the kernel is
+//! asked to start writing them all back at once; then each is synced, and
+//! finds its data on its way already (on a journaling file system the
+//! first sync's commit carries the others too). The documents of one
+//! directory are then renamed under one lock and the directory is synced
+//! once. Every document is still synced before it is renamed into place,
+//! and keeps its own preconditions, fault hook and result: one refusal or
+//! failure never fails another.
 
 use std::fs::File;
 use std::time::SystemTime;
@@ -75,8 +76,9 @@ impl Inner {
             }
         }
         if self.opts.fsync {
-            // Start writing them all back; a failure here only means the
-            // fsync below does all the work.
+            // Start writing them all back. Pages under write-back stay
+            // cached (checked with `fincore`), so later reads still hit
+            // the page cache. A failure only leaves the work to the fsync.
             for p in pending.iter().flatten() {
                 let _ = rustix::fs::fadvise(&p.file, 0, None, Advice::DontNeed);
             }

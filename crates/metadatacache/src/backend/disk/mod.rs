@@ -51,7 +51,15 @@ const BACKEND: &str = "disk";
 /// - **atomic replace** — an upload writes a temp file in the document's
 ///   directory, fsyncs it, renames it over the document and fsyncs the
 ///   directory. Readers never take the lock and see the old or the new
-///   version, never a torn or empty one, even if a writer is killed.
+///   version, never a torn or empty one, even if a writer is killed. A
+///   write whose precondition already fails is refused before its temp
+///   file is written, with the stored version attached
+///   ([`Capabilities::current_on_conflict`]); the check is repeated under
+///   the lock.
+/// - **combined uploads** — [`upload_many`](Storage::upload_many) writes
+///   all its temp files, syncs them together, renames each directory's
+///   documents under one lock and syncs each directory once
+///   ([`Capabilities::combined_calls`]).
 /// - **strong etags** — the etag is the BLAKE3 hash of the content as 64
 ///   hex digits, so equal content has an equal etag (also across uploads
 ///   and processes), and `if_none_match` answers [`ErrorKind::NotModified`].
@@ -288,10 +296,10 @@ impl Storage for DiskStorage {
             .await
     }
 
-    /// Writes every temp file, syncs them together (the kernel writes them
-    /// back at once, so the first fsync's journal commit carries them all),
-    /// renames each directory's documents under one lock and syncs each
-    /// directory once. Each request keeps its own preconditions and result.
+    /// Writes every temp file, has the kernel write them all back at once
+    /// before each is synced, renames each directory's documents under one
+    /// lock and syncs each directory once. Each request keeps its own
+    /// preconditions and result.
     async fn upload_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
         // A bad path is answered here; the others go to the file system.
         let mut out: Vec<Option<Result<UploadResponse>>> = Vec::with_capacity(reqs.len());

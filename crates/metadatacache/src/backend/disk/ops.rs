@@ -21,7 +21,7 @@ impl Inner {
     /// That change is visible already, so a failure here (or anything else
     /// after it) is [`ErrorKind::Unavailable`]: the change may stand, or be
     /// lost on power loss, but must not be taken as "not applied".
-    pub(super) fn sync_dir(&self, dir: &DirFd<'_>, path: &str, step: DiskStep) -> Result<()> {
+    fn sync_dir(&self, dir: &DirFd<'_>, path: &str, step: DiskStep) -> Result<()> {
         let synced = self.opts.fault(step, path).and_then(|()| {
             if self.opts.fsync {
                 rustix::fs::fsync(dir)?;
