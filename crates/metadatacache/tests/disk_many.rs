@@ -29,6 +29,11 @@ fn temp_files(dir: &Path) -> Vec<String> {
     out
 }
 
+fn assert_no_temp_files(dir: &Path) {
+    let left = temp_files(dir);
+    assert!(left.is_empty(), "temp files left: {left:?}");
+}
+
 fn read(dir: &Path, path: &str) -> Option<String> {
     std::fs::read_to_string(dir.join(path)).ok()
 }
@@ -101,11 +106,7 @@ async fn documents_of_several_directories_are_answered_each_on_its_own() {
         !dir.path().join("w").exists(),
         "an update created a directory"
     );
-    assert!(
-        temp_files(dir.path()).is_empty(),
-        "{:?}",
-        temp_files(dir.path())
-    );
+    assert_no_temp_files(dir.path());
 }
 
 /// A fault while one document's temp file is synced fails that document
@@ -150,11 +151,7 @@ async fn a_fault_hits_only_its_own_document() {
         .map(|p| read(dir.path(), p).unwrap())
         .collect();
     assert_eq!(stored, ["1", "0", "1", "1"]);
-    assert!(
-        temp_files(dir.path()).is_empty(),
-        "{:?}",
-        temp_files(dir.path())
-    );
+    assert_no_temp_files(dir.path());
 }
 
 /// Updates of different keys through one store go to disk together, and
@@ -198,7 +195,7 @@ async fn a_store_combines_the_updates_of_different_keys() {
             .unwrap();
     }
     assert_eq!(total, 16 * 40);
-    assert!(temp_files(dir.path()).is_empty());
+    assert_no_temp_files(dir.path());
 }
 
 /// Passes every call to the disk storage, noting the size of each
