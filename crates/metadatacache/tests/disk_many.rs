@@ -1,12 +1,20 @@
 //! The disk backend's combined uploads (`upload_many`), whose documents
 //! share their syncs: documents in several directories, faults that hit
-//! one document of a call, and a store whose updates of different keys
-//! go together.
+//! one document of a call, a store whose updates of different keys go
+//! together, and the system calls that make each document durable before
+//! the call returns (traced with strace in a child process: this test
+//! binary run again with `MDCACHE_DURABLE_CHILD` set).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use std::io::Write;
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
+
+use common::durable::{assert_durable_order, simulate_power_loss};
 
 use metadatacache::{
     DiskOptions, DiskStep, DiskStorage, ErrorKind, Options, Storage, Store, UploadRequest,
@@ -298,4 +306,87 @@ async fn a_refused_request_writes_no_temp_file() {
     );
     assert_eq!(*synced.lock().unwrap(), ["d/x.json"]);
     assert_eq!(read(dir.path(), "d/x.json").as_deref(), Some("2"));
+}
+
+/// Where the traced child writes; unset in a normal test run.
+const DURABLE_CHILD: &str = "MDCACHE_DURABLE_CHILD";
+
+/// The documents the traced child rewrites in one combined upload.
+const DURABLE_DOCS: [(&str, &str); 3] = [("a/x.json", "x"), ("a/y.json", "y"), ("b/z.json", "z")];
+
+/// The traced child's body: one combined upload over existing documents
+/// in two directories, then `ACK` on stdout. A no-op in a normal test run.
+#[test]
+fn durable_child() {
+    let Some(dir) = std::env::var_os(DURABLE_CHILD) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = DiskStorage::open(&dir).unwrap();
+        let reqs = DURABLE_DOCS
+            .iter()
+            .map(|(path, body)| UploadRequest::new(*path, format!("{body}1")))
+            .collect();
+        let res = s.upload_many(reqs).await;
+        assert!(res.iter().all(Result::is_ok), "{res:?}");
+    });
+    let mut out = std::io::stdout();
+    out.write_all(b"ACK\n").unwrap();
+    out.flush().unwrap();
+}
+
+/// Each document of a combined upload is written to a temp file, fsynced,
+/// renamed over the document, and its directory fsynced, all before the
+/// call returns; a power loss after any traced call leaves every document
+/// whole, and the new version once acknowledged. The temp files are all
+/// written before the first rename: the call really shares its syncs.
+#[test]
+fn combined_writes_are_durable_before_their_reply() {
+    if !common::durable::strace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = DiskStorage::open(&data).unwrap();
+        for (path, body) in DURABLE_DOCS {
+            s.simple_upload(path, format!("{body}0").into())
+                .await
+                .unwrap();
+        }
+    });
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
+        .args([
+            "--exact",
+            "durable_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(DURABLE_CHILD, &data);
+    let calls = common::durable::trace(&child, "", &dir.path().join("strace.log"));
+    let is_ack = |l: &str| l.starts_with("write(1, \"ACK");
+    for (path, _) in DURABLE_DOCS {
+        let name = path.rsplit('/').next().unwrap();
+        assert_durable_order(&calls, name, &is_ack);
+        simulate_power_loss(&calls, name, &is_ack);
+    }
+    let last_temp = calls
+        .iter()
+        .rposition(|l| l.starts_with("openat(") && l.contains(".tmp.") && l.contains("O_CREAT"))
+        .unwrap();
+    let first_rename = calls
+        .iter()
+        .position(|l| l.starts_with("renameat") && l.contains(".tmp."))
+        .unwrap();
+    assert!(last_temp < first_rename, "{}", calls.join("\n"));
+    for (path, body) in DURABLE_DOCS {
+        assert_eq!(read(&data, path).unwrap(), format!("{body}1"));
+    }
 }

@@ -2,6 +2,7 @@
 
 pub mod certs;
 pub mod counter;
+pub mod durable;
 pub mod proxy;
 pub mod servers;
 pub mod suite;
