@@ -117,6 +117,38 @@ async fn documents_of_several_directories_are_answered_each_on_its_own() {
     assert_no_temp_files(dir.path());
 }
 
+/// A call of more documents than are written together at once (several
+/// chunks, a path named twice across them) answers every request and
+/// leaves no temp file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_of_hundreds_of_documents_answers_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStorage::open(dir.path()).unwrap();
+    let seeded = s
+        .simple_upload("d/0.json", "seed".into())
+        .await
+        .unwrap()
+        .etag;
+    let mut reqs: Vec<UploadRequest> = (0..300)
+        .map(|i| UploadRequest::new(format!("d/{}/{i}.json", i % 3), i.to_string()))
+        .collect();
+    // Both hold at the start; only the first may land.
+    reqs.push(cas("d/0.json", &seeded, "first"));
+    reqs.insert(10, cas("d/0.json", &seeded, "early"));
+    let res = s.upload_many(reqs).await;
+    assert_eq!(res.len(), 302);
+    let failed: Vec<usize> = (0..res.len()).filter(|&i| res[i].is_err()).collect();
+    assert_eq!(failed, [301], "{:?}", res[301]);
+    assert_eq!(read(dir.path(), "d/0.json").as_deref(), Some("early"));
+    for i in [0, 150, 299] {
+        assert_eq!(
+            read(dir.path(), &format!("d/{}/{i}.json", i % 3)),
+            Some(i.to_string())
+        );
+    }
+    assert_no_temp_files(dir.path());
+}
+
 /// A fault while one document's temp file is synced fails that document
 /// alone (nothing of it visible, its temp file removed); a fault after one
 /// document's rename makes that one `Unavailable` (it is visible). The
@@ -389,4 +421,63 @@ fn combined_writes_are_durable_before_their_reply() {
     for (path, body) in DURABLE_DOCS {
         assert_eq!(read(&data, path).unwrap(), format!("{body}1"));
     }
+}
+
+/// Where the open-file-limit child writes; unset in a normal test run.
+const FD_CHILD: &str = "MDCACHE_FD_CHILD";
+
+/// The child's body: with at most 128 open files, one combined upload of
+/// 1000 new documents. A no-op in a normal test run.
+#[test]
+fn fd_limit_child() {
+    let Some(dir) = std::env::var_os(FD_CHILD) else {
+        return;
+    };
+    let limit = libc::rlimit {
+        rlim_cur: 128,
+        rlim_max: 128,
+    };
+    // SAFETY: setrlimit with a valid pointer to an initialized struct.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = DiskStorage::open(&dir).unwrap();
+        let reqs = (0..1000)
+            .map(|i| UploadRequest::new(format!("{}/{i}.json", i % 7), i.to_string()))
+            .collect();
+        let res = s.upload_many(reqs).await;
+        let failed: Vec<_> = res.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(
+            failed.is_empty(),
+            "{} failed, first: {}",
+            failed.len(),
+            failed[0]
+        );
+    });
+}
+
+/// A combined upload far larger than the open-file limit still writes
+/// every document: it holds only so many temp files open at once.
+#[test]
+fn a_large_call_stays_within_the_open_file_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fd_limit_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(FD_CHILD, dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(read(dir.path(), "5/999.json").as_deref(), Some("999"));
+    assert_no_temp_files(dir.path());
 }

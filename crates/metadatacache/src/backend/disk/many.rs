@@ -31,12 +31,25 @@ struct Pending<'a> {
     mtime: SystemTime,
 }
 
+/// The most documents written together: each holds a temp file (and
+/// perhaps a directory) open until it is renamed, so a bound keeps a call
+/// of thousands of requests within the process's open-file limit.
+const CHUNK: usize = 64;
+
 impl Inner {
-    /// Uploads `reqs`, one result per request in order.
+    /// Uploads `reqs`, one result per request in order, [`CHUNK`] at a
+    /// time.
     pub(in crate::backend::disk) fn upload_many(
         &self,
         reqs: &[UploadRequest],
     ) -> Vec<Result<UploadResponse>> {
+        reqs.chunks(CHUNK)
+            .flat_map(|chunk| self.upload_together(chunk))
+            .collect()
+    }
+
+    /// Uploads `reqs` sharing their syncs (see the module docs).
+    fn upload_together(&self, reqs: &[UploadRequest]) -> Vec<Result<UploadResponse>> {
         let mut results: Vec<Option<Result<UploadResponse>>> = reqs.iter().map(|_| None).collect();
         // The directories, opened once each; the index of each request's.
         let mut dirs: Vec<(&str, DirFd<'_>)> = Vec::new();
