@@ -1,9 +1,11 @@
 //! The disk backend's combined uploads (`upload_many`), whose documents
 //! share their syncs: documents in several directories, faults that hit
-//! one document of a call, a store whose updates of different keys go
-//! together, and the system calls that make each document durable before
-//! the call returns (traced with strace in a child process: this test
-//! binary run again with `MDCACHE_DURABLE_CHILD` set).
+//! one document of a call, calls of hundreds of documents, and a store
+//! whose updates of different keys go together. Two tests run a child
+//! process (this test binary again, with `MDCACHE_DURABLE_CHILD` or
+//! `MDCACHE_FD_CHILD` set): one traces with strace the system calls that
+//! make each document durable before the call returns, the other writes
+//! more documents in one call than its open-file limit allows at once.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
