@@ -930,3 +930,38 @@ fn torture_without_metrics_prints_none() {
         assert!(!out.status.success(), "{out:?}");
     }
 }
+
+/// `bench --quick --only replicas,keys` on a directory: the replicas table,
+/// and each ratio of replica runs (one round each when quick), with
+/// nothing lost and nothing given up.
+#[test]
+fn bench_reports_ratios_of_replica_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = mdcache(
+        dir.path(),
+        &["bench", "--quick", "--only", "replicas,keys"],
+        None,
+    );
+    let text = stdout(&out);
+    assert!(out.status.success(), "{out:?}");
+    for what in [
+        "4 vs 1 replica, batching / backoff, 1 round:",
+        "64 vs 1 key, 4 × 8, batching, 1 round:",
+        "64 vs 1 key, 4 × 8, no batching, 1 round:",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(what))
+            .unwrap_or_else(|| panic!("no {what:?} in:\n{text}"));
+        assert!(line.ends_with("lost 0, give-ups 0"), "{line}");
+        assert!(!line.contains(" 0–0/s") && !line.contains("inf"), "{line}");
+    }
+    // The table has a row per replica count and mode; no group-commit or
+    // raw section was asked for.
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("8 ")).count(),
+        4,
+        "{text}"
+    );
+    assert!(!text.contains("update vs raw CAS loop"), "{text}");
+}

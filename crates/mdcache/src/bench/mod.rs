@@ -20,11 +20,13 @@ use serde::{Deserialize, Serialize};
 mod group;
 mod large;
 mod memory;
+mod paired;
 mod report;
 mod scale;
 mod watch;
 
 pub use self::memory::{MemProbeArgs, mem_probe};
+use self::paired::{paired, rounds};
 use self::report::{Goal, Row, compare};
 
 type Result<T> = std::result::Result<T, Error>;
@@ -281,8 +283,8 @@ async fn bench_get(
     }))
 }
 
-/// Section 3: one hot key, 1–8 replica processes × 8 tasks, with and without
-/// batching and backoff.
+/// Section 3: one hot key, 1–8 replica processes × 8 tasks, in every mode;
+/// then 4 replicas against 1 in alternating rounds.
 async fn bench_hot_key(url: &str, quick: bool) -> Result<()> {
     println!();
     println!(
@@ -290,7 +292,6 @@ async fn bench_hot_key(url: &str, quick: bool) -> Result<()> {
         "replicas", "tasks", "mode", "goodput/s", "conflicts", "give-ups", "lost"
     );
     let per_replica = if quick { 40 } else { 300 };
-    let mut base = None;
     for replicas in [1, 2, 4, 8] {
         for (batching, backoff) in [(true, true), (false, true), (true, false), (false, false)] {
             let args = TortureArgs::plain(replicas, 8, 1, per_replica)
@@ -304,19 +305,8 @@ async fn bench_hot_key(url: &str, quick: bool) -> Result<()> {
                 if batching { "batching" } else { "no batching" },
                 if backoff { "backoff" } else { "no backoff" }
             );
-            let mut note = String::new();
-            if batching && backoff {
-                let one = *base.get_or_insert(goodput);
-                if replicas == 4 {
-                    let r = goodput / one;
-                    note = format!(
-                        "  {r:.2}× of 1 replica (goal ≥ 0.90×: {})",
-                        if r >= 0.9 { "met" } else { "MISSED" }
-                    );
-                }
-            }
             println!(
-                "{replicas:<8} {:<10} {mode:<22} {goodput:>10.0} {:>10} {:>9} {:>6}{note}",
+                "{replicas:<8} {:<10} {mode:<22} {goodput:>10.0} {:>10} {:>9} {:>6}",
                 8,
                 run.conflicts(),
                 s.gave_up,
@@ -324,32 +314,43 @@ async fn bench_hot_key(url: &str, quick: bool) -> Result<()> {
             );
         }
     }
+    let per_replica = if quick { 40 } else { 1000 };
+    let p = paired(
+        url,
+        rounds(quick),
+        || TortureArgs::plain(1, 8, 1, per_replica),
+        || TortureArgs::plain(4, 8, 1, per_replica),
+    )
+    .await?;
+    p.print(
+        "4 vs 1 replica, batching / backoff",
+        "1 replica",
+        "4 replicas",
+        0.9,
+    );
     Ok(())
 }
 
 /// Section 4: the same replicas and tasks on 1 key and on 64 keys, with and
-/// without group commit.
+/// without group commit, in alternating rounds.
 async fn bench_keys(url: &str, quick: bool) -> Result<()> {
-    let per_replica = if quick { 40 } else { 400 };
+    let per_replica = if quick { 40 } else { 1000 };
     println!();
     for batching in [true, false] {
-        let mut rates = Vec::new();
-        for keys in [1, 64] {
-            let args = TortureArgs::plain(4, 8, keys, per_replica).batching(batching);
-            let (run, finals) = torture::run(url, args, false).await?;
-            let s = run.summary(&finals);
-            rates.push(s.acked as f64 / s.secs);
-        }
-        let r = rates[1] / rates[0].max(1e-9);
+        let p = paired(
+            url,
+            rounds(quick),
+            || TortureArgs::plain(4, 8, 1, per_replica).batching(batching),
+            || TortureArgs::plain(4, 8, 64, per_replica).batching(batching),
+        )
+        .await?;
         // Batching makes one hot key fast; many keys must keep up with it.
-        let goal = if batching { 1.0 } else { 1.8 };
-        println!(
-            "4 replicas × 8 tasks, {:<11}: 1 key {:>6.0}/s, 64 keys {:>6.0}/s: {r:.2}× (goal ≥ {goal:.1}×: {})",
-            if batching { "batching" } else { "no batching" },
-            rates[0],
-            rates[1],
-            if r >= goal { "met" } else { "MISSED" }
-        );
+        let (what, goal) = if batching {
+            ("64 vs 1 key, 4 × 8, batching", 1.0)
+        } else {
+            ("64 vs 1 key, 4 × 8, no batching", 1.8)
+        };
+        p.print(what, "1 key", "64 keys", goal);
     }
     Ok(())
 }
