@@ -62,19 +62,6 @@ impl Version {
         }
     }
 
-    /// A version known to exist but not read: its etag matches no etag
-    /// this backend hands out.
-    pub(super) fn unknown() -> Version {
-        Version {
-            revision: 0,
-            live: true,
-            mtime: SystemTime::UNIX_EPOCH,
-            write_token: None,
-            size: 0,
-            content: Bytes::new(),
-        }
-    }
-
     /// The etag of this version.
     pub(super) fn etag(&self) -> String {
         etag(self.revision)

@@ -110,13 +110,11 @@ impl NatsStorage {
 
     /// The precondition error of a write refused for its revision: what
     /// the key holds now decides between `NotFound` and
-    /// `PreconditionFailed`, and comes with it. A read that fails counts as
-    /// "changed" (the write was not applied whatever it would say).
+    /// `PreconditionFailed`, and comes with it.
     async fn why_refused(&self, bucket: &Bucket, req: &UploadRequest, subject: &str) -> Error {
-        let Ok(current) = self.read(bucket, subject).await else {
+        let Ok(current) = self.current(bucket, subject).await else {
             return changed(&req.path);
         };
-        let current = current.filter(|v| v.live);
         let state = current.as_ref().map(|v| (v.etag(), v.mtime));
         let refused =
             check_upload_preconditions(req, state.as_ref().map(|(e, m)| (e.as_str(), *m)))
@@ -125,14 +123,12 @@ impl NatsStorage {
         with_current(refused, || current.map(Version::response))
     }
 
-    /// The live version of a subject after a refused write, for its error
-    /// only: the write was not applied whatever this read says, so a read
-    /// that fails counts as "changed".
-    async fn current(&self, bucket: &Bucket, subject: &str) -> Option<Version> {
-        match self.read(bucket, subject).await {
-            Ok(v) => v.filter(|v| v.live),
-            Err(_) => Some(Version::unknown()),
-        }
+    /// The live version of a subject after a refused write or delete, for
+    /// its error only. The change was not applied whatever this read says,
+    /// so a caller answers a failed read with [`changed`]: never with a
+    /// made-up version.
+    async fn current(&self, bucket: &Bucket, subject: &str) -> Result<Option<Version>> {
+        Ok(self.read(bucket, subject).await?.filter(|v| v.live))
     }
 
     /// [`Storage::delete_if_match`](crate::Storage::delete_if_match),
@@ -161,7 +157,9 @@ impl NatsStorage {
             match tombstone(rev).await {
                 Ok(_) => return Ok(()),
                 Err(e) if moved(&e) && want.is_some() => {
-                    let doc = self.current(&bucket, &subject).await;
+                    let Ok(doc) = self.current(&bucket, &subject).await else {
+                        return Err(changed(path));
+                    };
                     let etag = doc.as_ref().map(Version::etag);
                     return Err(check_delete_precondition(path, if_match, etag.as_deref())
                         .err()
