@@ -20,7 +20,7 @@ use super::fs::{DirFd, base, etag};
 use super::lock::lock_dir;
 use super::ops::{blocked_upload, check_current, replace, visible_error};
 use super::temp::Temp;
-use super::{DiskStep, Inner};
+use super::{DiskStep, Inner, check_path};
 use crate::error::Result;
 use crate::storage::{UploadRequest, UploadResponse, parent};
 
@@ -38,7 +38,7 @@ const CHUNK: usize = 64;
 
 impl Inner {
     /// Uploads `reqs`, one result per request in order, [`CHUNK`] at a
-    /// time.
+    /// time; a bad path is answered without touching the file system.
     pub(in crate::backend::disk) fn upload_many(
         &self,
         reqs: &[UploadRequest],
@@ -55,6 +55,10 @@ impl Inner {
         let mut dirs: Vec<(&str, DirFd<'_>)> = Vec::new();
         let mut dir_of: Vec<Option<usize>> = vec![None; reqs.len()];
         for (i, req) in reqs.iter().enumerate() {
+            if let Err(e) = check_path(&req.path, false) {
+                results[i] = Some(Err(e));
+                continue;
+            }
             let dir = parent(&req.path);
             if let Some(d) = dirs.iter().position(|(p, _)| *p == dir) {
                 dir_of[i] = Some(d);

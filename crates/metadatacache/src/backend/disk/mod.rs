@@ -301,39 +301,14 @@ impl Storage for DiskStorage {
     /// lock and syncs each directory once. Each request keeps its own
     /// preconditions and result.
     async fn upload_many(&self, reqs: Vec<UploadRequest>) -> Vec<Result<UploadResponse>> {
-        // A bad path is answered here; the others go to the file system.
-        let mut out: Vec<Option<Result<UploadResponse>>> = Vec::with_capacity(reqs.len());
-        let (mut valid, mut places) = (Vec::new(), Vec::new());
-        for req in reqs {
-            match check_path(&req.path, false) {
-                Ok(()) => {
-                    places.push(out.len());
-                    out.push(None);
-                    valid.push(req);
-                }
-                Err(e) => out.push(Some(Err(e))),
-            }
+        let n = reqs.len();
+        match self
+            .blocking(move |inner| Ok(inner.upload_many(&reqs)))
+            .await
+        {
+            Ok(results) => results.into_iter().map(|r| r.map_err(tag)).collect(),
+            Err(e) => (0..n).map(|_| Err(e.duplicate())).collect(),
         }
-        if !valid.is_empty() {
-            match self
-                .blocking(move |inner| Ok(inner.upload_many(&valid)))
-                .await
-            {
-                Ok(results) => {
-                    for (i, r) in places.into_iter().zip(results) {
-                        out[i] = Some(r.map_err(tag));
-                    }
-                }
-                Err(e) => {
-                    for i in places {
-                        out[i] = Some(Err(e.duplicate()));
-                    }
-                }
-            }
-        }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| unreachable!("every request is answered")))
-            .collect()
     }
 
     async fn download(&self, req: DownloadRequest) -> Result<DownloadResponse> {
