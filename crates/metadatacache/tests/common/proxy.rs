@@ -73,6 +73,10 @@ pub struct Counts {
     pub dropped_resets: u64,
     /// Reply bytes held back (delivered or not).
     pub held_reply_bytes: u64,
+    /// PostgreSQL ReadyForQuery messages from the server: one per round
+    /// trip of the extended protocol (counted by their bytes, so replies
+    /// must not contain `Z\0\0\0\x05`).
+    pub ready_for_query: u64,
 }
 
 /// State every connection task reads or counts into.
@@ -396,6 +400,8 @@ async fn replies(
     let mut held = Vec::new();
     let mut chunk = vec![0; 16 * 1024];
     let mut eof = false;
+    // The last bytes seen, for a message split between two reads.
+    let mut tail = Vec::new();
     loop {
         if id >= control.borrow_and_update().hold_below {
             to.write_all(&held).await?;
@@ -409,6 +415,12 @@ async fn replies(
                 let n = n?;
                 eof = n == 0;
                 held.extend_from_slice(&chunk[..n]);
+                tail.extend_from_slice(&chunk[..n]);
+                let ready = ready_messages(&tail);
+                tail.drain(..tail.len().saturating_sub(READY.len()));
+                if ready > 0 {
+                    shared.count(|c| c.ready_for_query += ready);
+                }
                 if id < control.borrow().hold_below {
                     shared.count(|c| c.held_reply_bytes += n as u64);
                 }
@@ -420,4 +432,18 @@ async fn replies(
             }
         }
     }
+}
+
+/// A PostgreSQL ReadyForQuery message without its status byte.
+const READY: &[u8] = b"Z\0\0\0\x05";
+
+/// ReadyForQuery messages that end in `bytes` (the status byte is the
+/// last one of each), so that none is counted twice when `bytes` keeps
+/// the previous read's last [`READY`] bytes.
+fn ready_messages(bytes: &[u8]) -> u64 {
+    let found = bytes
+        .windows(READY.len() + 1)
+        .filter(|w| w.starts_with(READY) && matches!(w[READY.len()], b'I' | b'T' | b'E'))
+        .count();
+    found as u64
 }

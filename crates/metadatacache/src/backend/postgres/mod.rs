@@ -333,7 +333,8 @@ impl Storage for PostgresStorage {
     }
 
     /// Writes a document in one statement that also checks the
-    /// preconditions.
+    /// preconditions; a refused `if_match` update returns, in the same
+    /// statement, the version that refused it.
     ///
     /// # Errors
     /// As [`Storage::upload`]; [`ErrorKind::InvalidInput`] when a directory

@@ -50,7 +50,10 @@ pub(super) struct Sql {
     /// $5 parent paths, $6/$7 the range of paths below this one.
     pub(super) insert_new: String,
     /// Compare-and-swap update. $1..$4 as above, $5 if-match etag or NULL
-    /// (any), $6 if-none-match etags, $7 if-unmodified-since or NULL.
+    /// (any), $6 if-none-match etags, $7 if-unmodified-since or NULL. One
+    /// row: the new mtime when written; when not, NULL and the etag, mtime
+    /// and content that the statement saw (no row when it saw none), so
+    /// that a refusal needs no second statement to say why.
     pub(super) update_match: String,
     /// Compare-and-swap updates of several documents in one statement,
     /// which first locks their rows in path order, so that two such
@@ -134,12 +137,16 @@ impl Sql {
             channel,
             insert_new: format!("{new_row} ON CONFLICT (path) DO NOTHING RETURNING mtime"),
             update_match: format!(
-                "UPDATE {t} SET content = $2::bytea, etag = $3::text, \
-                     mtime = COALESCE($4::timestamptz, now()) \
-                 WHERE path = $1::text AND ($5::text IS NULL OR etag = $5::text) \
-                   AND NOT (etag = ANY($6::text[])) \
-                   AND ($7::timestamptz IS NULL OR mtime <= $7::timestamptz) \
-                 RETURNING mtime"
+                "WITH u AS (UPDATE {t} SET content = $2::bytea, etag = $3::text, \
+                                mtime = COALESCE($4::timestamptz, now()) \
+                            WHERE path = $1::text AND ($5::text IS NULL OR etag = $5::text) \
+                              AND NOT (etag = ANY($6::text[])) \
+                              AND ($7::timestamptz IS NULL OR mtime <= $7::timestamptz) \
+                            RETURNING mtime) \
+                 SELECT mtime, NULL::text, NULL::timestamptz, NULL::bytea FROM u \
+                 UNION ALL \
+                 SELECT NULL::timestamptz, c.etag, c.mtime, c.content FROM {t} c \
+                 WHERE c.path = $1::text AND NOT EXISTS (SELECT 1 FROM u)"
             ),
             update_many: format!(
                 "WITH v AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], \

@@ -1,5 +1,8 @@
 //! Writes and deletes: one conditional statement each, then — when it
-//! changed nothing — a look at why.
+//! changed nothing — a look at why. A compare-and-swap update (the store's
+//! usual write) returns the version that refused it itself, and needs that
+//! look only when the version its snapshot showed would have let it
+//! through: the row changed while the statement waited for its lock.
 
 use std::time::SystemTime;
 
@@ -81,14 +84,24 @@ impl PostgresStorage {
                 };
             }
         };
-        match rows.first() {
-            Some(row) => match row.try_get::<_, SystemTime>(0) {
-                Ok(mtime) => Ok(UploadResponse { etag, mtime }),
+        // Only the compare-and-swap update says what refused it.
+        let says_why = !req.is_create_only() && req.if_match.is_some();
+        let seen = match rows.first() {
+            Some(row) => match row.try_get::<_, Option<SystemTime>>(0) {
+                Ok(Some(mtime)) => return Ok(UploadResponse { etag, mtime }),
+                Ok(None) => match seen_version(row) {
+                    Ok(seen) => Some(seen),
+                    Err(e) => return Err(self.fail(Failure::Pg(e), false, path)),
+                },
                 // Written, but the reply is unreadable: report it as unknown.
-                Err(e) => Err(self.fail(Failure::Pg(e), true, path)),
+                Err(e) => return Err(self.fail(Failure::Pg(e), true, path)),
             },
-            None => Err(self.explain_unwritten(&mut conn, deadline, &req).await),
+            None => None,
+        };
+        if says_why && let Some(e) = refusal(&req, seen) {
+            return Err(e);
         }
+        Err(self.explain_unwritten(&mut conn, deadline, &req).await)
     }
 
     /// [`Storage::delete_if_match`](crate::Storage::delete_if_match).
@@ -162,16 +175,15 @@ impl PostgresStorage {
             Some(Err(e)) => return self.fail(Failure::Pg(e), false, path),
             None => return tag(Error::new(ErrorKind::Other, "probe returned no row"), path),
         };
-        let current = etag.as_deref().zip(mtime);
-        if let Err(e) = check_upload_preconditions(req, current) {
-            // The version that refused the write, or one stored after it.
-            let version = || match (etag, mtime, content) {
-                (Some(etag), Some(mtime), Some(content)) => Some(response(etag, mtime, content)),
-                _ => None,
-            };
-            return tag(with_current(e, version), path);
+        let seen = match (etag, mtime, content) {
+            (Some(etag), Some(mtime), Some(content)) => Some((etag, mtime, content)),
+            _ => None,
+        };
+        let absent = seen.is_none();
+        if let Some(e) = refusal(req, seen) {
+            return e;
         }
-        if current.is_none() && blocked && req.if_match.is_none() {
+        if absent && blocked && req.if_match.is_none() {
             return tag(
                 Error::invalid_input(
                     "a directory exists at this path, or a parent path is a document",
@@ -203,6 +215,26 @@ impl PostgresStorage {
         let stored: String = row.try_get(0).ok()?;
         (stored == etag).then(|| row.try_get(1).ok()).flatten()
     }
+}
+
+/// The version that a refused compare-and-swap update saw.
+fn seen_version(row: &tokio_postgres::Row) -> std::result::Result<Seen, tokio_postgres::Error> {
+    Ok((row.try_get(1)?, row.try_get(2)?, row.try_get(3)?))
+}
+
+/// A stored version: etag, mtime and content.
+type Seen = (String, SystemTime, Vec<u8>);
+
+/// The refusal of `req` by the version it saw (`None`: no document), or
+/// `None` when that version would have let it through: then the document
+/// changed while the statement ran, and only a fresh look says why.
+fn refusal(req: &UploadRequest, seen: Option<Seen>) -> Option<Error> {
+    let current = seen
+        .as_ref()
+        .map(|(etag, mtime, _)| (etag.as_str(), *mtime));
+    let e = check_upload_preconditions(req, current).err()?;
+    let version = || seen.map(|(etag, mtime, content)| response(etag, mtime, content));
+    Some(tag(with_current(e, version), &req.path))
 }
 
 /// A version as a download returns it; its etag is also the token of the

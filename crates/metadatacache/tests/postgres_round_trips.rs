@@ -1,0 +1,184 @@
+//! PostgreSQL's round trips, counted by a proxy in front of a real server
+//! (one ReadyForQuery per statement): a refused compare-and-swap says why
+//! in the statement that tried it — unless what refused it committed while
+//! the statement waited, which a second look finds — and a combined write
+//! of several documents is one statement.
+
+#![cfg(feature = "postgres")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::proxy::Proxy;
+use common::servers;
+use common::{GUARD, must_finish};
+use metadatacache::{DownloadRequest, PostgresStorage, Storage, UploadRequest};
+
+/// Round trips to the server while `op` runs.
+async fn round_trips<T>(proxy: &Proxy, op: impl Future<Output = T>) -> (u64, T) {
+    let before = proxy.counts().ready_for_query;
+    let out = op.await;
+    (proxy.counts().ready_for_query - before, out)
+}
+
+/// A compare-and-swap update of `path` over `etag`.
+fn update(path: &str, etag: &str, body: &str) -> UploadRequest {
+    UploadRequest {
+        if_match: Some(etag.to_owned()),
+        ..UploadRequest::new(path, body.to_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_update_costs_no_more_round_trips_than_a_write() {
+    let Some(server) = servers::postgres() else {
+        return;
+    };
+    let proxy = Proxy::start(server.addr()).await;
+    let url = format!(
+        "postgres://postgres@{}/postgres?table=trips&pool_size=1",
+        proxy.addr()
+    );
+    let s = PostgresStorage::from_url(&url).await.unwrap();
+    s.simple_upload("a.json", "0".into()).await.unwrap();
+    let mut etag = s
+        .download(DownloadRequest::new("a.json"))
+        .await
+        .unwrap()
+        .etag;
+    // Twice each, so that every statement is prepared on the connection.
+    let mut counted = Vec::new();
+    for round in 0..2 {
+        let (written, res) = round_trips(&proxy, s.upload(update("a.json", &etag, "w"))).await;
+        let stale = std::mem::replace(&mut etag, res.unwrap().etag);
+        let (refused, res) = round_trips(&proxy, s.upload(update("a.json", &stale, "r"))).await;
+        let e = res.expect_err("a stale etag was accepted");
+        assert!(e.is_conflict(), "{e}");
+        let current = e.current().expect("the refusal carries no version");
+        assert_eq!(current.etag, etag, "round {round}");
+        assert_eq!(&current.content[..], b"w", "round {round}");
+        counted.push((written, refused));
+    }
+    let (written, refused) = counted[1];
+    assert!(
+        written >= 1,
+        "no round trip counted for a write: {counted:?}"
+    );
+    assert_eq!(
+        refused, written,
+        "a refused update took {refused} round trips, a write {written} ({counted:?})"
+    );
+    // And a refusal for a document that is gone.
+    s.delete_if_match("a.json", Some(&etag)).await.unwrap();
+    let (gone, res) = round_trips(&proxy, s.upload(update("a.json", &etag, "x"))).await;
+    assert!(res.is_err(), "an update of a deleted document was accepted");
+    assert_eq!(
+        gone, written,
+        "an update of a deleted document: {gone} round trips"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_combined_write_is_one_round_trip() {
+    let Some(server) = servers::postgres() else {
+        return;
+    };
+    let proxy = Proxy::start(server.addr()).await;
+    let url = format!(
+        "postgres://postgres@{}/postgres?table=trips_many&pool_size=1",
+        proxy.addr()
+    );
+    let s = PostgresStorage::from_url(&url).await.unwrap();
+    let paths: Vec<String> = (0..8).map(|i| format!("d{i}.json")).collect();
+    for path in &paths {
+        s.simple_upload(path, "0".into()).await.unwrap();
+    }
+    for round in 0..2 {
+        let mut reqs = Vec::new();
+        for (i, path) in paths.iter().enumerate() {
+            let cur = s
+                .download(DownloadRequest::new(path.as_str()))
+                .await
+                .unwrap();
+            // Every other one stale: refusals ride in the same statement.
+            let etag = if i % 2 == 0 { cur.etag } else { "stale".into() };
+            reqs.push(update(path, &etag, &format!("{round}")));
+        }
+        let (trips, results) = round_trips(&proxy, s.upload_many(reqs)).await;
+        for (i, res) in results.iter().enumerate() {
+            assert_eq!(res.is_ok(), i % 2 == 0, "round {round}, d{i}: {res:?}");
+        }
+        // The first round may prepare the statement.
+        if round == 1 {
+            assert_eq!(trips, 1, "a combined write of 8 took {trips} round trips");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_by_a_write_that_committed_meanwhile_carries_its_version() {
+    let Some(server) = servers::postgres() else {
+        return;
+    };
+    let proxy = Proxy::start(server.addr()).await;
+    let url = format!(
+        "postgres://postgres@{}/postgres?table=trips_race&pool_size=1&application_name=race",
+        proxy.addr()
+    );
+    let s = PostgresStorage::from_url(&url).await.unwrap();
+    let (admin, conn) = tokio_postgres::connect(
+        &format!("postgres://postgres@{}/postgres", server.addr()),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // Twice, so that every statement is prepared on the connection.
+    for round in 0..2 {
+        let path = format!("r{round}.json");
+        let v1 = s.simple_upload(&path, "1".into()).await.unwrap();
+        // Another writer changes the row and holds its lock: the update's
+        // snapshot still shows the version it expects.
+        admin
+            .batch_execute(&format!(
+                "BEGIN; UPDATE trips_race SET content = convert_to('other', 'UTF8'), \
+                 etag = 'other-etag', mtime = now() WHERE path = '{path}'"
+            ))
+            .await
+            .unwrap();
+        let commit_once_blocked = async {
+            loop {
+                let rows = admin
+                    .query(
+                        "SELECT 1 FROM pg_stat_activity \
+                         WHERE application_name = 'race' AND wait_event_type = 'Lock'",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                if !rows.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            admin.batch_execute("COMMIT").await.unwrap();
+        };
+        let cas = round_trips(&proxy, s.upload(update(&path, &v1.etag, "2")));
+        let both = async { tokio::join!(cas, commit_once_blocked) };
+        let ((trips, res), ()) = must_finish("a write behind a row lock", GUARD, both)
+            .await
+            .0;
+        let e = res.expect_err("a write over a replaced version was accepted");
+        assert!(e.is_conflict(), "{e}");
+        let current = e.current().expect("the refusal carries no version");
+        assert_eq!(current.etag, "other-etag");
+        assert_eq!(&current.content[..], b"other");
+        assert_eq!(s.simple_download(&path).await.unwrap(), "other");
+        if round == 1 {
+            // The update, then the look at what refused it.
+            assert_eq!(trips, 2, "{trips} round trips");
+        }
+    }
+}
