@@ -1,6 +1,6 @@
 //! PostgreSQL's round trips, counted by a proxy in front of a real server
-//! (one ReadyForQuery per statement): a refused compare-and-swap says why
-//! in the statement that tried it — unless what refused it committed while
+//! (one ReadyForQuery per statement): a refused compare-and-swap update or
+//! delete says why in the statement that tried it — unless what refused it committed while
 //! the statement waited, which a second look finds — and a combined write
 //! of several documents is one statement.
 
@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::proxy::Proxy;
 use common::servers;
 use common::{GUARD, must_finish};
-use metadatacache::{DownloadRequest, PostgresStorage, Storage, UploadRequest};
+use metadatacache::{DownloadRequest, ErrorKind, PostgresStorage, Storage, UploadRequest};
 
 /// Round trips to the server while `op` runs.
 async fn round_trips<T>(proxy: &Proxy, op: impl Future<Output = T>) -> (u64, T) {
@@ -81,6 +81,41 @@ async fn a_refused_update_costs_no_more_round_trips_than_a_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_delete_costs_no_more_round_trips_than_a_delete() {
+    let Some(server) = servers::postgres() else {
+        return;
+    };
+    let proxy = Proxy::start(server.addr()).await;
+    let url = format!(
+        "postgres://postgres@{}/postgres?table=trips_delete&pool_size=1",
+        proxy.addr()
+    );
+    let s = PostgresStorage::from_url(&url).await.unwrap();
+    // Twice, so that every statement is prepared on the connection.
+    for round in 0..2 {
+        let path = format!("d{round}.json");
+        let old = s.simple_upload(&path, "1".into()).await.unwrap();
+        let new = s.simple_upload(&path, "2".into()).await.unwrap();
+        let (refused, res) = round_trips(&proxy, s.delete_if_match(&path, Some(&old.etag))).await;
+        let e = res.expect_err("a delete over a stale etag went through");
+        assert_eq!(e.kind(), ErrorKind::PreconditionFailed, "{e}");
+        let (deleted, res) = round_trips(&proxy, s.delete_if_match(&path, Some(&new.etag))).await;
+        res.unwrap();
+        let (gone, res) = round_trips(&proxy, s.delete_if_match(&path, Some(&new.etag))).await;
+        let e = res.expect_err("a deleted document was deleted again");
+        assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+        if round == 1 {
+            assert_eq!(deleted, 1, "a delete took {deleted} round trips");
+            assert_eq!(
+                refused, deleted,
+                "a refused delete took {refused} round trips"
+            );
+            assert_eq!(gone, deleted, "a delete of a gone document took {gone}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_combined_write_is_one_round_trip() {
     let Some(server) = servers::postgres() else {
         return;
@@ -117,6 +152,48 @@ async fn a_combined_write_is_one_round_trip() {
     }
 }
 
+/// Runs `op` on `path` of table `trips_race` while another transaction
+/// (on `admin`) has replaced the row and holds its lock, and commits that
+/// transaction once `op`'s statement waits for the lock: `op`'s snapshot
+/// shows the old version, the row it finally locks is the new one. Returns
+/// `op`'s round trips and result.
+async fn behind_a_replacing_write<T>(
+    proxy: &Proxy,
+    admin: &tokio_postgres::Client,
+    path: &str,
+    op: impl Future<Output = T>,
+) -> (u64, T) {
+    admin
+        .batch_execute(&format!(
+            "BEGIN; UPDATE trips_race SET content = convert_to('other', 'UTF8'), \
+             etag = 'other-etag', mtime = now() WHERE path = '{path}'"
+        ))
+        .await
+        .unwrap();
+    let commit_once_blocked = async {
+        loop {
+            let rows = admin
+                .query(
+                    "SELECT 1 FROM pg_stat_activity \
+                     WHERE application_name = 'race' AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            if !rows.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        admin.batch_execute("COMMIT").await.unwrap();
+    };
+    let both = async { tokio::join!(round_trips(proxy, op), commit_once_blocked) };
+    must_finish("a call behind a row lock", GUARD, both)
+        .await
+        .0
+        .0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_by_a_write_that_committed_meanwhile_carries_its_version() {
     let Some(server) = servers::postgres() else {
@@ -139,46 +216,26 @@ async fn a_refusal_by_a_write_that_committed_meanwhile_carries_its_version() {
     for round in 0..2 {
         let path = format!("r{round}.json");
         let v1 = s.simple_upload(&path, "1".into()).await.unwrap();
-        // Another writer changes the row and holds its lock: the update's
-        // snapshot still shows the version it expects.
-        admin
-            .batch_execute(&format!(
-                "BEGIN; UPDATE trips_race SET content = convert_to('other', 'UTF8'), \
-                 etag = 'other-etag', mtime = now() WHERE path = '{path}'"
-            ))
-            .await
-            .unwrap();
-        let commit_once_blocked = async {
-            loop {
-                let rows = admin
-                    .query(
-                        "SELECT 1 FROM pg_stat_activity \
-                         WHERE application_name = 'race' AND wait_event_type = 'Lock'",
-                        &[],
-                    )
-                    .await
-                    .unwrap();
-                if !rows.is_empty() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            admin.batch_execute("COMMIT").await.unwrap();
-        };
-        let cas = round_trips(&proxy, s.upload(update(&path, &v1.etag, "2")));
-        let both = async { tokio::join!(cas, commit_once_blocked) };
-        let ((trips, res), ()) = must_finish("a write behind a row lock", GUARD, both)
-            .await
-            .0;
+        let cas = s.upload(update(&path, &v1.etag, "2"));
+        let (trips, res) = behind_a_replacing_write(&proxy, &admin, &path, cas).await;
         let e = res.expect_err("a write over a replaced version was accepted");
         assert!(e.is_conflict(), "{e}");
         let current = e.current().expect("the refusal carries no version");
         assert_eq!(current.etag, "other-etag");
         assert_eq!(&current.content[..], b"other");
         assert_eq!(s.simple_download(&path).await.unwrap(), "other");
+        // The update, then the look at what refused it.
+        let update_trips = trips;
+
+        let v1 = s.simple_upload(&path, "1".into()).await.unwrap();
+        let delete = s.delete_if_match(&path, Some(&v1.etag));
+        let (trips, res) = behind_a_replacing_write(&proxy, &admin, &path, delete).await;
+        let e = res.expect_err("a delete of a replaced version went through");
+        assert_eq!(e.kind(), ErrorKind::PreconditionFailed, "{e}");
+        assert_eq!(s.simple_download(&path).await.unwrap(), "other");
         if round == 1 {
-            // The update, then the look at what refused it.
-            assert_eq!(trips, 2, "{trips} round trips");
+            assert_eq!(update_trips, 2, "update: {update_trips} round trips");
+            assert_eq!(trips, 2, "delete: {trips} round trips");
         }
     }
 }

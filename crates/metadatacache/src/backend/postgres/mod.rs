@@ -391,7 +391,8 @@ impl Storage for PostgresStorage {
         }
     }
 
-    /// Deletes a document in one statement that also checks `if_match`.
+    /// Deletes a document in one statement that also checks `if_match`,
+    /// and that returns the etag which refused it.
     ///
     /// # Errors
     /// As [`Storage::delete_if_match`]; [`ErrorKind::Unavailable`] when the

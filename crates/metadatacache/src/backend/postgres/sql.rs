@@ -76,7 +76,9 @@ pub(super) struct Sql {
     /// absent) and — unless the etag is the one in $2 at the same place —
     /// its content.
     pub(super) download_many: String,
-    /// Delete $1 when its etag is $2 (or $2 is NULL).
+    /// Delete $1 when its etag is $2 (or $2 is NULL). One row: true when
+    /// deleted; when not, false and the etag the statement saw (no row
+    /// when it saw none).
     pub(super) delete: String,
     /// Etag and mtime of $1.
     pub(super) head: String,
@@ -188,8 +190,13 @@ impl Sql {
                  LEFT JOIN {t} c ON c.path = v.path"
             ),
             delete: format!(
-                "DELETE FROM {t} WHERE path = $1::text AND ($2::text IS NULL OR etag = $2::text) \
-                 RETURNING etag"
+                "WITH d AS (DELETE FROM {t} \
+                            WHERE path = $1::text AND ($2::text IS NULL OR etag = $2::text) \
+                            RETURNING etag) \
+                 SELECT true, NULL::text FROM d \
+                 UNION ALL \
+                 SELECT false, c.etag FROM {t} c \
+                 WHERE c.path = $1::text AND NOT EXISTS (SELECT 1 FROM d)"
             ),
             head: format!("SELECT etag, mtime FROM {t} WHERE path = $1::text"),
             heads: format!("SELECT path, etag, mtime FROM {t} WHERE path = ANY($1::text[])"),

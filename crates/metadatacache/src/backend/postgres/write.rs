@@ -1,8 +1,9 @@
 //! Writes and deletes: one conditional statement each, then — when it
 //! changed nothing — a look at why. A compare-and-swap update (the store's
-//! usual write) returns the version that refused it itself, and needs that
-//! look only when the version its snapshot showed would have let it
-//! through: the row changed while the statement waited for its lock.
+//! usual write) or delete returns the version that refused it itself, and
+//! needs that look only when the version its snapshot showed would have
+//! let it through: the row changed while the statement waited for its
+//! lock.
 
 use std::time::SystemTime;
 
@@ -116,12 +117,25 @@ impl PostgresStorage {
             .query(deadline, &self.inner.sql.delete, &[&path, &want])
             .await
             .map_err(|f| self.fail(f, true, path))?;
-        if !rows.is_empty() {
-            return Ok(());
-        }
+        let seen = match rows.first() {
+            Some(row) => match row.try_get::<_, bool>(0) {
+                Ok(true) => return Ok(()),
+                Ok(false) => match row.try_get::<_, String>(1) {
+                    Ok(etag) => Some(etag),
+                    Err(e) => return Err(self.fail(Failure::Pg(e), false, path)),
+                },
+                // Deleted or not, the reply does not say.
+                Err(e) => return Err(self.fail(Failure::Pg(e), true, path)),
+            },
+            None => None,
+        };
         if want.is_none() {
             return Err(tag(Error::not_found("no such document"), path));
         }
+        // The version the statement saw refused it; only a version that
+        // would have let it through (the row changed while the statement
+        // waited for its lock) needs a fresh look.
+        check_delete_precondition(path, if_match, seen.as_deref()).map_err(|e| tag(e, path))?;
         let rows = conn
             .query(deadline, &self.inner.sql.head, &[&path])
             .await
