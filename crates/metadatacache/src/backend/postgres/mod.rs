@@ -43,7 +43,11 @@ const BACKEND: &str = "postgres";
 /// - `timeout_ms` — the bound of every call, including waiting for and
 ///   opening a connection (default 5000); also the connect timeout unless
 ///   `connect_timeout` is given;
-/// - `pool_size` — connections kept open (default 10).
+/// - `pool_size` — connections kept open (default 10). Every replica
+///   keeps its own pool, and the server runs a process per connection:
+///   size the sum to the server's cores, not to the callers' tasks (on a
+///   2-core server, 4 replicas of 3 connections each wrote 10–25 % more
+///   than 4 of 10, see BENCHMARKS.md).
 ///
 /// libpq's TLS parameters, for every connection (the pool's, the listening
 /// connections of change streams, and cancel requests), with rustls:
