@@ -16,6 +16,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
+use common::cas;
 use common::durable::{assert_durable_order, simulate_power_loss};
 
 use metadatacache::{
@@ -46,13 +47,6 @@ fn assert_no_temp_files(dir: &Path) {
 
 fn read(dir: &Path, path: &str) -> Option<String> {
     std::fs::read_to_string(dir.join(path)).ok()
-}
-
-fn cas(path: &str, etag: &str, body: &str) -> UploadRequest {
-    UploadRequest {
-        if_match: Some(etag.to_owned()),
-        ..UploadRequest::new(path, body.to_owned())
-    }
 }
 
 /// One call over three directories, one of them new: each request is

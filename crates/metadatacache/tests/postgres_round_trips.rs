@@ -1,8 +1,8 @@
 //! PostgreSQL's round trips, counted by a proxy in front of a real server
 //! (one ReadyForQuery per statement): a refused compare-and-swap update or
-//! delete says why in the statement that tried it — unless what refused it committed while
-//! the statement waited, which a second look finds — and a combined write
-//! of several documents is one statement.
+//! delete says why in the statement that tried it — unless what refused
+//! it committed while the statement waited, which a second look finds —
+//! and a combined write of several documents is one statement.
 
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -12,9 +12,9 @@ mod common;
 use std::time::Duration;
 
 use common::proxy::Proxy;
-use common::servers;
-use common::{GUARD, must_finish};
-use metadatacache::{DownloadRequest, ErrorKind, PostgresStorage, Storage, UploadRequest};
+use common::servers::{self, Server};
+use common::{GUARD, cas, must_finish};
+use metadatacache::{DownloadRequest, ErrorKind, PostgresStorage, Storage};
 
 /// Round trips to the server while `op` runs.
 async fn round_trips<T>(proxy: &Proxy, op: impl Future<Output = T>) -> (u64, T) {
@@ -23,25 +23,25 @@ async fn round_trips<T>(proxy: &Proxy, op: impl Future<Output = T>) -> (u64, T) 
     (proxy.counts().ready_for_query - before, out)
 }
 
-/// A compare-and-swap update of `path` over `etag`.
-fn update(path: &str, etag: &str, body: &str) -> UploadRequest {
-    UploadRequest {
-        if_match: Some(etag.to_owned()),
-        ..UploadRequest::new(path, body.to_owned())
-    }
+/// A real server, a proxy in front of it, and a storage through the proxy
+/// on the table and parameters of `query`, with one connection (so that
+/// each statement is prepared once).
+async fn through_proxy(query: &str) -> Option<(Server, Proxy, PostgresStorage)> {
+    let server = servers::postgres()?;
+    let proxy = Proxy::start(server.addr()).await;
+    let url = format!(
+        "postgres://postgres@{}/postgres?pool_size=1&table={query}",
+        proxy.addr()
+    );
+    let storage = PostgresStorage::from_url(&url).await.unwrap();
+    Some((server, proxy, storage))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_update_costs_no_more_round_trips_than_a_write() {
-    let Some(server) = servers::postgres() else {
+    let Some((_server, proxy, s)) = through_proxy("trips").await else {
         return;
     };
-    let proxy = Proxy::start(server.addr()).await;
-    let url = format!(
-        "postgres://postgres@{}/postgres?table=trips&pool_size=1",
-        proxy.addr()
-    );
-    let s = PostgresStorage::from_url(&url).await.unwrap();
     s.simple_upload("a.json", "0".into()).await.unwrap();
     let mut etag = s
         .download(DownloadRequest::new("a.json"))
@@ -51,9 +51,9 @@ async fn a_refused_update_costs_no_more_round_trips_than_a_write() {
     // Twice each, so that every statement is prepared on the connection.
     let mut counted = Vec::new();
     for round in 0..2 {
-        let (written, res) = round_trips(&proxy, s.upload(update("a.json", &etag, "w"))).await;
+        let (written, res) = round_trips(&proxy, s.upload(cas("a.json", &etag, "w"))).await;
         let stale = std::mem::replace(&mut etag, res.unwrap().etag);
-        let (refused, res) = round_trips(&proxy, s.upload(update("a.json", &stale, "r"))).await;
+        let (refused, res) = round_trips(&proxy, s.upload(cas("a.json", &stale, "r"))).await;
         let e = res.expect_err("a stale etag was accepted");
         assert!(e.is_conflict(), "{e}");
         let current = e.current().expect("the refusal carries no version");
@@ -72,7 +72,7 @@ async fn a_refused_update_costs_no_more_round_trips_than_a_write() {
     );
     // And a refusal for a document that is gone.
     s.delete_if_match("a.json", Some(&etag)).await.unwrap();
-    let (gone, res) = round_trips(&proxy, s.upload(update("a.json", &etag, "x"))).await;
+    let (gone, res) = round_trips(&proxy, s.upload(cas("a.json", &etag, "x"))).await;
     assert!(res.is_err(), "an update of a deleted document was accepted");
     assert_eq!(
         gone, written,
@@ -82,15 +82,9 @@ async fn a_refused_update_costs_no_more_round_trips_than_a_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_delete_costs_no_more_round_trips_than_a_delete() {
-    let Some(server) = servers::postgres() else {
+    let Some((_server, proxy, s)) = through_proxy("trips_delete").await else {
         return;
     };
-    let proxy = Proxy::start(server.addr()).await;
-    let url = format!(
-        "postgres://postgres@{}/postgres?table=trips_delete&pool_size=1",
-        proxy.addr()
-    );
-    let s = PostgresStorage::from_url(&url).await.unwrap();
     // Twice, so that every statement is prepared on the connection.
     for round in 0..2 {
         let path = format!("d{round}.json");
@@ -117,15 +111,9 @@ async fn a_refused_delete_costs_no_more_round_trips_than_a_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_combined_write_is_one_round_trip() {
-    let Some(server) = servers::postgres() else {
+    let Some((_server, proxy, s)) = through_proxy("trips_many").await else {
         return;
     };
-    let proxy = Proxy::start(server.addr()).await;
-    let url = format!(
-        "postgres://postgres@{}/postgres?table=trips_many&pool_size=1",
-        proxy.addr()
-    );
-    let s = PostgresStorage::from_url(&url).await.unwrap();
     let paths: Vec<String> = (0..8).map(|i| format!("d{i}.json")).collect();
     for path in &paths {
         s.simple_upload(path, "0".into()).await.unwrap();
@@ -139,7 +127,7 @@ async fn a_combined_write_is_one_round_trip() {
                 .unwrap();
             // Every other one stale: refusals ride in the same statement.
             let etag = if i % 2 == 0 { cur.etag } else { "stale".into() };
-            reqs.push(update(path, &etag, &format!("{round}")));
+            reqs.push(cas(path, &etag, &format!("{round}")));
         }
         let (trips, results) = round_trips(&proxy, s.upload_many(reqs)).await;
         for (i, res) in results.iter().enumerate() {
@@ -196,15 +184,9 @@ async fn behind_a_replacing_write<T>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_by_a_write_that_committed_meanwhile_carries_its_version() {
-    let Some(server) = servers::postgres() else {
+    let Some((server, proxy, s)) = through_proxy("trips_race&application_name=race").await else {
         return;
     };
-    let proxy = Proxy::start(server.addr()).await;
-    let url = format!(
-        "postgres://postgres@{}/postgres?table=trips_race&pool_size=1&application_name=race",
-        proxy.addr()
-    );
-    let s = PostgresStorage::from_url(&url).await.unwrap();
     let (admin, conn) = tokio_postgres::connect(
         &format!("postgres://postgres@{}/postgres", server.addr()),
         tokio_postgres::NoTls,
@@ -216,8 +198,8 @@ async fn a_refusal_by_a_write_that_committed_meanwhile_carries_its_version() {
     for round in 0..2 {
         let path = format!("r{round}.json");
         let v1 = s.simple_upload(&path, "1".into()).await.unwrap();
-        let cas = s.upload(update(&path, &v1.etag, "2"));
-        let (trips, res) = behind_a_replacing_write(&proxy, &admin, &path, cas).await;
+        let write = s.upload(cas(&path, &v1.etag, "2"));
+        let (trips, res) = behind_a_replacing_write(&proxy, &admin, &path, write).await;
         let e = res.expect_err("a write over a replaced version was accepted");
         assert!(e.is_conflict(), "{e}");
         let current = e.current().expect("the refusal carries no version");

@@ -11,7 +11,7 @@ pub mod watching;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use metadatacache::ErrorKind;
+use metadatacache::{ErrorKind, UploadRequest};
 
 /// The hang detector of calls that should end within their timeout: many
 /// times any timeout the tests use.
@@ -58,5 +58,14 @@ where
             }
             Err(e) => panic!("{what}: not back after {GUARD:?}: {e}"),
         }
+    }
+}
+
+/// A compare-and-swap write of `body` to `path` over `etag`.
+#[allow(dead_code)]
+pub fn cas(path: &str, etag: &str, body: &str) -> UploadRequest {
+    UploadRequest {
+        if_match: Some(etag.to_owned()),
+        ..UploadRequest::new(path, body.to_owned())
     }
 }
