@@ -18,7 +18,7 @@ use rustix::fs::Advice;
 
 use super::fs::{DirFd, base, etag};
 use super::lock::lock_dir;
-use super::ops::{blocked_upload, check_current, replace, visible_error};
+use super::ops::{blocked_upload, refuse_early, replace, visible_error};
 use super::temp::Temp;
 use super::{DiskStep, Inner, check_path};
 use crate::error::Result;
@@ -78,12 +78,7 @@ impl Inner {
         let mut pending: Vec<Option<Pending<'_>>> = reqs.iter().map(|_| None).collect();
         for (i, req) in reqs.iter().enumerate() {
             let Some(d) = dir_of[i] else { continue };
-            // A write that would be refused now is refused before its temp
-            // file costs an inode and a sync: that answer is as true as
-            // one given later, under the lock.
-            if (req.if_match.is_some() || !req.if_none_match.is_empty())
-                && let Err(e) = check_current(&dirs[d].1, req)
-            {
+            if let Err(e) = refuse_early(&dirs[d].1, req) {
                 results[i] = Some(Err(e));
                 continue;
             }

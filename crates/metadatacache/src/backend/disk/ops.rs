@@ -39,11 +39,7 @@ impl Inner {
             Err(blocked) => return Err(blocked_upload(req, blocked)),
         };
         let etag = etag(&req.content);
-        // A write refused now is refused before its temp file costs an
-        // inode and a sync; the check is repeated under the lock.
-        if req.if_match.is_some() || !req.if_none_match.is_empty() {
-            check_current(&dirfd, req)?;
-        }
+        refuse_early(&dirfd, req)?;
         // The slow part (write + fsync) happens before taking the lock.
         let (mut temp, mtime) = self.write_temp(&dirfd, base(path), req)?;
         let lock = lock_dir(&dirfd, path)?;
@@ -173,9 +169,20 @@ pub(super) fn blocked_upload(req: &UploadRequest, blocked: Blocked) -> Error {
     .with_path(&req.path)
 }
 
+/// Refuses `req` before its temp file is written, when its preconditions
+/// already fail: the temp file would cost an inode and a sync for nothing,
+/// and the answer is as true as one given later. [`replace`] checks again
+/// under the lock. A write without preconditions goes on.
+pub(super) fn refuse_early(dir: &DirFd<'_>, req: &UploadRequest) -> Result<()> {
+    if req.if_match.is_none() && req.if_none_match.is_empty() {
+        return Ok(());
+    }
+    check_current(dir, req)
+}
+
 /// Checks `req`'s preconditions against the document in `dir` now; a
 /// refusal carries the stored version (`Capabilities::current_on_conflict`).
-pub(super) fn check_current(dir: &DirFd<'_>, req: &UploadRequest) -> Result<()> {
+fn check_current(dir: &DirFd<'_>, req: &UploadRequest) -> Result<()> {
     let path = req.path.as_str();
     let name = base(path);
     let needs_etag = req.if_match.is_some() || req.if_none_match.iter().any(|e| e != "*");
