@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::Write;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::files::{temp_files, tree};
 use metadatacache::{
     DiskOptions, DiskStorage, DownloadRequest, EntryKind, ErrorKind, Result, Storage, UploadRequest,
 };
@@ -31,31 +34,6 @@ fn kind<T: std::fmt::Debug>(res: Result<T>) -> ErrorKind {
 
 fn open(dir: &Path) -> DiskStorage {
     DiskStorage::open(dir).unwrap()
-}
-
-/// Every name below `dir`, recursively, relative to it (symlinks not followed).
-fn tree(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let entry = entry.unwrap();
-            let path = entry.path();
-            out.push(path.strip_prefix(dir).unwrap().display().to_string());
-            if entry.file_type().unwrap().is_dir() {
-                stack.push(path);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-fn temp_files(dir: &Path) -> Vec<String> {
-    tree(dir)
-        .into_iter()
-        .filter(|p| p.rsplit('/').next().unwrap().contains(".tmp."))
-        .collect()
 }
 
 // ---------------------------------------------------------------- semantics

@@ -18,27 +18,11 @@ use std::sync::Arc;
 
 use common::cas;
 use common::durable::{assert_durable_order, simulate_power_loss};
+use common::files::temp_files;
 
 use metadatacache::{
     DiskOptions, DiskStep, DiskStorage, ErrorKind, Options, Storage, Store, UploadRequest,
 };
-
-/// Every temp file left below `dir`.
-fn temp_files(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let entry = entry.unwrap();
-            if entry.file_type().unwrap().is_dir() {
-                stack.push(entry.path());
-            } else if entry.file_name().to_string_lossy().contains(".tmp.") {
-                out.push(entry.path().display().to_string());
-            }
-        }
-    }
-    out
-}
 
 fn assert_no_temp_files(dir: &Path) {
     let left = temp_files(dir);

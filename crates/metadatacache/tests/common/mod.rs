@@ -3,6 +3,7 @@
 pub mod certs;
 pub mod counter;
 pub mod durable;
+pub mod files;
 pub mod proxy;
 pub mod servers;
 pub mod suite;
