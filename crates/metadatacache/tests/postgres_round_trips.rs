@@ -1,8 +1,8 @@
 //! PostgreSQL's round trips, counted by a proxy in front of a real server
-//! (one ReadyForQuery per statement): a refused compare-and-swap update or
-//! delete says why in the statement that tried it — unless what refused
-//! it committed while the statement waited, which a second look finds —
-//! and a combined write of several documents is one statement.
+//! (one ReadyForQuery per statement): a refused create, compare-and-swap
+//! update or delete says why in the statement that tried it — unless what
+//! refused it committed while the statement waited, which a second look
+//! finds — and a combined write of several documents is one statement.
 
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::proxy::Proxy;
 use common::servers::{self, Server};
-use common::{GUARD, cas, must_finish};
+use common::{GUARD, cas, create, must_finish};
 use metadatacache::{DownloadRequest, ErrorKind, PostgresStorage, Storage};
 
 /// Round trips to the server while `op` runs.
@@ -81,6 +81,42 @@ async fn a_refused_update_costs_no_more_round_trips_than_a_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_create_costs_no_more_round_trips_than_a_create() {
+    let Some((_server, proxy, s)) = through_proxy("trips_create").await else {
+        return;
+    };
+    // Twice, so that every statement is prepared on the connection.
+    for round in 0..2 {
+        let path = format!("c{round}.json");
+        let (created, res) = round_trips(&proxy, s.upload(create(&path, "first"))).await;
+        let first = res.unwrap();
+        let (refused, res) = round_trips(&proxy, s.upload(create(&path, "second"))).await;
+        let e = res.expect_err("a create over a document went through");
+        assert!(e.is_conflict(), "{e}");
+        let current = e.current().expect("the refusal carries no version");
+        assert_eq!(current.etag, first.etag, "round {round}");
+        assert_eq!(&current.content[..], b"first", "round {round}");
+        // A parent path that is a document: no document can be created.
+        let below = format!("{path}/below.json");
+        let (blocked, res) = round_trips(&proxy, s.upload(create(&below, "x"))).await;
+        let e = res.expect_err("a document was created below a document");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        if round == 1 {
+            assert_eq!(created, 1, "a create took {created} round trips");
+            assert_eq!(
+                refused, created,
+                "a refused create took {refused} round trips"
+            );
+            assert_eq!(
+                blocked, created,
+                "a create below a document took {blocked} round trips"
+            );
+        }
+    }
+    assert_eq!(s.simple_download("c1.json").await.unwrap(), "first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_delete_costs_no_more_round_trips_than_a_delete() {
     let Some((_server, proxy, s)) = through_proxy("trips_delete").await else {
         return;
@@ -141,21 +177,31 @@ async fn a_combined_write_is_one_round_trip() {
 }
 
 /// Runs `op` on `path` of table `trips_race` while another transaction
-/// (on `admin`) has replaced the row and holds its lock, and commits that
+/// (on `admin`) has written version `other` of the row and holds its lock
+/// (replacing the row, or inserting it when `insert`), and commits that
 /// transaction once `op`'s statement waits for the lock: `op`'s snapshot
-/// shows the old version, the row it finally locks is the new one. Returns
-/// `op`'s round trips and result.
-async fn behind_a_replacing_write<T>(
+/// shows the old version (or none), the row it finally meets is the new
+/// one. Returns `op`'s round trips and result.
+async fn behind_a_writing_transaction<T>(
     proxy: &Proxy,
     admin: &tokio_postgres::Client,
     path: &str,
+    insert: bool,
     op: impl Future<Output = T>,
 ) -> (u64, T) {
-    admin
-        .batch_execute(&format!(
-            "BEGIN; UPDATE trips_race SET content = convert_to('other', 'UTF8'), \
+    let write = if insert {
+        format!(
+            "INSERT INTO trips_race (path, content, etag, mtime) \
+             VALUES ('{path}', convert_to('other', 'UTF8'), 'other-etag', now())"
+        )
+    } else {
+        format!(
+            "UPDATE trips_race SET content = convert_to('other', 'UTF8'), \
              etag = 'other-etag', mtime = now() WHERE path = '{path}'"
-        ))
+        )
+    };
+    admin
+        .batch_execute(&format!("BEGIN; {write}"))
         .await
         .unwrap();
     let commit_once_blocked = async {
@@ -199,7 +245,7 @@ async fn a_refusal_by_a_write_that_committed_meanwhile_carries_its_version() {
         let path = format!("r{round}.json");
         let v1 = s.simple_upload(&path, "1".into()).await.unwrap();
         let write = s.upload(cas(&path, &v1.etag, "2"));
-        let (trips, res) = behind_a_replacing_write(&proxy, &admin, &path, write).await;
+        let (trips, res) = behind_a_writing_transaction(&proxy, &admin, &path, false, write).await;
         let e = res.expect_err("a write over a replaced version was accepted");
         assert!(e.is_conflict(), "{e}");
         let current = e.current().expect("the refusal carries no version");
@@ -211,13 +257,28 @@ async fn a_refusal_by_a_write_that_committed_meanwhile_carries_its_version() {
 
         let v1 = s.simple_upload(&path, "1".into()).await.unwrap();
         let delete = s.delete_if_match(&path, Some(&v1.etag));
-        let (trips, res) = behind_a_replacing_write(&proxy, &admin, &path, delete).await;
+        let (trips, res) = behind_a_writing_transaction(&proxy, &admin, &path, false, delete).await;
         let e = res.expect_err("a delete of a replaced version went through");
         assert_eq!(e.kind(), ErrorKind::PreconditionFailed, "{e}");
         assert_eq!(s.simple_download(&path).await.unwrap(), "other");
+        let delete_trips = trips;
+
+        // A create that meets a row inserted (and not yet committed) by
+        // another transaction waits for it; its snapshot shows no row.
+        let new_path = format!("n{round}.json");
+        let make = s.upload(create(&new_path, "mine"));
+        let (trips, res) =
+            behind_a_writing_transaction(&proxy, &admin, &new_path, true, make).await;
+        let e = res.expect_err("a create over an inserted document went through");
+        assert!(e.is_conflict(), "{e}");
+        let current = e.current().expect("the refusal carries no version");
+        assert_eq!(current.etag, "other-etag");
+        assert_eq!(&current.content[..], b"other");
+        assert_eq!(s.simple_download(&new_path).await.unwrap(), "other");
         if round == 1 {
             assert_eq!(update_trips, 2, "update: {update_trips} round trips");
-            assert_eq!(trips, 2, "delete: {trips} round trips");
+            assert_eq!(delete_trips, 2, "delete: {delete_trips} round trips");
+            assert_eq!(trips, 2, "create: {trips} round trips");
         }
     }
 }

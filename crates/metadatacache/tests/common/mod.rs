@@ -62,6 +62,15 @@ where
     }
 }
 
+/// A create-only write of `body` to `path`.
+#[allow(dead_code)]
+pub fn create(path: &str, body: &str) -> UploadRequest {
+    UploadRequest {
+        if_none_match: vec!["*".into()],
+        ..UploadRequest::new(path, body.to_owned())
+    }
+}
+
 /// A compare-and-swap write of `body` to `path` over `etag`.
 #[allow(dead_code)]
 pub fn cas(path: &str, etag: &str, body: &str) -> UploadRequest {

@@ -47,7 +47,11 @@ pub(super) struct Sql {
     /// The NOTIFY channel of the table.
     pub(super) channel: String,
     /// Create-only insert. $1 path, $2 content, $3 etag, $4 mtime or NULL,
-    /// $5 parent paths, $6/$7 the range of paths below this one.
+    /// $5 parent paths, $6/$7 the range of paths below this one. One row:
+    /// the new mtime when written; when not, NULL and the etag, mtime and
+    /// content that the statement saw (NULL when it saw none), and whether
+    /// a parent document or a path below is in the way, so that a refusal
+    /// needs no second statement to say why.
     pub(super) insert_new: String,
     /// Compare-and-swap update. $1..$4 as above, $5 if-match etag or NULL
     /// (any), $6 if-none-match etags, $7 if-unmodified-since or NULL. One
@@ -137,7 +141,15 @@ impl Sql {
         Sql {
             schema: schema(&t, &channel),
             channel,
-            insert_new: format!("{new_row} ON CONFLICT (path) DO NOTHING RETURNING mtime"),
+            insert_new: format!(
+                "WITH i AS ({new_row} ON CONFLICT (path) DO NOTHING RETURNING mtime) \
+                 SELECT mtime, NULL::text, NULL::timestamptz, NULL::bytea, false FROM i \
+                 UNION ALL \
+                 SELECT NULL::timestamptz, c.etag, c.mtime, c.content, {} \
+                 FROM (SELECT 1) AS one LEFT JOIN {t} c ON c.path = $1::text \
+                 WHERE NOT EXISTS (SELECT 1 FROM i)",
+                blocked("$5", "$6", "$7")
+            ),
             update_match: format!(
                 "WITH u AS (UPDATE {t} SET content = $2::bytea, etag = $3::text, \
                                 mtime = COALESCE($4::timestamptz, now()) \

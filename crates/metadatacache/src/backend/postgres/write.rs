@@ -1,9 +1,9 @@
 //! Writes and deletes: one conditional statement each, then — when it
-//! changed nothing — a look at why. A compare-and-swap update (the store's
-//! usual write) or delete returns the version that refused it itself, and
-//! needs that look only when the version its snapshot showed would have
-//! let it through: the row changed while the statement waited for its
-//! lock.
+//! changed nothing — a look at why. A create, a compare-and-swap update
+//! (the store's usual write) or a delete returns the version that refused
+//! it itself, and needs that look only when the version its snapshot
+//! showed would have let it through: the row changed (or, for a create,
+//! appeared) while the statement waited for its lock.
 
 use std::time::SystemTime;
 
@@ -85,22 +85,28 @@ impl PostgresStorage {
                 };
             }
         };
-        // Only the compare-and-swap update says what refused it.
-        let says_why = !req.is_create_only() && req.if_match.is_some();
-        let seen = match rows.first() {
+        // The create and the compare-and-swap update say what refused them.
+        let says_why = req.is_create_only() || req.if_match.is_some();
+        let (seen, blocked) = match rows.first() {
             Some(row) => match row.try_get::<_, Option<SystemTime>>(0) {
                 Ok(Some(mtime)) => return Ok(UploadResponse { etag, mtime }),
-                Ok(None) => match seen_version(row) {
-                    Ok(seen) => Some(seen),
+                Ok(None) => match seen_version(row, req.is_create_only()) {
+                    Ok(seen) => seen,
                     Err(e) => return Err(self.fail(Failure::Pg(e), false, path)),
                 },
                 // Written, but the reply is unreadable: report it as unknown.
                 Err(e) => return Err(self.fail(Failure::Pg(e), true, path)),
             },
-            None => None,
+            None => (None, false),
         };
-        if says_why && let Some(e) = refusal(&req, seen) {
-            return Err(e);
+        if says_why {
+            let absent = seen.is_none();
+            if let Some(e) = refusal(&req, seen) {
+                return Err(e);
+            }
+            if absent && blocked {
+                return Err(blocked_error(path));
+            }
         }
         Err(self.explain_unwritten(&mut conn, deadline, &req).await)
     }
@@ -198,12 +204,7 @@ impl PostgresStorage {
             return e;
         }
         if absent && blocked && req.if_match.is_none() {
-            return tag(
-                Error::invalid_input(
-                    "a directory exists at this path, or a parent path is a document",
-                ),
-                path,
-            );
+            return blocked_error(path);
         }
         tag(
             Error::new(
@@ -231,9 +232,27 @@ impl PostgresStorage {
     }
 }
 
-/// The version that a refused compare-and-swap update saw.
-fn seen_version(row: &tokio_postgres::Row) -> std::result::Result<Seen, tokio_postgres::Error> {
-    Ok((row.try_get(1)?, row.try_get(2)?, row.try_get(3)?))
+/// The version that a refused create or compare-and-swap update saw
+/// (`None`: no document), and — for a create — whether a parent document
+/// or a path below was in its way.
+fn seen_version(
+    row: &tokio_postgres::Row,
+    create: bool,
+) -> std::result::Result<(Option<Seen>, bool), tokio_postgres::Error> {
+    let seen = match (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?) {
+        (Some(etag), Some(mtime), Some(content)) => Some((etag, mtime, content)),
+        _ => None,
+    };
+    let blocked = create && row.try_get::<_, bool>(4)?;
+    Ok((seen, blocked))
+}
+
+/// A create refused because its path cannot hold a document.
+fn blocked_error(path: &str) -> Error {
+    tag(
+        Error::invalid_input("a directory exists at this path, or a parent path is a document"),
+        path,
+    )
 }
 
 /// A stored version: etag, mtime and content.
