@@ -16,6 +16,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::assert_bucket_missing;
 use common::servers::{self, AZURITE_ACCOUNT, AZURITE_KEY, Server};
 use common::suite::{self, TestServer};
 use metadatacache::{
@@ -117,15 +118,14 @@ fn kind<T: std::fmt::Debug>(res: Result<T>) -> ErrorKind {
 }
 
 /// `init` creates a missing container, and again is a no-op; a container
-/// that does not exist fails every call with `NotFound` before.
+/// that does not exist fails every call with `NotFound` before, naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_creates_the_container() {
     let Some(server) = Azure::launch() else {
         return;
     };
     let s = open(server.addr(), "fresh/app").await;
-    let e = s.simple_upload("a.json", "1".into()).await.unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert_bucket_missing(&s, "container \"fresh\"").await;
     s.init("").await.unwrap();
     s.init("users").await.unwrap();
     s.simple_upload("a.json", "1".into()).await.unwrap();

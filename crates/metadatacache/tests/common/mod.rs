@@ -12,7 +12,7 @@ pub mod watching;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use metadatacache::{ErrorKind, UploadRequest};
+use metadatacache::{DownloadRequest, ErrorKind, Storage, UploadRequest};
 
 /// The hang detector of calls that should end within their timeout: many
 /// times any timeout the tests use.
@@ -77,5 +77,31 @@ pub fn cas(path: &str, etag: &str, body: &str) -> UploadRequest {
     UploadRequest {
         if_match: Some(etag.to_owned()),
         ..UploadRequest::new(path, body.to_owned())
+    }
+}
+
+/// Every kind of call on a storage whose bucket (Azure: container) does
+/// not exist fails with `NotFound`, and its message names `bucket` (such
+/// as `bucket "fresh"`) instead of blaming the document.
+#[allow(dead_code)]
+pub async fn assert_bucket_missing(s: &dyn Storage, bucket: &str) {
+    let calls = [
+        ("create", s.upload(create("a.json", "1")).await.err()),
+        ("update", s.upload(cas("a.json", "e", "1")).await.err()),
+        (
+            "download",
+            s.download(DownloadRequest::new("a.json")).await.err(),
+        ),
+        ("list", s.list_dir("").await.err()),
+        ("delete", s.delete_if_match("a.json", Some("e")).await.err()),
+    ];
+    for (what, e) in calls {
+        let e = e.unwrap_or_else(|| panic!("{what} succeeded without a bucket"));
+        assert_eq!(e.kind(), ErrorKind::NotFound, "{what}: {e}");
+        let message = e.message();
+        assert!(
+            message.contains(&format!("{bucket} does not exist")),
+            "{what}: {message}"
+        );
     }
 }

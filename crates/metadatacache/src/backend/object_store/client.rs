@@ -42,6 +42,8 @@ impl Op {
 /// Maps an `object_store` error to this crate's [`Error`], tagged with the
 /// backend and the storage path.
 ///
+/// - any error that says the bucket (Azure: container) does not exist →
+///   [`ErrorKind::NotFound`] with [`NO_BUCKET`] as its message
 /// - `NotFound` → [`ErrorKind::NotFound`]
 /// - `AlreadyExists` (also HTTP 409) → [`ErrorKind::AlreadyExists`] for a
 ///   create; for a conditional update a 409 means a concurrent conditional
@@ -61,6 +63,9 @@ impl Op {
 /// - everything else (`NotSupported`, `NotImplemented`, …) → [`ErrorKind::Other`]
 pub(super) fn map_error(e: OsError, op: Op, backend: &'static str, path: &str) -> Error {
     let (kind, message) = match &e {
+        // Whatever the request: a conditional write on a missing bucket
+        // comes back as a failed precondition, say.
+        _ if bucket_missing(&e) => (ErrorKind::NotFound, NO_BUCKET),
         OsError::NotFound { .. } => (ErrorKind::NotFound, "no such document"),
         OsError::AlreadyExists { .. } => match op {
             Op::Create => (ErrorKind::AlreadyExists, "document already exists"),
@@ -105,6 +110,33 @@ pub(super) fn map_error(e: OsError, op: Op, backend: &'static str, path: &str) -
         .with_backend(backend)
         .with_path(path)
         .with_source(e)
+}
+
+/// The message of an error whose bucket (Azure: container) does not
+/// exist, until [`ObjectStoreStorage::named`] names it.
+pub(super) const NO_BUCKET: &str = "the bucket does not exist";
+
+/// Whether the service said that the bucket itself is missing, not the
+/// object: S3's `NoSuchBucket`, Azure's `ContainerNotFound`, Google Cloud
+/// Storage's "bucket does not exist".
+fn bucket_missing(e: &(dyn StdError + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if says_bucket_missing(&err.to_string()) {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
+/// Whether a service's answer `text` says that the bucket is missing (see
+/// [`bucket_missing`]). The codes are matched as their error documents
+/// carry them, so that a path that spells one is not taken for it.
+pub(super) fn says_bucket_missing(text: &str) -> bool {
+    text.contains("<Code>NoSuchBucket</Code>")
+        || text.contains("<Code>ContainerNotFound</Code>")
+        || text.contains("The specified bucket does not exist")
 }
 
 fn unavailable_message(op: Op) -> &'static str {
@@ -172,12 +204,37 @@ fn status_in(message: &str) -> Option<u16> {
 
 impl ObjectStoreStorage {
     pub(super) fn map<'a>(
-        &self,
+        &'a self,
         op: Op,
         path: &'a str,
     ) -> impl Fn(::object_store::Error) -> Error + 'a {
         let backend = self.backend;
-        move |e| map_error(e, op, backend, path)
+        move |e| self.named(map_error(e, op, backend, path))
+    }
+
+    /// `e`, naming the bucket (Azure: container) where it says that the
+    /// bucket does not exist, and how to create it: the store's message
+    /// would blame the document.
+    pub(super) fn named(&self, e: Error) -> Error {
+        if e.kind() != ErrorKind::NotFound || e.message() != NO_BUCKET {
+            return e;
+        }
+        let message = format!(
+            "{} does not exist (Storage::init creates it, as mdcache bench, torture and \
+             migrate do)",
+            self.bucket_name()
+        );
+        e.with_message(message)
+    }
+
+    /// `bucket "name"` (Azure: `container "name"`), or `the bucket` where
+    /// the name is not known.
+    pub(super) fn bucket_name(&self) -> String {
+        let (word, bucket) = self
+            .requests
+            .as_ref()
+            .map_or(("bucket", None), |r| r.bucket());
+        bucket.map_or_else(|| format!("the {word}"), |b| format!("{word} {b:?}"))
     }
 
     /// Runs `fut` within the timeout.
@@ -222,7 +279,7 @@ impl ObjectStoreStorage {
         match self.store.head(key).await {
             Ok(meta) => Ok(Some(meta)),
             Err(::object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(map_error(e, Op::Read, self.backend, path)),
+            Err(e) => Err(self.named(map_error(e, Op::Read, self.backend, path))),
         }
     }
 
@@ -399,10 +456,27 @@ mod tests {
             map_error(generic(denied), Op::Read, "azure", "p").kind(),
             ErrorKind::PermissionDenied
         );
-        let missing = "Server returned non-2xx status code: 404 Not Found: NoSuchBucket";
+        let missing = "Server returned non-2xx status code: 404 Not Found: \
+                       <Error><Code>NoSuchBucket</Code></Error>";
+        for op in [Op::Read, Op::Create, Op::Update, Op::Delete] {
+            let e = map_error(generic(missing), op, "s3", "p");
+            assert_eq!(e.kind(), ErrorKind::NotFound);
+            assert_eq!(e.message(), NO_BUCKET);
+        }
+        // A conditional write on a missing bucket, as object_store reports it.
+        let refused = OsError::Precondition {
+            path: "p".into(),
+            source: "404 Not Found: <Error><Code>ContainerNotFound</Code></Error>".into(),
+        };
         assert_eq!(
-            map_error(generic(missing), Op::Read, "s3", "p").kind(),
-            ErrorKind::NotFound
+            map_error(refused, Op::Update, "azure", "p").message(),
+            NO_BUCKET
+        );
+        // A document whose name spells a code is only a missing document.
+        let named = "status code: 404 Not Found: GET http://h/b/NoSuchBucket.json";
+        assert_eq!(
+            map_error(generic(named), Op::Read, "s3", "p").message(),
+            "no such bucket or document"
         );
     }
 

@@ -59,6 +59,8 @@ pub use s3::S3Config;
 ///   `AZURE_STORAGE_ACCOUNT_NAME`.
 /// - [`init`](Storage::init) creates the bucket or container where the
 ///   service lets these credentials (S3, Azure); a GCS bucket must exist.
+///   Until it exists every call fails with [`ErrorKind::NotFound`] naming
+///   the bucket, not the document.
 ///
 /// Everything else comes from the usual environment variables, read by
 /// `object_store`'s builders:
@@ -348,11 +350,7 @@ impl Storage for ObjectStoreStorage {
     /// [`ErrorKind::Unavailable`] naming it when it cannot be used.
     async fn init(&self, name: &str) -> Result<()> {
         validate_path(name, true).map_err(|e| self.tag(e))?;
-        let (word, bucket) = self
-            .requests
-            .as_ref()
-            .map_or(("bucket", None), |r| r.bucket());
-        let named = bucket.map_or_else(|| format!("the {word}"), |b| format!("{word} {b:?}"));
+        let named = self.bucket_name();
         let created = match &self.requests {
             Some(requests) => self.timed(name, false, requests.create_bucket()).await,
             None => Err(Error::new(ErrorKind::Other, "no way to create buckets")),
@@ -420,7 +418,7 @@ impl Storage for ObjectStoreStorage {
                     requests
                         .delete_if_match(&key, etag)
                         .await
-                        .map_err(|e| self.tag(e.with_path(path)))
+                        .map_err(|e| self.named(self.tag(e.with_path(path))))
                 })
                 .await;
         }

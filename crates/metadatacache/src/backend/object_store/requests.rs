@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use reqwest::header::{HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
 
+use super::client::{NO_BUCKET, says_bucket_missing};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How long a presigned request stays valid; it is sent at once.
@@ -95,6 +96,10 @@ impl Answer {
     /// message has the status, the body (the service's error document) is
     /// kept as the source.
     pub fn refused(&self, what: &str) -> Error {
+        let body = || std::io::Error::other(self.body.clone());
+        if self.status == StatusCode::NOT_FOUND && says_bucket_missing(&self.body) {
+            return Error::not_found(NO_BUCKET).with_source(body());
+        }
         let (kind, message) = match self.status {
             StatusCode::PRECONDITION_FAILED => (
                 ErrorKind::PreconditionFailed,
@@ -116,8 +121,7 @@ impl Answer {
             }
             _ => (ErrorKind::Other, format!("{what} was refused")),
         };
-        Error::new(kind, format!("{message} (HTTP {})", self.status.as_u16()))
-            .with_source(std::io::Error::other(self.body.clone()))
+        Error::new(kind, format!("{message} (HTTP {})", self.status.as_u16())).with_source(body())
     }
 }
 
