@@ -94,6 +94,7 @@ pub async fn assert_bucket_missing(s: &dyn Storage, bucket: &str) {
         ),
         ("list", s.list_dir("").await.err()),
         ("delete", s.delete_if_match("a.json", Some("e")).await.err()),
+        ("unconditional delete", s.delete("a.json").await.err()),
     ];
     for (what, e) in calls {
         let e = e.unwrap_or_else(|| panic!("{what} succeeded without a bucket"));

@@ -426,6 +426,9 @@ impl Storage for ObjectStoreStorage {
             // An unconditional delete. S3 deletes a missing key silently:
             // look first, to answer NotFound.
             let current = self.head(path, &key).await?;
+            if current.is_none() {
+                self.check_bucket(path, &key).await?;
+            }
             let etag = current
                 .map(|m| self.etag_of(path, self.etag_in(&m)))
                 .transpose()?;

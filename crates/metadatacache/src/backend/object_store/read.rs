@@ -30,6 +30,31 @@ impl ObjectStoreStorage {
         })
     }
 
+    /// Fails, naming the bucket, when the bucket does not exist: a listing
+    /// of at most one object at `key` (storage path `path`). A HEAD's 404
+    /// has no body to tell a missing bucket from a missing object.
+    pub(super) async fn check_bucket(&self, path: &str, key: &ObjectPath) -> Result<()> {
+        let listed = async {
+            match &self.pages {
+                Some(pages) => {
+                    let opts = PaginatedListOptions {
+                        max_keys: Some(1),
+                        ..PaginatedListOptions::default()
+                    };
+                    pages
+                        .list_paginated(Some(key.as_ref()), opts)
+                        .await
+                        .map(drop)
+                }
+                None => self.store.list_with_delimiter(Some(key)).await.map(drop),
+            }
+        };
+        self.timed(path, false, async {
+            listed.await.map_err(self.map(Op::Read, path))
+        })
+        .await
+    }
+
     /// The common prefixes and objects directly below object key `key`
     /// (storage path `path`): page by page, each within the timeout, with
     /// [`with_pages`](ObjectStoreStorage::with_pages); else in one call.
