@@ -337,8 +337,8 @@ impl Storage for PostgresStorage {
     }
 
     /// Writes a document in one statement that also checks the
-    /// preconditions; a refused `if_match` update returns, in the same
-    /// statement, the version that refused it.
+    /// preconditions; a refused create or `if_match` update returns, in the
+    /// same statement, the version that refused it.
     ///
     /// # Errors
     /// As [`Storage::upload`]; [`ErrorKind::InvalidInput`] when a directory

@@ -69,10 +69,10 @@ pub(super) struct Sql {
     /// Insert, or update when the preconditions hold. $1..$7 as
     /// `insert_new`, $8 if-none-match etags, $9 if-unmodified-since or NULL.
     pub(super) upsert: String,
-    /// Why a write changed nothing: current etag and mtime (NULL when absent),
-    /// whether a parent document or a path below is in the way, and the
-    /// current content.
-    /// $1 path, $2 parents, $3/$4 the range below.
+    /// Why a write changed nothing, in the row a refused `insert_new`
+    /// returns: NULL, the current etag, mtime and content (NULL when
+    /// absent), and whether a parent document or a path below is in the
+    /// way. $1 path, $2 parents, $3/$4 the range below.
     pub(super) probe: String,
     /// Etag, mtime and — unless the etag is in $2 — the content of $1.
     pub(super) download: String,
@@ -117,6 +117,14 @@ impl Sql {
                 occupied(lo, hi)
             )
         };
+        // The document at $1 as a refusal reports it (see `probe`).
+        let seen = |parents: &str, lo: &str, hi: &str| {
+            format!(
+                "SELECT NULL::timestamptz, c.etag, c.mtime, c.content, {} \
+                 FROM (SELECT 1) AS one LEFT JOIN {t} c ON c.path = $1::text",
+                blocked(parents, lo, hi)
+            )
+        };
         let new_row = format!(
             "INSERT INTO {t} AS cur (path, content, etag, mtime) \
              SELECT $1::text, $2::bytea, $3::text, COALESCE($4::timestamptz, now()) \
@@ -144,11 +152,8 @@ impl Sql {
             insert_new: format!(
                 "WITH i AS ({new_row} ON CONFLICT (path) DO NOTHING RETURNING mtime) \
                  SELECT mtime, NULL::text, NULL::timestamptz, NULL::bytea, false FROM i \
-                 UNION ALL \
-                 SELECT NULL::timestamptz, c.etag, c.mtime, c.content, {} \
-                 FROM (SELECT 1) AS one LEFT JOIN {t} c ON c.path = $1::text \
-                 WHERE NOT EXISTS (SELECT 1 FROM i)",
-                blocked("$5", "$6", "$7")
+                 UNION ALL {} WHERE NOT EXISTS (SELECT 1 FROM i)",
+                seen("$5", "$6", "$7")
             ),
             update_match: format!(
                 "WITH u AS (UPDATE {t} SET content = $2::bytea, etag = $3::text, \
@@ -184,11 +189,7 @@ impl Sql {
                    AND ($9::timestamptz IS NULL OR cur.mtime <= $9::timestamptz) \
                  RETURNING mtime"
             ),
-            probe: format!(
-                "SELECT c.etag, c.mtime, {}, c.content \
-                 FROM (SELECT 1) AS one LEFT JOIN {t} c ON c.path = $1::text",
-                blocked("$2", "$3", "$4")
-            ),
+            probe: seen("$2", "$3", "$4"),
             download: format!(
                 "SELECT etag, mtime, \
                         CASE WHEN etag = ANY($2::text[]) OR '*' = ANY($2::text[]) \

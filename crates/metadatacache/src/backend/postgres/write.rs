@@ -99,14 +99,8 @@ impl PostgresStorage {
             },
             None => (None, false),
         };
-        if says_why {
-            let absent = seen.is_none();
-            if let Some(e) = refusal(&req, seen) {
-                return Err(e);
-            }
-            if absent && blocked {
-                return Err(blocked_error(path));
-            }
+        if says_why && let Some(e) = verdict(&req, seen, blocked) {
+            return Err(e);
         }
         Err(self.explain_unwritten(&mut conn, deadline, &req).await)
     }
@@ -182,29 +176,15 @@ impl PostgresStorage {
             Ok(rows) => rows,
             Err(f) => return self.fail(f, false, path),
         };
-        let probe = rows.first().map(|row| {
-            Ok::<_, tokio_postgres::Error>((
-                row.try_get::<_, Option<String>>(0)?,
-                row.try_get::<_, Option<SystemTime>>(1)?,
-                row.try_get::<_, bool>(2)?,
-                row.try_get::<_, Option<Vec<u8>>>(3)?,
-            ))
-        });
-        let (etag, mtime, blocked, content) = match probe {
-            Some(Ok(p)) => p,
-            Some(Err(e)) => return self.fail(Failure::Pg(e), false, path),
-            None => return tag(Error::new(ErrorKind::Other, "probe returned no row"), path),
+        let Some(row) = rows.first() else {
+            return tag(Error::new(ErrorKind::Other, "probe returned no row"), path);
         };
-        let seen = match (etag, mtime, content) {
-            (Some(etag), Some(mtime), Some(content)) => Some((etag, mtime, content)),
-            _ => None,
+        let (seen, blocked) = match seen_version(row, true) {
+            Ok(seen) => seen,
+            Err(e) => return self.fail(Failure::Pg(e), false, path),
         };
-        let absent = seen.is_none();
-        if let Some(e) = refusal(req, seen) {
+        if let Some(e) = verdict(req, seen, blocked) {
             return e;
-        }
-        if absent && blocked && req.if_match.is_none() {
-            return blocked_error(path);
         }
         tag(
             Error::new(
@@ -232,27 +212,35 @@ impl PostgresStorage {
     }
 }
 
-/// The version that a refused create or compare-and-swap update saw
-/// (`None`: no document), and — for a create — whether a parent document
-/// or a path below was in its way.
+/// The version that a refused write (or the probe after it) saw (`None`:
+/// no document), and — where the row says (`with_blocked`: a create, the
+/// probe) — whether a parent document or a path below was in its way.
 fn seen_version(
     row: &tokio_postgres::Row,
-    create: bool,
+    with_blocked: bool,
 ) -> std::result::Result<(Option<Seen>, bool), tokio_postgres::Error> {
     let seen = match (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?) {
         (Some(etag), Some(mtime), Some(content)) => Some((etag, mtime, content)),
         _ => None,
     };
-    let blocked = create && row.try_get::<_, bool>(4)?;
+    let blocked = with_blocked && row.try_get::<_, bool>(4)?;
     Ok((seen, blocked))
 }
 
-/// A create refused because its path cannot hold a document.
-fn blocked_error(path: &str) -> Error {
-    tag(
-        Error::invalid_input("a directory exists at this path, or a parent path is a document"),
-        path,
-    )
+/// Why `req` was not written, from the version `seen` and whether a
+/// parent document or a path below was in the way (`blocked`); `None` when
+/// neither explains it: the document changed while the statement ran.
+fn verdict(req: &UploadRequest, seen: Option<Seen>, blocked: bool) -> Option<Error> {
+    let absent = seen.is_none();
+    if let Some(e) = refusal(req, seen) {
+        return Some(e);
+    }
+    (absent && blocked && req.if_match.is_none()).then(|| {
+        tag(
+            Error::invalid_input("a directory exists at this path, or a parent path is a document"),
+            &req.path,
+        )
+    })
 }
 
 /// A stored version: etag, mtime and content.
