@@ -16,9 +16,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::assert_bucket_missing;
 use common::servers::{self, AZURITE_ACCOUNT, AZURITE_KEY, Server};
 use common::suite::{self, TestServer};
+use common::{assert_bucket_missing, create};
 use metadatacache::{
     AzureConfig, DownloadRequest, ErrorKind, ObjectStoreStorage, Result, Storage, UploadRequest,
 };
@@ -243,11 +243,10 @@ async fn azure_etags_conditions_and_listing() {
         ..UploadRequest::new("d/x.json", "2")
     };
     assert_eq!(kind(s.upload(stale).await), ErrorKind::PreconditionFailed);
-    let create = UploadRequest {
-        if_none_match: vec!["*".into()],
-        ..UploadRequest::new("d/x.json", "2")
-    };
-    assert_eq!(kind(s.upload(create).await), ErrorKind::AlreadyExists);
+    assert_eq!(
+        kind(s.upload(create("d/x.json", "2")).await),
+        ErrorKind::AlreadyExists
+    );
     let missing = UploadRequest {
         if_match: Some(same.etag.clone()),
         ..UploadRequest::new("d/none.json", "x")

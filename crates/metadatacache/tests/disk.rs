@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::create;
 use common::files::{temp_files, tree};
 use metadatacache::{
     DiskOptions, DiskStorage, DownloadRequest, EntryKind, ErrorKind, Result, Storage, UploadRequest,
@@ -50,15 +51,11 @@ async fn create_only_if_match_and_strong_etags() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
     assert_eq!(s.backend(), "disk");
-    let create = |body: &'static str| UploadRequest {
-        if_none_match: vec!["*".into()],
-        ..UploadRequest::new("a/doc.json", body)
-    };
-    let v1 = s.upload(create("{\"n\":1}")).await.unwrap();
+    let v1 = s.upload(create("a/doc.json", "{\"n\":1}")).await.unwrap();
     assert_eq!(v1.etag.len(), 64);
     assert!(v1.etag.bytes().all(|b| b.is_ascii_hexdigit()));
     assert_eq!(
-        kind(s.upload(create("{\"n\":2}")).await),
+        kind(s.upload(create("a/doc.json", "{\"n\":2}")).await),
         ErrorKind::AlreadyExists
     );
     // Stored bytes are exactly the content.
@@ -330,10 +327,7 @@ async fn increment(s: &dyn Storage, path: &str, mut attempt: impl FnMut()) {
                     ..UploadRequest::new(path, (n + 1).to_string())
                 }
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => UploadRequest {
-                if_none_match: vec!["*".into()],
-                ..UploadRequest::new(path, "1")
-            },
+            Err(e) if e.kind() == ErrorKind::NotFound => create(path, "1"),
             Err(e) => panic!("download {path}: {e}"),
         };
         attempt();

@@ -16,9 +16,9 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::cas;
 use common::durable::{assert_durable_order, simulate_power_loss};
 use common::files::temp_files;
+use common::{cas, create};
 
 use metadatacache::{
     DiskOptions, DiskStep, DiskStorage, ErrorKind, Options, Storage, Store, UploadRequest,
@@ -48,10 +48,7 @@ async fn documents_of_several_directories_are_answered_each_on_its_own() {
         .upload_many(vec![
             cas("x/a.json", &a, "a1"),
             cas("y/b.json", &b, "b1"),
-            UploadRequest {
-                if_none_match: vec!["*".into()],
-                ..UploadRequest::new("z/new/n.json", "n1")
-            },
+            create("z/new/n.json", "n1"),
             cas("w/missing.json", &a, "m1"),
             cas("c.json", &c, "c1"),
             UploadRequest::new("x/plain.json", "p1"),
@@ -297,10 +294,7 @@ async fn a_refused_request_writes_no_temp_file() {
     let res = watched
         .upload_many(vec![
             cas("d/x.json", &old, "stale"),
-            UploadRequest {
-                if_none_match: vec!["*".into()],
-                ..UploadRequest::new("d/y.json", "exists")
-            },
+            create("d/y.json", "exists"),
             cas("d/x.json", &now, "2"),
         ])
         .await;

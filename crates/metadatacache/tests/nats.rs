@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use async_nats::jetstream;
 use common::servers::{self, Server};
 use common::suite::{self, TestServer};
-use common::{GUARD, eventually, must_finish};
+use common::{GUARD, create, eventually, must_finish};
 use metadatacache::{
     Change, ChangeStream, DownloadRequest, ErrorKind, FileInfo, NatsStorage, Options, Result,
     RetryPolicy, Storage, Store, UploadRequest, parent, validate_path,
@@ -305,10 +305,7 @@ async fn creating_a_document_reads_marks_instead_of_scanning() {
     let before = api_requests(&client).await;
     for i in 0..20 {
         storage
-            .upload(UploadRequest {
-                if_none_match: vec!["*".into()],
-                ..UploadRequest::new(format!("new/n{i}.json"), "{}")
-            })
+            .upload(create(&format!("new/n{i}.json"), "{}"))
             .await
             .unwrap();
         storage

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::servers::{self, Server};
 use common::suite::{self, TestServer};
-use common::{GUARD, eventually, must_finish};
+use common::{GUARD, create, eventually, must_finish};
 use metadatacache::{DownloadRequest, ErrorKind, PostgresStorage, Result, Storage, UploadRequest};
 
 struct Postgres;
@@ -179,11 +179,10 @@ async fn documents_and_directories_do_not_overlap() {
         kind(s.simple_upload("f.json/y", "1".into()).await),
         ErrorKind::InvalidInput
     );
-    let create = UploadRequest {
-        if_none_match: vec!["*".into()],
-        ..UploadRequest::new("f.json/z/w", "1")
-    };
-    assert_eq!(kind(s.upload(create).await), ErrorKind::InvalidInput);
+    assert_eq!(
+        kind(s.upload(create("f.json/z/w", "1")).await),
+        ErrorKind::InvalidInput
+    );
     assert!(s.list_dir("f.json").await.unwrap().is_empty());
     assert!(s.stat("d").await.unwrap().is_dir());
     // Overwriting a document is not a placement problem.
