@@ -118,14 +118,15 @@ fn kind<T: std::fmt::Debug>(res: Result<T>) -> ErrorKind {
 }
 
 /// `init` creates a missing container, and again is a no-op; a container
-/// that does not exist fails every call with `NotFound` before, naming it.
+/// that does not exist fails every call with `InvalidInput` before,
+/// naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_creates_the_container() {
     let Some(server) = Azure::launch() else {
         return;
     };
     let s = open(server.addr(), "fresh/app").await;
-    assert_bucket_missing(&s, "container \"fresh\"").await;
+    assert_bucket_missing(Arc::new(s.clone()), "container \"fresh\"").await;
     s.init("").await.unwrap();
     s.init("users").await.unwrap();
     s.simple_upload("a.json", "1".into()).await.unwrap();

@@ -274,14 +274,14 @@ async fn a_listing_follows_every_page() {
 }
 
 /// `init` creates a missing bucket (CreateBucket), and again is a no-op;
-/// before, every call on it fails with `NotFound`, naming the bucket.
+/// before, every call on it fails with `InvalidInput`, naming the bucket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_creates_the_bucket() {
     let Some(server) = S3::launch() else {
         return;
     };
     let s = open(server.addr(), "fresh/app", "").await;
-    assert_bucket_missing(&s, "bucket \"fresh\"").await;
+    assert_bucket_missing(Arc::new(s.clone()), "bucket \"fresh\"").await;
     s.init("").await.unwrap();
     s.init("users").await.unwrap();
     s.simple_upload("a.json", "1".into()).await.unwrap();
@@ -289,7 +289,7 @@ async fn init_creates_the_bucket() {
 }
 
 /// A bucket the server refuses to create (an invalid name): `init` fails
-/// with `NotFound`, naming the bucket and the refusal.
+/// with `InvalidInput`, naming the bucket and the refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_refused_names_the_bucket() {
     let Some(server) = S3::launch() else {
@@ -298,7 +298,7 @@ async fn init_refused_names_the_bucket() {
     let s = open(server.addr(), "ab/app", "").await;
     let e = s.init("").await.unwrap_err();
     eprintln!("{e}");
-    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
     assert_eq!(e.backend(), Some("s3"));
     assert!(e.to_string().contains("bucket \"ab\""), "{e}");
     assert!(e.to_string().contains("create bucket"), "{e}");

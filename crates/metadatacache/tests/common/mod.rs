@@ -10,9 +10,10 @@ pub mod suite;
 pub mod watching;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metadatacache::{DownloadRequest, ErrorKind, Storage, UploadRequest};
+use metadatacache::{DownloadRequest, ErrorKind, Options, Storage, Store, UploadRequest};
 
 /// The hang detector of calls that should end within their timeout: many
 /// times any timeout the tests use.
@@ -81,10 +82,14 @@ pub fn cas(path: &str, etag: &str, body: &str) -> UploadRequest {
 }
 
 /// Every kind of call on a storage whose bucket (Azure: container) does
-/// not exist fails with `NotFound`, and its message names `bucket` (such
-/// as `bucket "fresh"`) instead of blaming the document.
+/// not exist fails with `InvalidInput`, and its message names `bucket`
+/// (such as `bucket "fresh"`) instead of blaming the document; so do a
+/// [`Store`]'s `get` and `update` on it (a `NotFound` would read as an
+/// absent document: `get` would answer `None`, `update` would create).
 #[allow(dead_code)]
-pub async fn assert_bucket_missing(s: &dyn Storage, bucket: &str) {
+pub async fn assert_bucket_missing(s: Arc<dyn Storage>, bucket: &str) {
+    let store: Store<String, u64> =
+        Store::new(Options::new(Arc::clone(&s), |k: &String| format!("{k}.json")).init(|| 0));
     let calls = [
         ("create", s.upload(create("a.json", "1")).await.err()),
         ("update", s.upload(cas("a.json", "e", "1")).await.err()),
@@ -95,10 +100,18 @@ pub async fn assert_bucket_missing(s: &dyn Storage, bucket: &str) {
         ("list", s.list_dir("").await.err()),
         ("delete", s.delete_if_match("a.json", Some("e")).await.err()),
         ("unconditional delete", s.delete("a.json").await.err()),
+        ("Store::get", store.get("a".into()).await.err()),
+        (
+            "Store::update",
+            store
+                .update("a".into(), true, |n| Ok((n + 1, true)))
+                .await
+                .err(),
+        ),
     ];
     for (what, e) in calls {
         let e = e.unwrap_or_else(|| panic!("{what} succeeded without a bucket"));
-        assert_eq!(e.kind(), ErrorKind::NotFound, "{what}: {e}");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{what}: {e}");
         let message = e.message();
         assert!(
             message.contains(&format!("{bucket} does not exist")),

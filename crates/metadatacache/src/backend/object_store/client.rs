@@ -43,7 +43,8 @@ impl Op {
 /// backend and the storage path.
 ///
 /// - any error that says the bucket (Azure: container) does not exist →
-///   [`ErrorKind::NotFound`] with [`NO_BUCKET`] as its message
+///   [`ErrorKind::InvalidInput`] with [`NO_BUCKET`] as its message (the
+///   URL is wrong; `NotFound` would read as an absent document)
 /// - `NotFound` → [`ErrorKind::NotFound`]
 /// - `AlreadyExists` (also HTTP 409) → [`ErrorKind::AlreadyExists`] for a
 ///   create; for a conditional update a 409 means a concurrent conditional
@@ -65,7 +66,7 @@ pub(super) fn map_error(e: OsError, op: Op, backend: &'static str, path: &str) -
     let (kind, message) = match &e {
         // Whatever the request: a conditional write on a missing bucket
         // comes back as a failed precondition, say.
-        _ if bucket_missing(&e) => (ErrorKind::NotFound, NO_BUCKET),
+        _ if bucket_missing(&e) => (ErrorKind::InvalidInput, NO_BUCKET),
         OsError::NotFound { .. } => (ErrorKind::NotFound, "no such document"),
         OsError::AlreadyExists { .. } => match op {
             Op::Create => (ErrorKind::AlreadyExists, "document already exists"),
@@ -216,7 +217,7 @@ impl ObjectStoreStorage {
     /// bucket does not exist, and how to create it: the store's message
     /// would blame the document.
     pub(super) fn named(&self, e: Error) -> Error {
-        if e.kind() != ErrorKind::NotFound || e.message() != NO_BUCKET {
+        if e.kind() != ErrorKind::InvalidInput || e.message() != NO_BUCKET {
             return e;
         }
         let message = format!(
@@ -460,7 +461,7 @@ mod tests {
                        <Error><Code>NoSuchBucket</Code></Error>";
         for op in [Op::Read, Op::Create, Op::Update, Op::Delete] {
             let e = map_error(generic(missing), op, "s3", "p");
-            assert_eq!(e.kind(), ErrorKind::NotFound);
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
             assert_eq!(e.message(), NO_BUCKET);
         }
         // A conditional write on a missing bucket, as object_store reports it.

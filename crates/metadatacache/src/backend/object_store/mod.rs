@@ -59,8 +59,10 @@ pub use s3::S3Config;
 ///   `AZURE_STORAGE_ACCOUNT_NAME`.
 /// - [`init`](Storage::init) creates the bucket or container where the
 ///   service lets these credentials (S3, Azure); a GCS bucket must exist.
-///   Until it exists every call fails with [`ErrorKind::NotFound`] naming
-///   the bucket, not the document.
+///   Until it exists every call fails with [`ErrorKind::InvalidInput`]
+///   naming the bucket — never [`ErrorKind::NotFound`], which would read
+///   as a missing document (a [`Store`](crate::Store)'s `get` would answer
+///   `None`).
 ///
 /// Everything else comes from the usual environment variables, read by
 /// `object_store`'s builders:
@@ -344,9 +346,8 @@ impl Storage for ObjectStoreStorage {
     /// directory needs no creating.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`] for a bad name; [`ErrorKind::NotFound`]
-    /// naming the bucket when it does not exist and could not be created
-    /// (with the reason); [`ErrorKind::PermissionDenied`] or
+    /// [`ErrorKind::InvalidInput`] for a bad name, or naming the bucket
+    /// when it does not exist and could not be created (with the reason); [`ErrorKind::PermissionDenied`] or
     /// [`ErrorKind::Unavailable`] naming it when it cannot be used.
     async fn init(&self, name: &str) -> Result<()> {
         validate_path(name, true).map_err(|e| self.tag(e))?;
@@ -360,11 +361,15 @@ impl Storage for ObjectStoreStorage {
         };
         match self.list_dir(name).await {
             Ok(_) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Err(self
-                .tag(Error::not_found(format!(
-                    "{named} does not exist and cannot be created here"
-                )))
-                .with_source(refused)),
+            // A valid name's listing is refused as input only for a
+            // missing bucket.
+            Err(e) if matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::NotFound) => {
+                Err(self
+                    .tag(Error::invalid_input(format!(
+                        "{named} does not exist and cannot be created here"
+                    )))
+                    .with_source(refused))
+            }
             Err(e) => {
                 let message = format!("{named} cannot be used: {}", e.message());
                 Err(e.with_message(message))

@@ -125,6 +125,8 @@ impl ObjectStoreStorage {
         let mut opts = GetOptions::default();
         if self.etags == EtagStyle::Generation && !req.if_none_match.is_empty() {
             let Some(meta) = self.head(path, key).await? else {
+                // A HEAD's 404 may be the bucket's.
+                self.check_bucket(path, key).await?;
                 return Err(self.tag(Error::not_found("no such document").with_path(path)));
             };
             let etag = self.etag_of(path, self.etag_in(&meta))?;

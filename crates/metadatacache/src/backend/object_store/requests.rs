@@ -34,7 +34,8 @@ pub(super) trait Requests: fmt::Debug + Send + Sync {
     ///
     /// # Errors
     /// [`ErrorKind::PreconditionFailed`] (another version, which is kept),
-    /// [`ErrorKind::NotFound`], [`ErrorKind::PermissionDenied`],
+    /// [`ErrorKind::NotFound`], [`ErrorKind::InvalidInput`] with
+    /// [`NO_BUCKET`] for a missing bucket, [`ErrorKind::PermissionDenied`],
     /// [`ErrorKind::Unavailable`] when no answer came or the server failed
     /// (the delete may have been applied), [`ErrorKind::Other`] otherwise.
     async fn delete_if_match(&self, key: &ObjectPath, etag: &str) -> Result<()>;
@@ -98,7 +99,7 @@ impl Answer {
     pub fn refused(&self, what: &str) -> Error {
         let body = || std::io::Error::other(self.body.clone());
         if self.status == StatusCode::NOT_FOUND && says_bucket_missing(&self.body) {
-            return Error::not_found(NO_BUCKET).with_source(body());
+            return Error::invalid_input(NO_BUCKET).with_source(body());
         }
         let (kind, message) = match self.status {
             StatusCode::PRECONDITION_FAILED => (
