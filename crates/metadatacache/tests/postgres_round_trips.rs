@@ -1,6 +1,7 @@
 //! PostgreSQL's round trips, counted by a proxy in front of a real server
 //! (one ReadyForQuery per statement): a refused create, compare-and-swap
-//! update or delete says why in the statement that tried it — unless what
+//! update, other conditional upload or delete says why in the statement
+//! that tried it — unless what
 //! refused it committed while the statement waited, which a second look
 //! finds — and a combined write of several documents is one statement.
 
@@ -14,7 +15,7 @@ use std::time::Duration;
 use common::proxy::Proxy;
 use common::servers::{self, Server};
 use common::{GUARD, cas, create, must_finish};
-use metadatacache::{DownloadRequest, ErrorKind, PostgresStorage, Storage};
+use metadatacache::{DownloadRequest, ErrorKind, PostgresStorage, Storage, UploadRequest};
 
 /// Round trips to the server while `op` runs.
 async fn round_trips<T>(proxy: &Proxy, op: impl Future<Output = T>) -> (u64, T) {
@@ -114,6 +115,59 @@ async fn a_refused_create_costs_no_more_round_trips_than_a_create() {
         }
     }
     assert_eq!(s.simple_download("c1.json").await.unwrap(), "first");
+}
+
+/// An upload that is neither a create nor a compare-and-swap (an insert or
+/// update, with `if_none_match` etags or `if_unmodified_since`) says why it
+/// was refused in its one statement too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upsert_costs_no_more_round_trips_than_an_upsert() {
+    let Some((_server, proxy, s)) = through_proxy("trips_upsert").await else {
+        return;
+    };
+    // Twice, so that every statement is prepared on the connection.
+    for round in 0..2 {
+        let path = format!("u{round}.json");
+        let (written, res) =
+            round_trips(&proxy, s.upload(UploadRequest::new(&path, "first"))).await;
+        let first = res.unwrap();
+        let excluded = UploadRequest {
+            if_none_match: vec![first.etag.clone()],
+            ..UploadRequest::new(&path, "second")
+        };
+        let too_old = UploadRequest {
+            if_unmodified_since: Some(first.mtime - Duration::from_secs(1)),
+            ..UploadRequest::new(&path, "second")
+        };
+        let mut refused = Vec::new();
+        for req in [excluded, too_old] {
+            let (trips, res) = round_trips(&proxy, s.upload(req)).await;
+            let e = res.expect_err("an upsert against its precondition went through");
+            assert_eq!(e.kind(), ErrorKind::PreconditionFailed, "{e}");
+            let current = e.current().expect("the refusal carries no version");
+            assert_eq!(current.etag, first.etag, "round {round}");
+            assert_eq!(&current.content[..], b"first", "round {round}");
+            refused.push(trips);
+        }
+        // A parent path that is a document: nothing can be written below.
+        let below = UploadRequest::new(format!("{path}/below.json"), "x");
+        let (blocked, res) = round_trips(&proxy, s.upload(below)).await;
+        let e = res.expect_err("a document was written below a document");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        if round == 1 {
+            assert_eq!(written, 1, "an upsert took {written} round trips");
+            assert_eq!(
+                refused,
+                [written, written],
+                "refused upserts took {refused:?} round trips"
+            );
+            assert_eq!(
+                blocked, written,
+                "an upsert below a document took {blocked} round trips"
+            );
+        }
+    }
+    assert_eq!(s.simple_download("u1.json").await.unwrap(), "first");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,10 +329,26 @@ async fn a_refusal_by_a_write_that_committed_meanwhile_carries_its_version() {
         assert_eq!(current.etag, "other-etag");
         assert_eq!(&current.content[..], b"other");
         assert_eq!(s.simple_download(&new_path).await.unwrap(), "other");
+        let create_trips = trips;
+
+        // An upsert that excludes the version the other transaction writes:
+        // its snapshot shows one it does not exclude.
+        s.simple_upload(&path, "1".into()).await.unwrap();
+        let upsert = s.upload(UploadRequest {
+            if_none_match: vec!["other-etag".into()],
+            ..UploadRequest::new(&path, "mine")
+        });
+        let (trips, res) = behind_a_writing_transaction(&proxy, &admin, &path, false, upsert).await;
+        let e = res.expect_err("an upsert over an excluded version went through");
+        assert_eq!(e.kind(), ErrorKind::PreconditionFailed, "{e}");
+        let current = e.current().expect("the refusal carries no version");
+        assert_eq!(current.etag, "other-etag");
+        assert_eq!(s.simple_download(&path).await.unwrap(), "other");
         if round == 1 {
             assert_eq!(update_trips, 2, "update: {update_trips} round trips");
             assert_eq!(delete_trips, 2, "delete: {delete_trips} round trips");
-            assert_eq!(trips, 2, "create: {trips} round trips");
+            assert_eq!(create_trips, 2, "create: {create_trips} round trips");
+            assert_eq!(trips, 2, "upsert: {trips} round trips");
         }
     }
 }

@@ -68,6 +68,7 @@ pub(super) struct Sql {
     pub(super) update_many: String,
     /// Insert, or update when the preconditions hold. $1..$7 as
     /// `insert_new`, $8 if-none-match etags, $9 if-unmodified-since or NULL.
+    /// One row, as `insert_new` returns it.
     pub(super) upsert: String,
     /// Why a write changed nothing, in the row a refused `insert_new`
     /// returns: NULL, the current etag, mtime and content (NULL when
@@ -183,11 +184,14 @@ impl Sql {
                  LEFT JOIN {t} c ON u.path IS NULL AND c.path = v.path"
             ),
             upsert: format!(
-                "{new_row} ON CONFLICT (path) DO UPDATE \
-                 SET content = EXCLUDED.content, etag = EXCLUDED.etag, mtime = EXCLUDED.mtime \
-                 WHERE NOT (cur.etag = ANY($8::text[])) \
-                   AND ($9::timestamptz IS NULL OR cur.mtime <= $9::timestamptz) \
-                 RETURNING mtime"
+                "WITH i AS ({new_row} ON CONFLICT (path) DO UPDATE \
+                   SET content = EXCLUDED.content, etag = EXCLUDED.etag, mtime = EXCLUDED.mtime \
+                   WHERE NOT (cur.etag = ANY($8::text[])) \
+                     AND ($9::timestamptz IS NULL OR cur.mtime <= $9::timestamptz) \
+                   RETURNING mtime) \
+                 SELECT mtime, NULL::text, NULL::timestamptz, NULL::bytea, false FROM i \
+                 UNION ALL {} WHERE NOT EXISTS (SELECT 1 FROM i)",
+                seen("$5", "$6", "$7")
             ),
             probe: seen("$2", "$3", "$4"),
             download: format!(

@@ -1,9 +1,9 @@
-//! Writes and deletes: one conditional statement each, then — when it
-//! changed nothing — a look at why. A create, a compare-and-swap update
-//! (the store's usual write) or a delete returns the version that refused
-//! it itself, and needs that look only when the version its snapshot
-//! showed would have let it through: the row changed (or, for a create,
-//! appeared) while the statement waited for its lock.
+//! Writes and deletes: one conditional statement each, which — when it
+//! changed nothing — returns the version that refused it (and, for a write
+//! that may insert, whether a parent document or a path below was in the
+//! way). A second look is needed only when the version its snapshot
+//! showed would have let it through: the row changed (or appeared) while
+//! the statement waited for its lock.
 
 use std::time::SystemTime;
 
@@ -85,12 +85,12 @@ impl PostgresStorage {
                 };
             }
         };
-        // The create and the compare-and-swap update say what refused them.
-        let says_why = req.is_create_only() || req.if_match.is_some();
+        // Every statement says what refused it; those that may insert say
+        // whether something was in the way, too.
         let (seen, blocked) = match rows.first() {
             Some(row) => match row.try_get::<_, Option<SystemTime>>(0) {
                 Ok(Some(mtime)) => return Ok(UploadResponse { etag, mtime }),
-                Ok(None) => match seen_version(row, req.is_create_only()) {
+                Ok(None) => match seen_version(row, req.if_match.is_none()) {
                     Ok(seen) => seen,
                     Err(e) => return Err(self.fail(Failure::Pg(e), false, path)),
                 },
@@ -99,7 +99,7 @@ impl PostgresStorage {
             },
             None => (None, false),
         };
-        if says_why && let Some(e) = verdict(&req, seen, blocked) {
+        if let Some(e) = verdict(&req, seen, blocked) {
             return Err(e);
         }
         Err(self.explain_unwritten(&mut conn, deadline, &req).await)
@@ -213,8 +213,9 @@ impl PostgresStorage {
 }
 
 /// The version that a refused write (or the probe after it) saw (`None`:
-/// no document), and — where the row says (`with_blocked`: a create, the
-/// probe) — whether a parent document or a path below was in its way.
+/// no document), and — where the row says (`with_blocked`: a write that
+/// may insert, the probe) — whether a parent document or a path below was
+/// in its way.
 fn seen_version(
     row: &tokio_postgres::Row,
     with_blocked: bool,
