@@ -180,6 +180,35 @@ mod etcd {
             &e,
             &["requires a client certificate", addr],
         );
+        // A write refused by a TLS alert on its own connection was not
+        // applied. One whose connection the server just closed may have
+        // been, for all the client knows (a server that committed it and
+        // then restarted closes it too): what a check of the servers finds
+        // afterwards is said, and the write stays Unavailable.
+        let storage = EtcdStorage::from_url(&url(tls_query(&pki.ca(), None)))
+            .await
+            .unwrap();
+        let what = "a write without a client certificate";
+        let e = must_fail(what, storage.simple_upload("doc", "2".into())).await;
+        let text = e.to_string();
+        // The alert reaches the client with the write's failure, or the
+        // write meets the closed connection first (a broken pipe).
+        let refused = e.kind() == ErrorKind::PermissionDenied;
+        let unknown =
+            e.kind() == ErrorKind::Unavailable && text.contains("may or may not have been applied");
+        assert!(refused || unknown, "{what}: {text}");
+        for says in ["requires a client certificate", addr] {
+            assert!(text.contains(says), "{what}: {text}");
+        }
+        let storage = EtcdStorage::from_url(&url(String::new())).await.unwrap();
+        let what = "a write in plain text to a TLS server";
+        let e = must_fail(what, storage.simple_upload("doc", "2".into())).await;
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{what}: {e}");
+        let text = e.to_string();
+        for says in ["may or may not have been applied", "speaks TLS", addr] {
+            assert!(text.contains(says), "{what}: {text}");
+        }
+        assert_eq!(good.simple_download("doc").await.unwrap(), "1");
 
         let stranger = pki.untrusted_client();
         let e = first_call(

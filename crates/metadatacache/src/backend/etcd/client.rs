@@ -131,7 +131,7 @@ impl Conn {
     /// [`ErrorKind::Unavailable`]: for a write that means it may have been
     /// applied.
     pub(super) async fn txn(&self, path: &str, txn: Txn, write: bool) -> Result<TxnResponse> {
-        let attempt = self.signed_in_call(|client| {
+        let attempt = self.signed_in_call(write, |client| {
             let txn = txn.clone();
             async move {
                 let mut kv = client.kv_client().max_decoding_message_size(MAX_RESPONSE);
@@ -152,7 +152,7 @@ impl Conn {
         let attempt = async {
             let count = GetOptions::new().with_prefix().with_count_only();
             let now = self
-                .signed_in_call(|client| {
+                .signed_in_call(false, |client| {
                     let (key, count) = (key.to_owned(), count.clone());
                     async move { client.kv_client().get(key, Some(count)).await }
                 })
@@ -161,7 +161,7 @@ impl Conn {
             let options = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(revision + 1);
-            self.signed_in_call(|client| {
+            self.signed_in_call(false, |client| {
                 let (key, options) = (key.to_owned(), options.clone());
                 async move {
                     let mut watch = client
@@ -181,8 +181,9 @@ impl Conn {
 
     /// Runs `call` with a signed-in client (when there are credentials).
     /// A rejected token means the request was not executed, so it is safe
-    /// to sign in again and send it once more.
-    async fn signed_in_call<T, F, Fut>(&self, mut call: F) -> Result<T>
+    /// to sign in again and send it once more. `write`: the call changes
+    /// something (see [`fail`](Self::fail)).
+    async fn signed_in_call<T, F, Fut>(&self, write: bool, mut call: F) -> Result<T>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
@@ -197,7 +198,7 @@ impl Conn {
                         self.signed_in.store(false, Ordering::SeqCst);
                     }
                 }
-                Err(e) => return Err(self.fail(e).await),
+                Err(e) => return Err(self.fail(e, write).await),
             }
         }
         Err(Error::new(
@@ -241,25 +242,37 @@ impl Conn {
     /// The error for a failed call: a TLS failure (found in the driver's
     /// error, or by a probe when a server closed the connection at once)
     /// names the endpoints and the certificate files.
-    async fn fail(&self, e: etcd_client::Error) -> Error {
-        let explanation = match tls_failure(&e) {
-            Some(why) => Some(tls::refine(why, self.tls.as_ref())),
+    ///
+    /// A probe speaks of the servers as they are now (any of them), not of
+    /// the connection that closed under the call: a `write` cut off so may
+    /// have been applied before (a server that committed it and restarted,
+    /// say), so it stays [`ErrorKind::Unavailable`], with what the probe
+    /// found in its message.
+    async fn fail(&self, e: etcd_client::Error, write: bool) -> Error {
+        let (explanation, probed) = match tls_failure(&e) {
+            Some(why) => (Some(tls::refine(why, self.tls.as_ref())), false),
             None if closed_by_server(&e) => {
-                tls::probe(&self.endpoints, self.tls.as_ref(), self.timeout / 4).await
+                let found = tls::probe(&self.endpoints, self.tls.as_ref(), self.timeout / 4).await;
+                (found, true)
             }
-            None => None,
+            None => (None, false),
         };
-        match explanation {
-            Some(why) => {
-                let context = format!(
-                    "endpoints {}; {}",
-                    self.endpoints.join(","),
-                    tls::describe(self.tls.as_ref())
-                );
-                Error::new(ErrorKind::PermissionDenied, format!("{why} ({context})")).with_source(e)
-            }
-            None => map_error(e),
+        let Some(why) = explanation else {
+            return map_error(e);
+        };
+        let context = format!(
+            "endpoints {}; {}",
+            self.endpoints.join(","),
+            tls::describe(self.tls.as_ref())
+        );
+        if write && probed {
+            let message = format!(
+                "etcd closed the connection under a write, which may or may not have been \
+                 applied; a check of the endpoints found: {why} ({context})"
+            );
+            return Error::new(ErrorKind::Unavailable, message).with_source(e);
         }
+        Error::new(ErrorKind::PermissionDenied, format!("{why} ({context})")).with_source(e)
     }
 
     /// Signs in unless the client holds a token that was not rejected yet;
@@ -286,7 +299,7 @@ impl Conn {
             })
             .await;
         if let Err(e) = signed_in {
-            let e = self.fail(e).await;
+            let e = self.fail(e, false).await;
             let message = format!("signing in to etcd failed: {}", e.message());
             return Err(e.with_message(message));
         }
