@@ -106,16 +106,13 @@ fn kind<T: std::fmt::Debug>(res: Result<T>) -> ErrorKind {
 async fn object_store_wrapper_passes_the_suite_on_in_memory_store() {
     let inner = Arc::new(object_store::memory::InMemory::new());
     let storage =
-        ObjectStoreStorage::from_store(inner, "/pre/fix/", "object-store-memory").unwrap();
+        ObjectStoreStorage::from_store(inner.clone(), inner, "/pre/fix/", "object-store-memory")
+            .unwrap();
     assert_eq!(storage.prefix(), "pre/fix");
     assert_eq!(storage.backend(), "object-store-memory");
     metadatacache::conformance::run_all(Arc::new(storage), "suite").await;
-    let bad = ObjectStoreStorage::from_store(
-        Arc::new(object_store::memory::InMemory::new()),
-        "a/../b",
-        "x",
-    )
-    .unwrap_err();
+    let inner = Arc::new(object_store::memory::InMemory::new());
+    let bad = ObjectStoreStorage::from_store(inner.clone(), inner, "a/../b", "x").unwrap_err();
     assert_eq!(bad.kind(), ErrorKind::InvalidInput);
 }
 

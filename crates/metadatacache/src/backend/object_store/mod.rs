@@ -186,23 +186,26 @@ impl fmt::Debug for ObjectStoreStorage {
 }
 
 impl ObjectStoreStorage {
-    /// Wraps any `object_store` store; every path is stored under `prefix`
-    /// ("" for none). `backend_name` is what [`Storage::backend`] and errors
-    /// report ("s3", "minio", …). The timeout is 5 s (see
-    /// [`with_timeout`](Self::with_timeout)). Etags are the store's ETags.
+    /// Wraps any `object_store` store: `store` for reads and listings,
+    /// `write_store` (the same bucket) for puts and deletes; every path is
+    /// stored under `prefix` ("" for none). `backend_name` is what
+    /// [`Storage::backend`] and errors report ("s3", "minio", …). The
+    /// timeout is 5 s (see [`with_timeout`](Self::with_timeout)). Etags are
+    /// the store's ETags.
     ///
-    /// The same store serves writes. `object_store` retries some failed
-    /// writes by itself (after a 5xx answer or a dropped connection), and a
-    /// retried write whose first attempt was applied is reported as a
-    /// precondition failure or overwrites a newer version; so pass a store
-    /// configured with `max_retries: 0` for writes with
-    /// [`with_write_store`](Self::with_write_store).
+    /// `write_store` must not retry by itself: `object_store`'s HTTP stores
+    /// retry some failed requests (after a 5xx answer or a dropped
+    /// connection) unless built with `max_retries: 0`, and a resent write
+    /// whose first attempt was applied comes back as a precondition failure
+    /// (reported as not applied) or overwrites a newer version. A store
+    /// without a network (`InMemory`, `LocalFileSystem`) may serve both.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] for a prefix that is not a valid relative
     /// path (leading and trailing slashes are trimmed).
     pub fn from_store(
         store: Arc<dyn ObjectStore>,
+        write_store: Arc<dyn ObjectStore>,
         prefix: &str,
         backend_name: &'static str,
     ) -> Result<ObjectStoreStorage> {
@@ -214,7 +217,7 @@ impl ObjectStoreStorage {
             })?;
         }
         Ok(ObjectStoreStorage {
-            write_store: Arc::clone(&store),
+            write_store,
             pages: None,
             requests: None,
             store,
@@ -255,10 +258,14 @@ impl ObjectStoreStorage {
             ObjectStoreConfig::Azure(c) => (c.connect()?, c.parts, "azure"),
             ObjectStoreConfig::Gcs(c) => (c.connect()?, c.parts, "gcs"),
         };
-        let mut storage = ObjectStoreStorage::from_store(connected.read, &parts.prefix, backend)?
-            .with_write_store(connected.write)
-            .with_pages(connected.pages)
-            .with_timeout(parts.timeout);
+        let mut storage = ObjectStoreStorage::from_store(
+            connected.read,
+            connected.write,
+            &parts.prefix,
+            backend,
+        )?
+        .with_pages(connected.pages)
+        .with_timeout(parts.timeout);
         storage.requests = Some(connected.requests);
         storage.etags = connected.etags;
         Ok(storage)
@@ -280,14 +287,6 @@ impl ObjectStoreStorage {
         let signed = SignedDelete::new(signer, IF_MATCH, self.timeout).map_err(|e| self.tag(e))?;
         self.requests = Some(Arc::new(SignerRequests(signed)));
         Ok(self)
-    }
-
-    /// Uses `store` (the same bucket and prefix, configured without
-    /// automatic retries) for writes: puts and deletes.
-    #[must_use]
-    pub fn with_write_store(mut self, store: Arc<dyn ObjectStore>) -> Self {
-        self.write_store = store;
-        self
     }
 
     /// Lists through `store` (the bucket of the read store, e.g. the same
