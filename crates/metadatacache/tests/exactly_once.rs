@@ -8,7 +8,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use async_trait::async_trait;
 use common::counter::{Faults, delayed_counter};
@@ -54,16 +54,54 @@ async fn every_write_late() {
     eprintln!("all late: {run:?}");
 }
 
-/// A storage whose first create lands, is removed by "another replica",
-/// and whose reply is lost.
+/// What [`Scripted`] does, once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    /// The first create lands, is removed by "another replica", and its
+    /// reply is lost.
+    CreateLandsThenRemoved,
+    /// The first compare-and-swap update lands and is sent once more by a
+    /// layer below (a client's own retry): the caller gets the second
+    /// copy's refusal, by the version the first copy made.
+    UpdateSentTwice,
+    /// The first compare-and-swap update is lost on its way (its reply
+    /// says `Unavailable`), and its first resend is turned away unprocessed
+    /// (`TooEarly`).
+    UpdateLostThenShed,
+}
+
+/// A memory storage that plays its [`Script`] on the writes it fits.
 #[derive(Debug)]
-struct CreateLandsThenRemoved {
+struct Scripted {
     inner: MemoryStorage,
-    fired: AtomicBool,
+    script: Script,
+    /// The writes that fitted the script so far.
+    fitted: AtomicU32,
+}
+
+impl Scripted {
+    fn new(script: Script) -> Scripted {
+        Scripted {
+            inner: MemoryStorage::new(),
+            script,
+            fitted: AtomicU32::new(0),
+        }
+    }
+
+    /// A store of counters on it that runs `f` without backing off.
+    fn store(self: &Arc<Self>) -> Store<String, u64> {
+        Store::new(
+            Options::new(Arc::clone(self) as Arc<dyn Storage>, |k: &String| {
+                format!("{k}.json")
+            })
+            .init(|| 0)
+            .retry_policy(RetryPolicy::immediate()),
+        )
+    }
 }
 
 #[async_trait]
-impl Storage for CreateLandsThenRemoved {
+impl Storage for Scripted {
     fn backend(&self) -> &'static str {
         "scripted"
     }
@@ -74,14 +112,35 @@ impl Storage for CreateLandsThenRemoved {
         self.inner.init(name).await
     }
     async fn upload(&self, req: UploadRequest) -> metadatacache::Result<UploadResponse> {
-        let create = req.is_create_only();
+        let fits = match self.script {
+            Script::CreateLandsThenRemoved => req.is_create_only(),
+            Script::UpdateSentTwice | Script::UpdateLostThenShed => req.if_match.is_some(),
+        };
+        let nth = match fits {
+            true => self.fitted.fetch_add(1, Ordering::SeqCst),
+            false => u32::MAX,
+        };
         let path = req.path.clone();
-        let resp = self.inner.upload(req).await?;
-        if create && !self.fired.swap(true, Ordering::SeqCst) {
-            self.inner.delete(&path).await?;
-            return Err(Error::unavailable("reply lost").with_path(path));
+        match (self.script, nth) {
+            (Script::CreateLandsThenRemoved, 0) => {
+                self.inner.upload(req).await?;
+                self.inner.delete(&path).await?;
+                Err(Error::unavailable("reply lost").with_path(path))
+            }
+            (Script::UpdateSentTwice, 0) => {
+                let resp = self.inner.upload(req.clone()).await?;
+                let again = self.inner.upload(req).await;
+                assert!(again.is_err(), "a copy landed twice: {resp:?}");
+                again
+            }
+            (Script::UpdateLostThenShed, 0) => {
+                Err(Error::unavailable("lost on its way").with_path(path))
+            }
+            (Script::UpdateLostThenShed, 1) => {
+                Err(Error::new(ErrorKind::TooEarly, "shedding load").with_path(path))
+            }
+            _ => self.inner.upload(req).await,
         }
-        Ok(resp)
     }
     async fn download(&self, req: DownloadRequest) -> metadatacache::Result<DownloadResponse> {
         self.inner.download(req).await
@@ -104,17 +163,8 @@ impl Storage for CreateLandsThenRemoved {
 /// not be created again and reported `Ok`: that would apply it twice.
 #[tokio::test]
 async fn a_lost_create_that_was_removed_is_not_created_again() {
-    let storage = Arc::new(CreateLandsThenRemoved {
-        inner: MemoryStorage::new(),
-        fired: AtomicBool::new(false),
-    });
-    let store: Store<String, u64> = Store::new(
-        Options::new(Arc::clone(&storage) as Arc<dyn Storage>, |k: &String| {
-            format!("{k}.json")
-        })
-        .init(|| 0)
-        .retry_policy(RetryPolicy::immediate()),
-    );
+    let storage = Arc::new(Scripted::new(Script::CreateLandsThenRemoved));
+    let store = storage.store();
     let mut runs = 0;
     let err = store
         .update("n".into(), true, |n| {
@@ -137,4 +187,63 @@ async fn a_lost_create_that_was_removed_is_not_created_again() {
     );
     let stats = store.stats();
     assert_eq!((stats.lost_replies, stats.lost_replies_settled), (1, 0));
+}
+
+/// A compare-and-swap update whose copy was sent twice below the store is
+/// refused by the version its first copy made: it landed, once, so `f`
+/// must not run again and the update answers `Ok`.
+#[tokio::test]
+async fn a_write_refused_by_its_own_version_landed_once() {
+    let storage = Arc::new(Scripted::new(Script::UpdateSentTwice));
+    let store = storage.store();
+    let mut runs = [0; 2];
+    for run in &mut runs {
+        store
+            .update("n".into(), true, |n| {
+                *run += 1;
+                Ok((n + 1, true))
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(runs, [1, 1], "f ran again after its own write refused it");
+    assert!(
+        storage.fitted.load(Ordering::SeqCst) > 0,
+        "the script never ran"
+    );
+    let stored = storage
+        .inner
+        .download(DownloadRequest::new("n.json"))
+        .await
+        .unwrap();
+    assert_eq!(&stored.content[..], b"2", "applied twice, or not at all");
+    assert_eq!(*store.get("n".into()).await.unwrap().unwrap(), 2);
+}
+
+/// A lost write whose resend is turned away unprocessed (load shedding)
+/// is sent again: a refusal that is no precondition's says nothing of
+/// where the etag is, so it does not end the resends.
+#[tokio::test]
+async fn a_resend_turned_away_unprocessed_is_sent_again() {
+    let storage = Arc::new(Scripted::new(Script::UpdateLostThenShed));
+    let store = storage.store();
+    let mut runs = [0; 2];
+    for run in &mut runs {
+        store
+            .update("n".into(), true, |n| {
+                *run += 1;
+                Ok((n + 1, true))
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(runs, [1, 1], "f ran again after a lost reply");
+    assert_eq!(
+        storage.fitted.load(Ordering::SeqCst),
+        3,
+        "write, shed, landed"
+    );
+    assert_eq!(*store.get("n".into()).await.unwrap().unwrap(), 2);
+    let stats = store.stats();
+    assert_eq!((stats.lost_replies, stats.lost_replies_settled), (1, 1));
 }

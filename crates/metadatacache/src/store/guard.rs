@@ -219,7 +219,12 @@ where
     /// # Errors
     /// [`ErrorKind::NotFound`] when there is nothing to persist; a conflict
     /// kind (see [`Error::is_conflict`]) when another writer got there first;
-    /// other storage errors. The committed cache entry is unchanged on error.
+    /// other storage errors. On a conflict that brought back the stored
+    /// version ([`Error::current`]) and that version decodes, it becomes
+    /// the committed cache entry and the value [`set`](Self::set) is
+    /// dropped (it was meant for the version that lost: set it again from
+    /// the new one before persisting again); on any other error the
+    /// committed cache entry is unchanged.
     ///
     /// # Cancel safety
     /// Dropping the future before it completes may leave the write applied

@@ -111,9 +111,18 @@ where
                 }
             }
             Err(e) => {
-                if let Some(current) = e.current().filter(|_| e.is_conflict()) {
-                    self.install_current(current, start);
+                let Some(current) = e.current().filter(|_| e.is_conflict()) else {
+                    return Err(e);
+                };
+                // Refused by the version this very write made: a layer
+                // below sent it twice (a client's own retry) and reports
+                // the second copy's refusal. It landed, once.
+                if sent.token.is_some() && current.write_token == sent.token {
+                    let etag = current.etag.as_str().into();
+                    self.commit(value, etag, start, size);
+                    return Ok(());
                 }
+                self.install_current(current, start);
                 Err(e)
             }
         }
@@ -179,9 +188,16 @@ where
                 stats::storage_call(storage.backend(), "upload", started, &res);
                 match res {
                     Ok(resp) => return Some(resp.etag),
-                    Err(e) if e.kind() == ErrorKind::Unavailable => {}
-                    // Refused: the etag moved away from `over`, so none of
-                    // the copies can land any more. Which one is stored?
+                    // Not sent, or turned away unprocessed: send it again.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::Unavailable | ErrorKind::TooEarly | ErrorKind::Aborted
+                        ) => {}
+                    // Refused by its precondition: the etag moved away from
+                    // `over`, so none of the copies can land any more. Which
+                    // one is stored? Any other refusal (access, a bad
+                    // request) ends the resends too: the read decides.
                     Err(_) => break,
                 }
             }
