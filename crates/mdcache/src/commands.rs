@@ -213,7 +213,11 @@ pub async fn edit(url: &str, path: &str, create: bool) -> Result<ExitCode> {
             )
             .with_source(e))
         }
-        Err(e) => Err(e),
+        Err(e) => {
+            let saved = keep(tmp);
+            let message = format!("{}; your edit is in {saved}", e.message());
+            Err(e.with_message(message))
+        }
     }
 }
 

@@ -253,9 +253,44 @@ fn edit_writes_back_and_refuses_to_overwrite_a_concurrent_change() {
         err.contains("conflict") && err.contains("doc.json"),
         "{err}"
     );
+    assert!(kept_edit(&err).contains("mine"), "{err}");
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("doc.json")).unwrap()).unwrap();
     assert_eq!(doc["v"], "theirs", "the concurrent change survives");
+}
+
+/// The file named by "your edit is in PATH" at the end of `err`.
+fn kept_edit(err: &str) -> String {
+    let (_, rest) = err
+        .split_once("your edit is in ")
+        .unwrap_or_else(|| panic!("no kept edit named: {err}"));
+    // The temporary file's path, up to the error's source.
+    let path = rest.split(": ").next().unwrap().trim_end();
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    std::fs::remove_file(path).unwrap();
+    text
+}
+
+/// A write that fails for any reason keeps the edit in a file and names it.
+#[test]
+fn edit_keeps_the_edit_when_the_write_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert!(mdcache(d, &["put", "a"], Some("{}")).status.success());
+    let mine = d.join("mine.json");
+    std::fs::write(&mine, r#"{"mine":1}"#).unwrap();
+    // A document cannot be created below a document.
+    let editor = format!("cp {}", mine.display());
+    let out = mdcache_env(
+        d,
+        &["edit", "--create", "a/b.json"],
+        None,
+        &[("EDITOR", &editor)],
+    );
+    let err = one_line_error(&out);
+    assert!(err.contains("a/b.json"), "{err}");
+    let kept: serde_json::Value = serde_json::from_str(&kept_edit(&err)).unwrap();
+    assert_eq!(kept["mine"], 1, "{err}");
 }
 
 #[test]
