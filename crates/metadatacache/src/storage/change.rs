@@ -2,8 +2,8 @@
 //! reports, and the channel backends report it through.
 
 use std::fmt;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
@@ -40,7 +40,14 @@ pub enum Change {
 /// subscription (the backend's watch task notices and stops).
 pub struct ChangeStream {
     rx: mpsc::Receiver<Change>,
+    /// Shared with the sender: a change was dropped, a gap is owed.
+    lost: Arc<AtomicBool>,
+    /// The [`Change::InSync`] that follows a gap this end reported.
+    owed: Option<Change>,
 }
+
+/// Why a stream reports a gap of its own.
+const LAGGED: &str = "the consumer lagged; changes were dropped";
 
 impl fmt::Debug for ChangeStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -52,19 +59,46 @@ impl ChangeStream {
     /// A new stream and the sender a backend reports into.
     pub fn channel() -> (ChangeSender, ChangeStream) {
         let (tx, rx) = mpsc::channel(CAPACITY);
+        let lost = Arc::new(AtomicBool::new(false));
         let sender = ChangeSender {
             tx,
-            lost: AtomicBool::new(false),
+            lost: Arc::clone(&lost),
             order: Mutex::new(()),
         };
-        (sender, ChangeStream { rx })
+        let stream = ChangeStream {
+            rx,
+            lost,
+            owed: None,
+        };
+        (sender, stream)
     }
 
     /// The next change; `None` once the backend ended the stream for good.
     ///
+    /// Once every change that was queued before one was dropped has been
+    /// taken, the stream reports the gap itself, then
+    /// [`InSync`](Change::InSync): the backend may have nothing more to
+    /// send, and the consumer must not go on trusting what it missed.
+    ///
     /// # Cancel safety
     /// Cancel safe: a change is taken off the stream only when returned.
     pub async fn next(&mut self) -> Option<Change> {
+        if let Some(owed) = self.owed.take() {
+            return Some(owed);
+        }
+        match self.rx.try_recv() {
+            Ok(change) => return Some(change),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) => {}
+        }
+        // Empty: whatever came after a dropped change was dropped too
+        // (the sender queues the gap ahead of any that found room).
+        if self.lost.swap(false, Ordering::SeqCst) {
+            self.owed = Some(Change::InSync);
+            return Some(Change::Gap {
+                reason: LAGGED.to_owned(),
+            });
+        }
         self.rx.recv().await
     }
 }
@@ -75,8 +109,9 @@ impl ChangeStream {
 /// [`Change::InSync`], as soon as there is room again.
 pub struct ChangeSender {
     tx: mpsc::Sender<Change>,
-    /// A change was dropped; a gap is owed.
-    lost: AtomicBool,
+    /// A change was dropped; a gap is owed (by this end ahead of the next
+    /// change that finds room, or by the stream once it is drained).
+    lost: Arc<AtomicBool>,
     /// Keeps the owed gap ahead of the change that finds room.
     order: Mutex<()>,
 }
@@ -94,22 +129,22 @@ impl ChangeSender {
     /// backend should stop watching.
     pub fn send(&self, change: Change) -> bool {
         let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        if self.lost.load(Ordering::Relaxed) {
+        if self.lost.load(Ordering::SeqCst) {
             if self.tx.capacity() < 3 {
                 return !self.tx.is_closed();
             }
             let gap = Change::Gap {
-                reason: "the consumer lagged; changes were dropped".to_owned(),
+                reason: LAGGED.to_owned(),
             };
             if self.tx.try_send(gap).is_err() || self.tx.try_send(Change::InSync).is_err() {
                 return !self.tx.is_closed();
             }
-            self.lost.store(false, Ordering::Relaxed);
+            self.lost.store(false, Ordering::SeqCst);
         }
         match self.tx.try_send(change) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.lost.store(true, Ordering::Relaxed);
+                self.lost.store(true, Ordering::SeqCst);
                 true
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -158,5 +193,28 @@ mod tests {
         drop(rx);
         assert!(!tx.send(Change::InSync));
         assert!(tx.is_closed());
+    }
+
+    /// A backend that has nothing more to send after the drop: the stream
+    /// reports the gap itself once it is drained.
+    #[tokio::test]
+    async fn a_drop_is_reported_without_a_later_change() {
+        let (tx, mut rx) = ChangeStream::channel();
+        for n in 0..CAPACITY + 1 {
+            assert!(tx.send(changed(n)));
+        }
+        for n in 0..CAPACITY {
+            assert_eq!(rx.next().await, Some(changed(n)));
+        }
+        // A hang detector, not a speed bound.
+        async fn next(rx: &mut ChangeStream) -> Option<Change> {
+            let next = tokio::time::timeout(std::time::Duration::from_secs(60), rx.next());
+            next.await.expect("no gap: the drop went unreported")
+        }
+        assert!(matches!(next(&mut rx).await, Some(Change::Gap { .. })));
+        assert_eq!(next(&mut rx).await, Some(Change::InSync));
+        // Whole again: changes pass, and no second gap.
+        assert!(tx.send(changed(7)));
+        assert_eq!(next(&mut rx).await, Some(changed(7)));
     }
 }
