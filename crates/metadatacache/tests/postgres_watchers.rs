@@ -5,7 +5,8 @@
 //! - a write made while nobody watches sends no notification, one made
 //!   while a watch is open does, and a dead watcher's entry is cleared;
 //! - a watch does not report in sync while a write that looked before it
-//!   entered (and so did not notify) is uncommitted;
+//!   entered (and so did not notify) is uncommitted, and a write whose
+//!   transaction's snapshot predates the watch's entry notifies anyway;
 //! - a table with the trigger of an earlier version moves to this one when
 //!   its owner opens it, and keeps it when a role that may not change it
 //!   opens it;
@@ -164,6 +165,36 @@ async fn a_watch_waits_out_writes_that_did_not_notify() {
     );
 }
 
+/// A writer whose transaction is REPEATABLE READ took its snapshot before
+/// a watch entered itself, and writes after the watch is in sync: the
+/// trigger's lookup of watchers reads that older snapshot, so the change
+/// must be notified regardless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_snapshot_predates_the_watch_is_told() {
+    let Some(server) = servers::postgres() else {
+        return;
+    };
+    let s = open(&server, "strict").await;
+    s.simple_upload("x.json", "1".into()).await.unwrap();
+    let (writer, _) = admin(&server).await;
+    writer
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM strict")
+        .await
+        .unwrap();
+    let mut stream = s.watch("").await.unwrap();
+    assert_eq!(next_change(&mut stream).await, Change::InSync);
+    writer
+        .batch_execute(
+            "UPDATE strict SET content = '2', etag = 'strict' WHERE path = 'x.json'; COMMIT",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        next_change(&mut stream).await,
+        changed("x.json", Some("strict"))
+    );
+}
+
 /// The triggers on `table`, by name.
 async fn triggers(client: &Client, table: &str) -> Vec<String> {
     client
@@ -187,13 +218,13 @@ async fn tables_of_the_earlier_trigger_move_to_this_one() {
     let (admin, mut heard) = admin(&server).await;
     // Tables as an earlier version left them: its trigger notifies every
     // change.
-    let earlier = |table: &str| {
+    let earlier = |table: &str, trigger: &str| {
         format!(
             "CREATE TABLE {table} (path TEXT COLLATE \"C\" PRIMARY KEY, content BYTEA NOT NULL, \
                  etag TEXT NOT NULL, mtime TIMESTAMPTZ NOT NULL); \
-             CREATE TRIGGER mdcache_notify_v1 AFTER INSERT OR UPDATE OR DELETE ON {table} \
+             CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON {table} \
                FOR EACH ROW EXECUTE FUNCTION mdcache_notify_v1('mdcache_{table}'); \
-             CREATE TRIGGER mdcache_notify_v1_truncate AFTER TRUNCATE ON {table} \
+             CREATE TRIGGER {trigger}_truncate AFTER TRUNCATE ON {table} \
                FOR EACH STATEMENT EXECUTE FUNCTION mdcache_notify_v1('mdcache_{table}');"
         )
     };
@@ -201,20 +232,23 @@ async fn tables_of_the_earlier_trigger_move_to_this_one() {
         .batch_execute(&format!(
             "CREATE FUNCTION mdcache_notify_v1() RETURNS trigger LANGUAGE plpgsql AS $$ \
              BEGIN PERFORM pg_notify(TG_ARGV[0], 'v1'); RETURN NULL; END $$; \
-             {} {} \
+             {} {} {} \
              CREATE ROLE tenant LOGIN; GRANT ALL ON kept TO tenant; LISTEN mdcache_kept;",
-            earlier("moved"),
-            earlier("kept"),
+            earlier("moved", "mdcache_notify_v1"),
+            earlier("moved_v2", "mdcache_notify_v2"),
+            earlier("kept", "mdcache_notify_v1"),
         ))
         .await
         .unwrap();
 
-    let owner = open(&server, "moved").await;
-    assert_eq!(
-        triggers(&admin, "moved").await,
-        ["mdcache_notify_v2", "mdcache_notify_v2_truncate"]
-    );
-    owner.simple_upload("a.json", "1".into()).await.unwrap();
+    for table in ["moved", "moved_v2"] {
+        let owner = open(&server, table).await;
+        assert_eq!(
+            triggers(&admin, table).await,
+            ["mdcache_notify_v3", "mdcache_notify_v3_truncate"]
+        );
+        owner.simple_upload("a.json", "1".into()).await.unwrap();
+    }
 
     // A role that may write the table but not change its triggers opens
     // it: it keeps the earlier trigger, which still notifies every write.

@@ -101,9 +101,9 @@ const BACKEND: &str = "postgres";
 /// by resending the same write).
 ///
 /// Besides the table, [`new`](PostgresStorage::new) creates (once, under an
-/// advisory lock) its triggers `mdcache_notify_v2` and
-/// `mdcache_notify_v2_truncate`, the table `mdcache_watchers` and the
-/// functions `mdcache_notify_v2` and `mdcache_watch_v2`. While a session
+/// advisory lock) its triggers `mdcache_notify_v3` and
+/// `mdcache_notify_v3_truncate`, the table `mdcache_watchers` and the
+/// functions `mdcache_notify_v3` and `mdcache_watch_v2`. While a session
 /// watches the table, each committed change sends
 /// `pg_notify('mdcache_<table>', …)` with the path and new etag (none is
 /// sent while none does). [`watch`](Storage::watch) listens on that

@@ -18,11 +18,14 @@ pub(super) const MAX_PAYLOAD: usize = 8000;
 
 /// The name of the trigger and of its function; the version changes with
 /// the payload format or the rules of notifying.
-const TRIGGER: &str = "mdcache_notify_v2";
+const TRIGGER: &str = "mdcache_notify_v3";
 
-/// The trigger of earlier versions (it notifies every change), replaced by
-/// [`TRIGGER`] where the opening role may.
-const OLD_TRIGGER: &str = "mdcache_notify_v1";
+/// The triggers of earlier versions, replaced by [`TRIGGER`] where the
+/// opening role may: version 1 notifies every change; version 2 skips the
+/// notification when its transaction's snapshot shows no watcher, which a
+/// transaction that is not READ COMMITTED may have taken before a watcher
+/// entered.
+const OLD_TRIGGERS: [&str; 2] = ["mdcache_notify_v1", "mdcache_notify_v2"];
 
 /// The table of the sessions that listen, one row per channel and session
 /// (its backend's pid), in the schema of the tables.
@@ -254,7 +257,9 @@ pub(super) fn channel(table: &str) -> String {
 ///
 /// The trigger reports the row changes of a transaction at its commit with
 /// `pg_notify(channel, payload)` — but only while a session listens on the
-/// channel. PostgreSQL serialises the commits of all transactions that
+/// channel (a writer whose transaction is not READ COMMITTED always
+/// notifies: its snapshot, which the lookup of watchers reads, may be older
+/// than the entry of a watcher that is already in sync). PostgreSQL serialises the commits of all transactions that
 /// notified, database-wide, up to their WAL flush, so a notification that
 /// nobody reads is not free: writers that notify cannot share a flush.
 /// Listening sessions enter themselves in [`WATCHERS`] (dead sessions'
@@ -272,9 +277,11 @@ pub(super) fn channel(table: &str) -> String {
 /// `{"reset": why}` for a `TRUNCATE` (always sent) or a path too long for
 /// NOTIFY's limit, which the listener turns into a gap.
 ///
-/// A table with the trigger of an earlier version (which notifies every
-/// change) moves to this one when the opening role may change it; a role
-/// that may not keeps the old one, which is still right, only slower.
+/// A table with the trigger of an earlier version moves to this one when
+/// the opening role may change it; a role that may not keeps the old one
+/// (version 1 notifies every change: right, only slower; version 2 misses
+/// the writes of transactions that are not READ COMMITTED and began before
+/// a watch entered).
 fn schema(t: &str, channel: &str) -> String {
     let table_literal = t.replace('\'', "''");
     let has_trigger = |name: &str| {
@@ -283,7 +290,14 @@ fn schema(t: &str, channel: &str) -> String {
                      WHERE tgrelid = '{table_literal}'::regclass AND tgname = '{name}')"
         )
     };
-    let (current, old) = (has_trigger(TRIGGER), has_trigger(OLD_TRIGGER));
+    let current = has_trigger(TRIGGER);
+    let old = OLD_TRIGGERS.map(has_trigger).join(" OR ");
+    let drop_old: String = OLD_TRIGGERS
+        .iter()
+        .map(|name| {
+            format!("DROP TRIGGER IF EXISTS {name} ON {t}; DROP TRIGGER IF EXISTS {name}_truncate ON {t}; ")
+        })
+        .collect();
     // Sends `msg` as `set_msg` sets it, or a reset where that is too long
     // for a notification.
     let notify = |set_msg: &str| {
@@ -337,7 +351,8 @@ fn schema(t: &str, channel: &str) -> String {
              RETURN NULL; \
            END IF; \
            PERFORM pg_advisory_xact_lock_shared({GATE}, hashtext(TG_ARGV[0])); \
-           IF NOT EXISTS (SELECT 1 FROM {WATCHERS} WHERE channel = TG_ARGV[0]) THEN \
+           IF current_setting('transaction_isolation') = 'read committed' \
+              AND NOT EXISTS (SELECT 1 FROM {WATCHERS} WHERE channel = TG_ARGV[0]) THEN \
              RETURN NULL; \
            END IF; \
            IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND OLD.path IS DISTINCT FROM NEW.path) THEN \
@@ -352,10 +367,9 @@ fn schema(t: &str, channel: &str) -> String {
            FOR EACH ROW EXECUTE FUNCTION {TRIGGER}('{channel}'); \
          CREATE OR REPLACE TRIGGER {TRIGGER}_truncate AFTER TRUNCATE ON {t} \
            FOR EACH STATEMENT EXECUTE FUNCTION {TRIGGER}('{channel}'); \
-         DROP TRIGGER IF EXISTS {OLD_TRIGGER} ON {t}; \
-         DROP TRIGGER IF EXISTS {OLD_TRIGGER}_truncate ON {t}; \
+         {drop_old}\
          EXCEPTION WHEN insufficient_privilege THEN \
-           IF NOT {old} THEN RAISE; END IF; \
+           IF NOT ({old}) THEN RAISE; END IF; \
          END; \
          END IF; \
          END $mdcache$"
