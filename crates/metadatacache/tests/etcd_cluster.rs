@@ -2,7 +2,8 @@
 //! skipped, and a storage on a 3-member cluster on 127.0.0.1 keeps working
 //! when a member crashes (SIGKILL): every call succeeds when a follower
 //! dies; when the leader dies, calls fail only while the others elect a
-//! new one, and a counter loses no acknowledged increment.
+//! new one, and a counter loses no acknowledged increment. A watch on a
+//! member that lost its leader reports a gap.
 
 #![cfg(feature = "etcd")]
 #![allow(clippy::unwrap_used)]
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use common::eventually;
 use common::servers::{self, Server};
-use metadatacache::{Error, ErrorKind, EtcdStorage, Options, RetryPolicy, Storage, Store};
+use common::watching::next_change;
+use metadatacache::{Change, Error, ErrorKind, EtcdStorage, Options, RetryPolicy, Storage, Store};
 
 /// A port on 127.0.0.1 that nothing listens on.
 fn dead_port() -> u16 {
@@ -168,4 +170,31 @@ async fn a_cluster_keeps_counting_when_the_leader_crashes() {
     );
     assert!(ok > 0);
     all_succeed(&*check, 50, "after the election").await;
+}
+
+/// A watch on a member that loses its leader (the two others crash, as a
+/// partition would cut it off) must not stay open and quiet while the rest
+/// of the cluster could go on committing: the stream reports a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_a_member_without_a_leader_reports_a_gap() {
+    let Some(mut members) = servers::etcd_cluster(3) else {
+        return;
+    };
+    let lone = members[0].addr().to_owned();
+    let storage = connect(&[lone], "cut").await;
+    let mut stream = storage.watch("").await.unwrap();
+    assert_eq!(next_change(&mut stream).await, Change::InSync);
+    tokio::task::block_in_place(|| {
+        members[1].crash();
+        members[2].crash();
+    });
+    loop {
+        match next_change(&mut stream).await {
+            Change::Gap { reason } => {
+                eprintln!("gap: {reason}");
+                break;
+            }
+            other => eprintln!("before the gap: {other:?}"),
+        }
+    }
 }

@@ -101,7 +101,11 @@ impl Conn {
             .with_connect_timeout(config.timeout)
             .with_keep_alive(Duration::from_secs(10), config.timeout)
             .with_keep_alive_while_idle(false)
-            .with_tcp_keepalive(Duration::from_secs(30));
+            .with_tcp_keepalive(Duration::from_secs(30))
+            // A member cut off from its leader cancels the watches (and
+            // fails the calls) of this client, instead of keeping a watch
+            // open that hears nothing while the others commit.
+            .with_require_leader(true);
         if let Some(tls) = &tls {
             options = options.with_tls(tls.options.clone());
         }
