@@ -304,3 +304,40 @@ async fn without_notifications_reads_revalidate() {
         assert_eq!(counting.downloads(), before + i);
     }
 }
+
+/// A store used from one runtime, then another (a blocking wrapper that
+/// makes a runtime per call): the task that followed the changes ended
+/// with the first runtime, so the store must stop trusting its cache, and
+/// follow the changes again from the next runtime.
+#[test]
+fn a_watch_whose_runtime_ended_is_not_trusted() {
+    let memory: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let counting = Counting::new(Arc::clone(&memory));
+    let a = store(Arc::clone(&counting) as Arc<dyn Storage>, true);
+    let b = store(Arc::clone(&memory), false);
+    let runtime = || tokio::runtime::Runtime::new().unwrap();
+    runtime().block_on(async {
+        b.update("k".into(), true, |n| Ok((n + 1, true)))
+            .await
+            .unwrap();
+        until_seen(&a, "k", 1).await;
+        until_in_sync(&a, &counting, "k").await;
+    });
+    // The first runtime is gone; another replica changes the key.
+    runtime().block_on(async {
+        b.update("k".into(), true, |n| Ok((n + 1, true)))
+            .await
+            .unwrap();
+        assert_eq!(
+            a.get("k".into()).await.unwrap().as_deref(),
+            Some(&2),
+            "a stale value was served after the watch's runtime ended"
+        );
+        // And it follows again: unchanged reads come from memory.
+        until_in_sync(&a, &counting, "k").await;
+        b.update("k".into(), true, |n| Ok((n + 1, true)))
+            .await
+            .unwrap();
+        until_seen(&a, "k", 3).await;
+    });
+}

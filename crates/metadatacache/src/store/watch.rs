@@ -143,8 +143,27 @@ impl Watch {
         runtime.spawn(async move { watch.follow(storage).await });
     }
 
-    /// Follows the change stream, subscribing again whenever it ends.
+    /// Follows the change stream until [`stop`](Self::stop). Should the
+    /// task end any other way — dropped with its runtime, say — nothing
+    /// would apply changes any more: the watch is then marked broken (reads
+    /// revalidate) and the next read starts it again.
     async fn follow(self: Arc<Self>, storage: Arc<dyn Storage>) {
+        struct Following(Option<Arc<Watch>>);
+        impl Drop for Following {
+            fn drop(&mut self) {
+                if let Some(watch) = self.0.take() {
+                    watch.broken("the task that followed the changes ended with its runtime");
+                    watch.started.store(false, Ordering::SeqCst);
+                }
+            }
+        }
+        let mut following = Following(Some(Arc::clone(&self)));
+        self.follow_stream(storage).await;
+        following.0 = None;
+    }
+
+    /// Follows the change stream, subscribing again whenever it ends.
+    async fn follow_stream(&self, storage: Arc<dyn Storage>) {
         loop {
             let subscribed = tokio::select! {
                 () = self.stop.notified() => return,
