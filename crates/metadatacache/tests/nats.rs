@@ -395,6 +395,48 @@ async fn a_bucket_filled_without_marks_is_checked_by_scanning() {
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
 }
 
+/// A bucket whose stream expires documents, or drops the oldest when full,
+/// removes current versions without a message a watch could hear: its
+/// changes are refused to follow (a watching store then revalidates every
+/// read), naming the bucket and the setting; reads and writes work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_that_removes_silently_cannot_be_watched() {
+    let Some(server) = Nats::launch() else {
+        return;
+    };
+    let js = raw(server.addr()).await;
+    let streams = [
+        ("expiring", "max_age", Duration::from_secs(3600), 0),
+        ("rolling", "discard old", Duration::ZERO, 1000),
+    ];
+    for (bucket, says, max_age, max_messages) in streams {
+        js.create_stream(jetstream::stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            allow_direct: true,
+            max_age,
+            max_messages,
+            discard: jetstream::stream::DiscardPolicy::Old,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let storage = connect(&format!("nats://{}/{bucket}", server.addr())).await;
+        storage.simple_upload("a.json", "1".into()).await.unwrap();
+        let e = storage.watch("").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        let text = e.to_string();
+        assert!(text.contains(bucket) && text.contains(says), "{text}");
+        let store = counter(Arc::clone(&storage), true);
+        assert_eq!(store.get("a".into()).await.unwrap().as_deref(), Some(&1));
+    }
+    // The backend's own buckets can be watched.
+    let storage = connect(&format!("nats://{}/plain", server.addr())).await;
+    let mut stream = storage.watch("").await.unwrap();
+    assert_eq!(next_change(&mut stream).await, Change::InSync);
+}
+
 /// Paths of any printable characters, with what NATS subjects and the key
 /// escape treat specially over-represented, and some invalid ones.
 fn hostile_path() -> impl Strategy<Value = String> {

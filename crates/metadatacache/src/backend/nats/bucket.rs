@@ -25,6 +25,29 @@ pub(super) struct Bucket {
     pub(super) marked: bool,
 }
 
+impl Bucket {
+    /// Why the stream may remove a document's current version without a
+    /// message saying so (it expires messages, or drops the oldest when
+    /// full), which a watch would never hear of; `None` when it cannot.
+    pub(super) fn silent_removals(&self) -> Option<String> {
+        let config = &self.stream.cached_info().config;
+        if !config.max_age.is_zero() {
+            return Some(format!(
+                "it expires documents (max_age {:?})",
+                config.max_age
+            ));
+        }
+        let full = config.max_messages > 0 || config.max_bytes > 0;
+        (full && config.discard == DiscardPolicy::Old).then(|| {
+            format!(
+                "it drops its oldest documents when full (discard old, max_msgs {}, \
+                 max_bytes {})",
+                config.max_messages, config.max_bytes
+            )
+        })
+    }
+}
+
 impl Conn {
     pub(super) fn cached_bucket(&self) -> MutexGuard<'_, Option<Arc<Bucket>>> {
         // Replacing an Arc cannot be left half done.

@@ -18,7 +18,7 @@ use super::client::Conn;
 use super::keys::Layout;
 use super::link::LinkState;
 use super::version::{etag, is_put};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::storage::{Change, ChangeSender, ChangeStream};
 
 /// The first pause before subscribing again after a failed attempt; it
@@ -54,6 +54,13 @@ async fn subscribe(conn: &Conn, layout: &Layout, prefix: &str) -> Result<Subscri
     let messages = conn
         .bounded(prefix, false, async {
             let bucket = conn.bucket().await?;
+            if let Some(why) = bucket.silent_removals() {
+                return Err(Error::invalid_input(format!(
+                    "changes to bucket {:?} cannot be followed: {why}, and such removals \
+                     send no message",
+                    conn.bucket_name
+                )));
+            }
             conn.subscribe(&bucket, &layout.below("")).await
         })
         .await?;
