@@ -130,7 +130,21 @@ fn main() -> ExitCode {
             .unwrap_or_default();
         eprintln!("mdcache: internal error{at}: {msg}");
     }));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version (stdout, exit 0), and the help shown for a
+        // missing subcommand.
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            eprintln!("mdcache: {} (see mdcache --help)", usage_error(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -182,5 +196,24 @@ async fn run(cli: Cli) -> Result<ExitCode, metadatacache::Error> {
         }
         Command::Replica(args) => torture::replica(&url, args).await,
         Command::MemProbe(args) => bench::mem_probe(args).await,
+    }
+}
+
+/// Clap's message for a bad command line on one line, without its
+/// `error: ` prefix: its first paragraph (a missing argument's name is on
+/// the line after the message), not the usage and tips after it.
+fn usage_error(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let line = first.join(" ");
+    match line.strip_prefix("error: ") {
+        Some(rest) => rest.to_owned(),
+        None if line.is_empty() => "bad command line".to_owned(),
+        None => line,
     }
 }

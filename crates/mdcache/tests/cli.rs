@@ -75,6 +75,43 @@ fn one_line_error(o: &Output) -> String {
     err
 }
 
+/// A command line clap refuses, and numbers past what a run can take, fail
+/// like every other error: one line, exit 1, naming what was wrong.
+#[test]
+fn bad_command_lines_fail_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cases: [(&[&str], &str); 6] = [
+        (&["torture", "--keys", "abc"], "--keys"),
+        (&["frobnicate"], "frobnicate"),
+        (&["get"], "PATH"),
+        (&["torture", "--keys", "1000000000000"], "--keys"),
+        (
+            &[
+                "torture",
+                "--replicas",
+                "2",
+                "--updates",
+                "9223372036854775808",
+            ],
+            "--updates",
+        ),
+        (&["torture", "--replicas", "100000"], "--replicas"),
+    ];
+    for (args, names) in cases {
+        let out = mdcache(d, args, None);
+        let err = one_line_error(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(names), "{args:?}: {err}");
+    }
+    // Help still prints, and succeeds.
+    let out = mdcache(d, &["--help"], None);
+    assert!(
+        out.status.success() && stdout(&out).contains("Usage"),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn put_get_update_ls_stat_rm() {
     let dir = tempfile::tempdir().unwrap();

@@ -288,6 +288,20 @@ pub(crate) async fn run(
     if args.kill && args.kills == 0 {
         return Err(Error::invalid_input("--kill needs --kills of at least 1"));
     }
+    let limits = [
+        ("--replicas", args.replicas, 1000),
+        ("--tasks", args.tasks, 10_000),
+        ("--keys", args.keys, 1_000_000),
+        ("--updates", args.updates, 1_000_000_000),
+        ("--kills", args.kills, 1_000_000),
+    ];
+    for (flag, value, most) in limits {
+        if value > most {
+            return Err(Error::invalid_input(format!(
+                "{flag} {value} is more than this torture run takes (at most {most})"
+            )));
+        }
+    }
     let storage = metadatacache::open(&url).await?;
     // Sets up the storage space: an object store's bucket or container is
     // created where the service allows it.

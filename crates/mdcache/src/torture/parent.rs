@@ -99,7 +99,14 @@ pub(super) fn orchestrate(
     let start = Instant::now();
     let mut replicas = Vec::new();
     for id in 0..args.replicas {
-        let child = spawn_replica(url, id, 0, args, args.updates, seed, &tx)?;
+        let child = match spawn_replica(url, id, 0, args, args.updates, seed, &tx) {
+            Ok(child) => child,
+            Err(e) => {
+                // None of them may go on writing after this returns.
+                stop_all(replicas.iter_mut().flatten());
+                return Err(e);
+            }
+        };
         replicas.push(Some(Replica {
             child,
             incarnation: 0,
@@ -212,6 +219,9 @@ pub(super) fn orchestrate(
             }
         }
     }
+    if result.is_err() {
+        stop_all(books.replicas.iter_mut().flatten());
+    }
     drop(tx);
     // Everything the replicas printed before exiting.
     while let Ok(line) = books.rx.recv_timeout(Duration::from_millis(200)) {
@@ -247,6 +257,15 @@ pub(super) fn orchestrate(
         history: None,
         metrics,
     })
+}
+
+/// Kills `replicas` and waits for them: a run that fails must leave no
+/// replica writing to the storage after it ends.
+fn stop_all<'a>(replicas: impl Iterator<Item = &'a mut Replica>) {
+    for r in replicas {
+        let _ = r.child.kill();
+        let _ = r.child.wait();
+    }
 }
 
 /// What the parent learns from the replicas' output.
