@@ -867,8 +867,18 @@ fn migrate_refuses_bad_input_in_one_line() {
     let inside = format!("disk:{}/copy", src.path().display());
     let missing = format!("disk:{}/no-such-dir", dst.path().display());
     let d = dst.path().display().to_string();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--from", "ftp://host/x", "--to", &d], "ftp://host/x"),
+        (
+            &[
+                "--from",
+                "etcd://127.0.0.1:1/app",
+                "--to",
+                "etcd://127.0.0.1:1/app/v2",
+            ],
+            "inside the other",
+        ),
+        (&["--from", "s3://b/p", "--to", "s3://b/p/"], "same storage"),
         (&["--from", &s, "--to", &s], "same storage"),
         (
             &["--from", &s, "--to", src.path().to_str().unwrap()],
@@ -894,6 +904,21 @@ fn migrate_refuses_bad_input_in_one_line() {
     assert!(!dst.path().join("no-such-dir").exists(), "nothing created");
     assert!(!src.path().join("copy").exists(), "nothing created");
     assert_eq!(tree::read(dst.path()).len(), 0, "nothing copied");
+}
+
+/// A source with nothing under the prefix (a misspelt one, say) is no
+/// migration done: exit 1, saying so.
+#[test]
+fn migrate_of_nothing_fails() {
+    let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    tree::seed(src.path(), 2);
+    let (ok, _, err) = migrate(
+        src.path(),
+        dst.path(),
+        &["-q", "--prefix", "no-such-prefix"],
+    );
+    assert!(!ok, "{err}");
+    assert!(err.contains("no documents"), "{err}");
 }
 
 /// The rows of the metrics table whose name (up to `}`) starts with

@@ -21,6 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use metadatacache::{Error, Storage};
 
 mod copy;
+mod overlap;
 mod walk;
 
 type Result<T> = std::result::Result<T, Error>;
@@ -184,7 +185,9 @@ pub async fn migrate(args: MigrateArgs) -> Result<ExitCode> {
         } else {
             format!(" under {prefix:?}")
         };
+        // A misspelt prefix or URL finds nothing: not a migration done.
         eprintln!("mdcache: migrate: no documents in {}{under}", args.from);
+        return Ok(ExitCode::FAILURE);
     }
     Ok(if copy.problems() + verify.problems() == 0 {
         ExitCode::SUCCESS
@@ -243,8 +246,8 @@ fn check_prefix(prefix: &str) -> Result<String> {
     Ok(p.to_owned())
 }
 
-/// Refuses what cannot be a migration: one storage twice, a disk directory
-/// inside the other, a source directory that does not exist (opening it
+/// Refuses what cannot be a migration: one storage twice, one inside the
+/// other (disk directories, key prefixes of one server), a source directory that does not exist (opening it
 /// would create an empty one), and `memory:`, which lives and dies with
 /// this process.
 fn check_urls(from: &str, to: &str) -> Result<()> {
@@ -262,6 +265,9 @@ fn check_urls(from: &str, to: &str) -> Result<()> {
         return Err(Error::invalid_input(format!(
             "--from and --to name the same storage ({from}); nothing to migrate"
         )));
+    }
+    if let Some(why) = overlap::overlap(from, to) {
+        return Err(Error::invalid_input(why));
     }
     let Some(source) = disk_dir(from) else {
         return Ok(());
