@@ -378,6 +378,27 @@ async fn entry_removed_elsewhere_is_dropped_from_cache() {
     assert_eq!(g.get().await.unwrap(), None);
 }
 
+/// A value set on the guard of a key storage does not hold yet survives a
+/// sync (the key is still absent, not deleted elsewhere) and is created by
+/// persist, as the guard's documented sequence get, set, sync, persist does.
+#[tokio::test]
+async fn a_value_set_for_a_new_key_survives_a_sync() {
+    let storage = memory();
+    let store = store_on(Arc::clone(&storage));
+    let mut g = store.lock("new".into()).await;
+    assert_eq!(g.get().await.unwrap(), None);
+    g.set(Doc::from([("a".into(), 7)]));
+    g.sync().await.unwrap();
+    assert!(g.is_cached(), "the set value was dropped by a sync");
+    assert_eq!(g.get().await.unwrap().unwrap()["a"], 7);
+    g.persist().await.unwrap();
+    drop(g);
+    assert_eq!(
+        stored(storage.as_ref(), "new").await,
+        Some(Doc::from([("a".into(), 7)]))
+    );
+}
+
 #[tokio::test]
 async fn remove_retries_past_a_concurrent_change() {
     let inner = memory();

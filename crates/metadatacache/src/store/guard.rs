@@ -133,7 +133,9 @@ where
     ///
     /// When storage has a newer version it replaces the cached value and
     /// discards a value [`set`](Self::set) on this guard; when the document is
-    /// gone the cached value is dropped.
+    /// gone the cached value (and a value set for it) is dropped. For a key
+    /// that storage does not hold and never held here, a value set on this
+    /// guard stays, for [`persist`](Self::persist) to create.
     ///
     /// # Errors
     /// Storage errors; [`ErrorKind::Codec`] when the stored document cannot
@@ -200,12 +202,15 @@ where
                     c.changed_elsewhere = false;
                 }
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                // Deleted elsewhere: a value set on this guard was meant
-                // for the version that is gone.
+            // Deleted elsewhere: a value set on this guard was meant for
+            // the version that is gone.
+            Err(e) if e.kind() == ErrorKind::NotFound && cached_etag.is_some() => {
                 self.staged = None;
                 inner.cache().remove(self.key());
             }
+            // Still absent: a value set for the new document stays, to be
+            // persisted (created).
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
         Ok(start.at)
