@@ -723,3 +723,45 @@ async fn a_member_cancelled_with_the_batch_in_hand_loses_nothing() {
         s.stats()
     );
 }
+
+/// Every write conflicts: an update queued behind a leader gives up with
+/// it, after at most `retries` runs of its `f`, instead of starting its
+/// count again behind the next leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_updates_give_up_within_their_attempts() {
+    let inner: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+    let faulty: Arc<dyn Storage> = Arc::new(
+        FaultyStorage::new(inner, 3)
+            .conflicts(1.0)
+            .latency(Duration::from_millis(1)),
+    );
+    let s: Store<String, Doc> = Store::new(
+        Options::new(faulty, |k: &String| format!("{k}.json"))
+            .init(Doc::new)
+            .retries(3)
+            .retry_policy(RetryPolicy::immediate()),
+    );
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut runs = 0;
+                let res = s
+                    .update("hot".into(), true, |mut d| {
+                        runs += 1;
+                        d.insert(format!("e{i}"), i);
+                        Ok((d, true))
+                    })
+                    .await;
+                (runs, res)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (runs, res) = t.await.unwrap();
+        let e = res.expect_err("a write went through a storage that refuses all");
+        assert!(e.is_conflict() && e.to_string().contains("gave up"), "{e}");
+        assert!(runs <= 3, "f ran {runs} times with retries(3): {e}");
+    }
+    assert!(s.stats().give_ups >= 1);
+}

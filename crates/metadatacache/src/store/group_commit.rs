@@ -152,6 +152,10 @@ where
         // Whether the last attempt's write reached storage, so that the
         // waiters in the batch share its outcome.
         let mut wrote = false;
+        // Whether the batch gave up on conflicts: its waiters ran their `f`
+        // in every attempt since they joined, so they give up with it
+        // instead of starting their count again behind another leader.
+        let mut gave_up = false;
         // An optimistic first try (see `Options::optimistic_writes`): `f`
         // runs on the cached value, which nothing confirmed since the call.
         let mut unconfirmed = self.may_write_optimistically(g);
@@ -267,6 +271,7 @@ where
                 Err(e) if e.is_conflict() || (had_etag && e.kind() == ErrorKind::NotFound) => {
                     g.refreshed = None;
                     if let Err(e) = self.after_conflict("update", g, call, attempt, e).await {
+                        gave_up = true;
                         break Err(e);
                     }
                 }
@@ -278,7 +283,9 @@ where
                 }
             }
         };
-        if wrote {
+        if wrote || gave_up {
+            // Members that decided without a write take a give-up as "not
+            // written" and decide again; the others share it.
             batch.finish(&res);
         } else {
             // Nothing of the waiters' was written (our own outcome was

@@ -401,12 +401,18 @@ where
         let Some(delay) = delay else {
             c.bump(Counter::GiveUps);
             let kind = err.kind();
+            // The conflict follows as the source, which the one-line form
+            // prints after the message.
             let msg = format!(
-                "{op} of key {} gave up after {attempt} attempt{}; last conflict: {err}",
+                "{op} of key {} gave up after {attempt} attempt{}; last conflict",
                 g.key(),
                 if attempt == 1 { "" } else { "s" },
             );
-            return Err(Error::new(kind, msg).with_path(g.path()).with_source(err));
+            let backend = opts.storage.backend();
+            return Err(Error::new(kind, msg)
+                .with_path(g.path())
+                .with_backend(backend)
+                .with_source(err));
         };
         c.bump(Counter::Retries);
         tracing::trace!(attempt, ?delay, error = %err, "conflict, retrying");
