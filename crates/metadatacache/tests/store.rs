@@ -399,6 +399,22 @@ async fn a_value_set_for_a_new_key_survives_a_sync() {
     );
 }
 
+/// A stored document that no longer decodes can still be removed.
+#[tokio::test]
+async fn remove_deletes_a_document_that_does_not_decode() {
+    let storage = memory();
+    let store = store_on(Arc::clone(&storage));
+    storage
+        .simple_upload("users/bad.json", "not json".into())
+        .await
+        .unwrap();
+    let e = store.get("bad".into()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Codec, "{e}");
+    assert!(store.remove("bad".into()).await.unwrap());
+    assert_eq!(stored(storage.as_ref(), "bad").await, None);
+    assert!(!store.remove("bad".into()).await.unwrap(), "already gone");
+}
+
 #[tokio::test]
 async fn remove_retries_past_a_concurrent_change() {
     let inner = memory();

@@ -278,8 +278,9 @@ where
         .await
     }
 
-    /// Deletes `key` from storage (compare-and-swap on the etag it last saw,
-    /// retried on conflict) and drops it from the cache.
+    /// Deletes `key` from storage (compare-and-swap on the etag storage
+    /// reports for it, without decoding the document, retried on conflict)
+    /// and drops it from the cache.
     ///
     /// Returns `true` if the document existed.
     ///
@@ -306,14 +307,31 @@ where
             let res = loop {
                 attempt += 1;
                 tracing::Span::current().record("attempts", attempt);
-                // Never trust a bounded-staleness copy to say "absent".
-                if attempt == 1 {
-                    g.revalidate(call, false).await?;
-                } else {
-                    g.sync().await?;
-                }
-                let Some((_, etag)) = g.committed() else {
-                    break Ok(false);
+                // Storage's own etag, never a bounded-staleness copy's, and
+                // without decoding: a document that no longer decodes can
+                // be removed too.
+                let etag = match self.inner.opts.storage.stat(g.path()).await {
+                    Ok(info) if info.is_file() => info.etag,
+                    Ok(_) => {
+                        break Err(Error::invalid_input("a directory exists at the key's path")
+                            .with_path(g.path()));
+                    }
+                    Err(e) if e.kind() == ErrorKind::NotFound => {
+                        self.inner.cache().remove(g.key());
+                        break Ok(false);
+                    }
+                    Err(e) => break Err(e),
+                };
+                let etag = match etag {
+                    Some(etag) => Arc::<str>::from(etag),
+                    // A backend whose listing carries no etag: read it.
+                    None => {
+                        g.sync().await?;
+                        let Some((_, etag)) = g.committed() else {
+                            break Ok(false);
+                        };
+                        etag
+                    }
                 };
                 match g.delete(&etag).await {
                     Ok(existed) => break Ok(existed),
