@@ -917,6 +917,47 @@ async fn failures_after_the_point_of_no_return_are_unavailable() {
     );
 }
 
+/// The format marker: one being written by another opener (incomplete and
+/// recent) is waited for, never clobbered; one left incomplete long ago (an
+/// opener killed while writing it in place) is replaced whole, instead of
+/// refusing every open of the directory for good; another format is
+/// refused, naming the marker.
+#[test]
+fn format_markers_incomplete_abandoned_and_foreign() {
+    let dir = tempfile::tempdir().unwrap();
+    let internal = dir.path().join(".mdcache");
+    std::fs::create_dir(&internal).unwrap();
+    let marker = internal.join("format");
+    std::fs::write(&marker, "metadatacache disk").unwrap();
+    let e = DiskStorage::open(dir.path()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "metadatacache disk",
+        "a marker being written was replaced"
+    );
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for partial in ["", "metadatacache disk"] {
+        std::fs::write(&marker, partial).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&marker)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap_or_else(|e| panic!("{partial:?}: {e}"));
+        drop(s);
+        let text = std::fs::read_to_string(&marker).unwrap();
+        assert!(text.contains("format 2"), "{text:?}");
+        let names: Vec<_> = std::fs::read_dir(&internal).unwrap().collect();
+        assert_eq!(names.len(), 1, "left beside the marker: {names:?}");
+    }
+    std::fs::write(&marker, "metadatacache disk storage\nformat 1\n").unwrap();
+    let e = DiskStorage::open(dir.path()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("format"), "{e}");
+}
+
 /// Two storages on one directory, opened before and after its internal
 /// folder was renamed away, still exclude each other: the lock is the
 /// document's directory itself, not a file that can be renamed.

@@ -10,7 +10,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use rustix::fs::{FlockOperation, Mode, OFlags};
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::fs::{DIR_FLAGS, DirFd, io_error};
@@ -78,8 +78,13 @@ pub(super) fn lock_dir<'a>(dir: &'a DirFd<'_>, path: &str) -> Result<DirLock<'a>
     }
 }
 
+/// How long an incomplete marker may stay before it counts as abandoned
+/// (an opener of an earlier version, which wrote the marker in place, died
+/// while writing it): markers now appear whole.
+const ABANDONED: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Checks the format marker in `internal` (`<root>/.mdcache`), writing it
-/// if missing.
+/// if missing, and replacing an incomplete one that was abandoned.
 ///
 /// # Errors
 /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming the
@@ -89,9 +94,14 @@ pub(super) fn check_format(internal: &OwnedFd, file_mode: u32, shown: &str) -> R
     for _ in 0..100 {
         match read_marker(internal, &marker)? {
             Some(text) if text == FORMAT => return Ok(()),
-            // Another process opening the directory is writing it.
+            // Being written by an opener of an earlier version, or left
+            // incomplete by one.
             Some(text) if FORMAT.starts_with(&text) => {
-                std::thread::sleep(std::time::Duration::from_millis(10));
+                if marker_age(internal) >= ABANDONED {
+                    place_marker(internal, file_mode, &marker, true)?;
+                } else {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
             }
             Some(text) => {
                 let found = text.lines().nth(1).unwrap_or("no format line");
@@ -104,7 +114,7 @@ pub(super) fn check_format(internal: &OwnedFd, file_mode: u32, shown: &str) -> R
                 .with_backend(super::BACKEND));
             }
             None => {
-                if create_marker(internal, file_mode, &marker)? {
+                if place_marker(internal, file_mode, &marker, false)? {
                     return Ok(());
                 }
             }
@@ -129,20 +139,50 @@ fn read_marker(internal: &OwnedFd, marker: &str) -> Result<Option<String>> {
     Ok(Some(text))
 }
 
-/// Creates the marker exclusively: of several processes opening a new
-/// directory at once, one writes it. False when another one did.
-fn create_marker(internal: &OwnedFd, file_mode: u32, marker: &str) -> Result<bool> {
+/// How long ago the marker was last written (zero when that cannot be
+/// told, so that it is waited for).
+fn marker_age(internal: &OwnedFd) -> std::time::Duration {
+    rustix::fs::statat(internal, FORMAT_FILE, AtFlags::SYMLINK_NOFOLLOW)
+        .ok()
+        .and_then(|st| super::fs::mtime(&st).elapsed().ok())
+        .unwrap_or_default()
+}
+
+/// Writes the marker whole beside it (synced), then puts it in place: a
+/// link that fails if another opener's came first (`replace` false: false
+/// then), or a rename over an abandoned one. Either way no reader ever
+/// sees a part of it, whenever a process dies or the power fails.
+fn place_marker(internal: &OwnedFd, file_mode: u32, marker: &str, replace: bool) -> Result<bool> {
+    let aside = format!(
+        ".{FORMAT_FILE}.tmp.{}.{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    );
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let fd = match rustix::fs::openat(internal, FORMAT_FILE, flags, super::fs::mode(file_mode)) {
-        Ok(fd) => fd,
-        Err(Errno::EXIST) => return Ok(false),
-        Err(e) => return Err(io_error(e, marker, "cannot create the format marker")),
-    };
+    let fd = rustix::fs::openat(internal, &aside, flags, super::fs::mode(file_mode))
+        .map_err(|e| io_error(e, marker, "cannot create the format marker"))?;
     let mut file = std::fs::File::from(fd);
-    std::io::Write::write_all(&mut file, FORMAT.as_bytes())
+    let written = std::io::Write::write_all(&mut file, FORMAT.as_bytes())
         .and_then(|()| file.sync_all())
-        .map_err(|e| io_error(e, marker, "cannot write the format marker"))?;
-    rustix::fs::fsync(internal)
-        .map_err(|e| io_error(e, marker, "cannot sync the format marker's directory"))?;
-    Ok(true)
+        .map_err(|e| io_error(e, marker, "cannot write the format marker"));
+    let placed = written.and_then(|()| {
+        let placed = if replace {
+            rustix::fs::renameat(internal, &aside, internal, FORMAT_FILE).map(|()| true)
+        } else {
+            match rustix::fs::linkat(internal, &aside, internal, FORMAT_FILE, AtFlags::empty()) {
+                Ok(()) => Ok(true),
+                Err(Errno::EXIST) => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        placed.map_err(|e| io_error(e, marker, "cannot put the format marker in place"))
+    });
+    // Gone already after a rename.
+    let _ = rustix::fs::unlinkat(internal, &aside, AtFlags::empty());
+    if placed? {
+        rustix::fs::fsync(internal)
+            .map_err(|e| io_error(e, marker, "cannot sync the format marker's directory"))?;
+        return Ok(true);
+    }
+    Ok(false)
 }

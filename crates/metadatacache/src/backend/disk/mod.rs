@@ -223,14 +223,22 @@ fn tag(e: Error) -> Error {
     e.with_backend(BACKEND)
 }
 
-/// True for names the backend keeps for itself: `.mdcache…` and temp files.
+/// True for names the backend keeps for itself: `.mdcache…` and temp files,
+/// in any case (on a case-insensitive file system `.MDCACHE` is
+/// `.mdcache`).
 fn is_internal(segment: &str) -> bool {
-    segment.starts_with(".mdcache") || is_temp(segment)
+    let reserved = ".mdcache";
+    let head = segment.get(..reserved.len());
+    head.is_some_and(|h| h.eq_ignore_ascii_case(reserved)) || is_temp(segment)
 }
 
-/// True for temp file names: `.{name}.tmp.{pid}.{random}`.
+/// True for temp file names: `.{name}.tmp.{pid}.{random}` (in any case).
 fn is_temp(segment: &str) -> bool {
-    segment.starts_with('.') && segment.contains(".tmp.")
+    segment.starts_with('.')
+        && segment
+            .as_bytes()
+            .windows(5)
+            .any(|w| w.eq_ignore_ascii_case(b".tmp."))
 }
 
 /// [`validate_path`] plus the reserved-name rule.
@@ -362,6 +370,9 @@ mod tests {
             ".a.json.tmp.1.2",
             "..tmp.",
             ".x.tmp.",
+            ".MDCACHE",
+            ".Mdcache-x",
+            ".a.json.TMP.1.2",
         ] {
             assert!(is_internal(internal), "{internal}");
         }
@@ -375,6 +386,7 @@ mod tests {
         ] {
             assert!(!is_internal(user), "{user}");
         }
+        assert!(check_path(".MDCACHE/format", false).is_err());
         let e = check_path("a/.mdcache/locks/00", false).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
         assert_eq!(e.backend(), Some("disk"));
