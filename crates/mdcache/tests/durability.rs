@@ -78,3 +78,41 @@ fn acknowledged_writes_are_fsynced_renamed_and_dir_synced_first() {
     let doc = std::fs::read_to_string(dir.path().join("data/users/a.json")).unwrap();
     assert_eq!(doc, "{\"n\":2}");
 }
+
+/// A directory made by someone else (another process that may have died
+/// before it synced the directory's name in its parent, or a tool that never
+/// does): the first write into it syncs that parent before acknowledging, or
+/// a power loss could take the directory, and the acknowledged document in
+/// it, away.
+#[test]
+fn a_write_into_a_directory_made_elsewhere_syncs_its_entry() {
+    if !strace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The storage exists (its internal folder made, synced), then a
+    // directory appears in it that nobody synced.
+    trace(dir.path(), &["put", "first.json", "--create"], "{}");
+    std::fs::create_dir(dir.path().join("data/users")).unwrap();
+    let calls = trace(dir.path(), &["put", "users/a.json", "--create"], "{}");
+    // The root's descriptor: the one the internal folder is opened from.
+    let root_fd = calls
+        .iter()
+        .find_map(|c| c.strip_prefix("openat(")?.split_once(", \".mdcache\""))
+        .map(|(fd, _)| fd.to_owned())
+        .unwrap_or_else(|| panic!("the internal folder is never opened: {calls:#?}"));
+    let walked = format!("openat({root_fd}, \"users\"");
+    let into = calls
+        .iter()
+        .position(|c| c.starts_with(&walked))
+        .unwrap_or_else(|| panic!("users/ is never opened: {calls:#?}"));
+    let ack = calls
+        .iter()
+        .position(|c| is_ack(c))
+        .expect("no acknowledgment");
+    let synced = format!("fsync({root_fd})");
+    assert!(
+        calls[into..ack].iter().any(|c| c.starts_with(&synced)),
+        "the root (fd {root_fd}) was not synced before the acknowledgment: {calls:#?}"
+    );
+}

@@ -190,6 +190,7 @@ impl DiskOptions {
             root,
             dir: dir.to_path_buf(),
             opts: self.clone(),
+            synced: Default::default(),
         };
         inner.sweep_temp_files();
         Ok(DiskStorage {

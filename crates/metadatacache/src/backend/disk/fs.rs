@@ -5,9 +5,7 @@
 //! lead outside it.
 
 use std::borrow::Cow;
-use std::fs::{DirBuilder, Permissions};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -171,14 +169,7 @@ pub(super) struct Doc {
 /// Creates the root (if missing) and the internal directory with its format
 /// marker, and opens the root.
 pub(super) fn open_root(dir: &Path, shown: &str, opts: &DiskOptions) -> Result<OwnedFd> {
-    if !dir.exists() {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(opts.dir_mode)
-            .create(dir)
-            .and_then(|()| std::fs::set_permissions(dir, Permissions::from_mode(opts.dir_mode)))
-            .map_err(|e| io_error(e, shown, "cannot create the storage directory"))?;
-    }
+    super::synced::create_root(dir, shown, opts)?;
     let root = rustix::fs::open(
         dir,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -372,10 +363,19 @@ impl Inner {
         let mut end = 0;
         for segment in dir.split('/') {
             end += segment.len() + usize::from(end > 0);
-            match open_dir_at(cur.as_fd(), segment, &dir[..end], create, &self.opts, path)? {
-                Ok(next) => cur = DirFd::Sub(next),
+            let at = &dir[..end];
+            let next = match open_dir_at(cur.as_fd(), segment, at, create, &self.opts, path)? {
+                Ok(next) => next,
                 Err(blocked) => return Ok(Err(blocked)),
+            };
+            // A write goes through: its directories' entries must be on
+            // disk before it is acknowledged (see `synced`).
+            if create && self.opts.fsync && !self.synced.contains(at) {
+                rustix::fs::fsync(cur.as_fd())
+                    .map_err(|e| io_error(e, path, format!("cannot sync the parent of {at:?}")))?;
+                self.synced.insert(at);
             }
+            cur = DirFd::Sub(next);
         }
         Ok(Ok(cur))
     }

@@ -9,6 +9,7 @@ mod fs;
 mod lock;
 mod many;
 mod ops;
+mod synced;
 mod temp;
 mod watch;
 
@@ -110,6 +111,8 @@ struct Inner {
     root: OwnedFd,
     dir: PathBuf,
     opts: DiskOptions,
+    /// Directories whose entry in their parent this handle synced.
+    synced: synced::SyncedDirs,
 }
 
 impl fmt::Debug for DiskStorage {
