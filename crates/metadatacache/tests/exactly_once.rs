@@ -100,6 +100,22 @@ impl Scripted {
     }
 }
 
+/// Increments `n` twice through `store`, each update answering `Ok`; how
+/// many times each one ran its `f`.
+async fn increment_twice(store: &Store<String, u64>) -> [u32; 2] {
+    let mut runs = [0; 2];
+    for run in &mut runs {
+        store
+            .update("n".into(), true, |n| {
+                *run += 1;
+                Ok((n + 1, true))
+            })
+            .await
+            .unwrap();
+    }
+    runs
+}
+
 #[async_trait]
 impl Storage for Scripted {
     fn backend(&self) -> &'static str {
@@ -196,16 +212,7 @@ async fn a_lost_create_that_was_removed_is_not_created_again() {
 async fn a_write_refused_by_its_own_version_landed_once() {
     let storage = Arc::new(Scripted::new(Script::UpdateSentTwice));
     let store = storage.store();
-    let mut runs = [0; 2];
-    for run in &mut runs {
-        store
-            .update("n".into(), true, |n| {
-                *run += 1;
-                Ok((n + 1, true))
-            })
-            .await
-            .unwrap();
-    }
+    let runs = increment_twice(&store).await;
     assert_eq!(runs, [1, 1], "f ran again after its own write refused it");
     assert!(
         storage.fitted.load(Ordering::SeqCst) > 0,
@@ -227,16 +234,7 @@ async fn a_write_refused_by_its_own_version_landed_once() {
 async fn a_resend_turned_away_unprocessed_is_sent_again() {
     let storage = Arc::new(Scripted::new(Script::UpdateLostThenShed));
     let store = storage.store();
-    let mut runs = [0; 2];
-    for run in &mut runs {
-        store
-            .update("n".into(), true, |n| {
-                *run += 1;
-                Ok((n + 1, true))
-            })
-            .await
-            .unwrap();
-    }
+    let runs = increment_twice(&store).await;
     assert_eq!(runs, [1, 1], "f ran again after a lost reply");
     assert_eq!(
         storage.fitted.load(Ordering::SeqCst),
