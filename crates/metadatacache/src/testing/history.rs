@@ -25,7 +25,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -154,21 +154,32 @@ impl RecordingStorage {
 }
 
 /// Reads the events of history files written by [`RecordingStorage::to_file`]
-/// (a torn last line is skipped).
+/// (a torn last line, without its newline, is skipped: its process died
+/// writing it).
 ///
 /// # Errors
-/// A file cannot be read.
+/// A file cannot be read, or a complete line of it is no event: a history
+/// with records missing could hide a violation.
 pub fn read_events(files: &[impl AsRef<Path>]) -> Result<Vec<Event>> {
     let mut out = Vec::new();
     for f in files {
         let f = f.as_ref();
-        let file = File::open(f).map_err(|e| {
-            Error::new(ErrorKind::Other, format!("cannot read {}", f.display())).with_source(e)
-        })?;
-        for line in BufReader::new(file).lines().map_while(std::io::Result::ok) {
-            if let Ok(e) = serde_json::from_str(&line) {
-                out.push(e);
-            }
+        let unreadable = |what: String| Error::new(ErrorKind::Other, what);
+        let text = std::fs::read(f)
+            .map_err(|e| unreadable(format!("cannot read {}", f.display())).with_source(e))?;
+        let mut lines: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
+        // After the last newline: empty, or a torn line.
+        lines.pop();
+        for (n, line) in lines.iter().enumerate() {
+            let event = serde_json::from_slice(line).map_err(|e| {
+                unreadable(format!(
+                    "{} line {}: not a history event",
+                    f.display(),
+                    n + 1
+                ))
+                .with_source(e)
+            })?;
+            out.push(event);
         }
     }
     Ok(out)
@@ -223,6 +234,9 @@ fn check_path(
     // Successful writes by the version they replaced ("" = absent).
     let mut from: HashMap<&str, Vec<&Event>> = HashMap::new();
     let mut unknown = 0;
+    // Writes whose outcome is unknown, each able to explain one version
+    // nobody was told of (`true` once it did).
+    let mut unknowns: Vec<(&Event, bool)> = Vec::new();
     for e in evs.iter().filter(|e| e.op == "w") {
         match e.outcome.as_str() {
             "ok" => {
@@ -234,7 +248,10 @@ fn check_path(
                 from.entry(pre).or_default().push(e);
                 report.writes += 1;
             }
-            "unavailable" => unknown += 1,
+            "unavailable" => {
+                unknown += 1;
+                unknowns.push((e, false));
+            }
             _ => {}
         }
     }
@@ -251,6 +268,9 @@ fn check_path(
         }
     }
     // Walk the chain from the initial version.
+    // `absent`: the chain's last version is the path's absence (not an
+    // unknown value).
+    let mut absent = start.is_none();
     let (mut cur, mut cur_value) = match &start {
         Some((etag, value)) => (etag.clone(), Some(value.clone())),
         None => (String::new(), None),
@@ -259,7 +279,6 @@ fn check_path(
     let mut chain: Vec<Option<&Event>> = vec![None];
     let mut pos: HashMap<String, usize> = HashMap::from([(cur.clone(), 0)]);
     let mut max_t0 = 0u128;
-    let mut gaps_allowed = unknown;
     let mut walked = 0;
     loop {
         let next = from.get(cur.as_str()).and_then(|ws| ws.first().copied());
@@ -270,16 +289,34 @@ fn check_path(
                 // successful write whose version nobody produced (and that
                 // is not on the chain already: after a second gap, the
                 // write resumed from at the first is still such a write).
-                let orphan = from
+                let mut orphans: Vec<&Event> = from
                     .iter()
                     .filter(|(pre, _)| !pos.contains_key(**pre) && **pre != "?")
                     .flat_map(|(_, ws)| ws.first().copied())
                     .filter(|w| !pos.contains_key(w.etag.as_deref().unwrap_or_default()))
-                    .min_by_key(|w| w.t0);
-                match orphan {
-                    Some(w) if gaps_allowed > 0 => {
-                        gaps_allowed -= 1;
-                        cur_value = None;
+                    .collect();
+                orphans.sort_by_key(|w| w.t0);
+                // The unknown write that explains it: made from the chain's
+                // last version, begun before the orphan ended, its value
+                // following that version's and followed by the orphan's.
+                let explained = orphans.iter().find_map(|w| {
+                    let u = unknowns.iter_mut().find(|(u, used)| {
+                        !*used
+                            && u.pre.as_deref().unwrap_or_default() == cur
+                            && u.create == cur.is_empty()
+                            && u.t0 < w.t1
+                            && follows(next_ok, cur_value.as_deref(), absent, u)
+                            && u.value.as_deref().is_none_or(|uv| {
+                                w.value.as_deref().is_none_or(|wv| next_ok(Some(uv), wv))
+                            })
+                    })?;
+                    u.1 = true;
+                    Some((*w, u.0))
+                });
+                match explained {
+                    Some((w, u)) => {
+                        cur_value.clone_from(&u.value);
+                        absent = false;
                         // The version it replaced is the one the unknown
                         // write made: reads may have returned it.
                         if let Some(pre) = &w.pre {
@@ -288,7 +325,7 @@ fn check_path(
                         }
                         w
                     }
-                    _ => break,
+                    None => break,
                 }
             }
         };
@@ -300,7 +337,7 @@ fn check_path(
         }
         max_t0 = max_t0.max(next.t0);
         if let Some(new) = &next.value
-            && (cur_value.is_some() || start.is_none())
+            && (cur_value.is_some() || absent)
             && !next_ok(cur_value.as_deref(), new)
         {
             v.push(format!(
@@ -310,6 +347,7 @@ fn check_path(
         }
         cur = next.etag.clone().unwrap_or_default();
         cur_value.clone_from(&next.value);
+        absent = false;
         if pos.contains_key(&cur) {
             // Keeps the version's first position, which the reads index.
             v.push(format!("{path}: version {cur:?} produced twice (cycle)"));
@@ -327,8 +365,9 @@ fn check_path(
             written - walked - dups
         ));
     }
-    // Reads.
+    // Reads: the version each returned, and where it lies on the chain.
     let mut unknown_versions: HashSet<String> = HashSet::new();
+    let mut placed: Vec<(&Event, usize)> = Vec::new();
     for r in evs.iter().filter(|e| e.op == "r") {
         let seen = match r.outcome.as_str() {
             "ok" | "not_modified" => r.etag.clone().unwrap_or_default(),
@@ -336,34 +375,62 @@ fn check_path(
             _ => continue,
         };
         report.reads += 1;
-        let Some(&p) = pos.get(&seen) else {
-            if seen.is_empty() && start.is_none() {
-                continue;
-            }
-            // A version made by an unknown-outcome write that no later
-            // write built on (one such write explains one version).
-            if unknown_versions.contains(&seen) {
-                continue;
-            }
-            if gaps_allowed > 0 && !seen.is_empty() {
-                gaps_allowed -= 1;
-                unknown_versions.insert(seen);
-                continue;
-            }
-            v.push(format!(
-                "{path}: read returned version {seen:?}, never written"
-            ));
+        if let Some(&p) = pos.get(&seen) {
+            placed.push((r, p));
             continue;
-        };
+        }
+        if seen.is_empty() && start.is_none() {
+            continue;
+        }
+        // A version made by an unknown-outcome write that no later write
+        // built on: one begun from a version of the chain before the read
+        // ended, whose value is the one read (one such write explains one
+        // version, which any number of reads may return).
+        if unknown_versions.contains(&seen) {
+            continue;
+        }
+        let explained = !seen.is_empty()
+            && unknowns.iter_mut().any(|(u, used)| {
+                let fits = !*used
+                    && pos.contains_key(u.pre.as_deref().unwrap_or_default())
+                    && u.t0 < r.t1
+                    && (u.value.is_none() || r.value.is_none() || u.value == r.value);
+                *used |= fits;
+                fits
+            });
+        if explained {
+            unknown_versions.insert(seen);
+            continue;
+        }
+        v.push(format!(
+            "{path}: read returned version {seen:?}, never written"
+        ));
+    }
+    // Fresh reads: none older than a write that completed, or a version
+    // another read returned, before it began.
+    let mut by_end: Vec<(u128, usize)> = placed.iter().map(|(r, p)| (r.t1, *p)).collect();
+    by_end.sort_unstable();
+    let mut newest_by_end = Vec::with_capacity(by_end.len());
+    for &(_, p) in &by_end {
+        let newest = newest_by_end.last().map_or(p, |&n: &usize| n.max(p));
+        newest_by_end.push(newest);
+    }
+    for &(r, p) in &placed {
         let newest_done = chain
             .iter()
             .enumerate()
             .filter_map(|(i, w)| w.filter(|w| w.t1 < r.t0).map(|_| i))
             .max()
             .unwrap_or(0);
+        let before = by_end.partition_point(|&(t1, _)| t1 < r.t0);
+        let newest_seen = before.checked_sub(1).map_or(0, |i| newest_by_end[i]);
         if p < newest_done {
             v.push(format!(
                 "{path}: stale read: version #{p} returned, #{newest_done} completed before the read began"
+            ));
+        } else if p < newest_seen {
+            v.push(format!(
+                "{path}: stale read: version #{p} returned, #{newest_seen} read before the read began"
             ));
         }
         if let Some(w) = chain[p]
@@ -373,5 +440,19 @@ fn check_path(
                 "{path}: read returned a version written after it finished"
             ));
         }
+    }
+}
+
+/// Whether unknown write `u`'s value may follow the chain's last value
+/// `prev` (`absent`: the path is absent there, so `None` is a value).
+fn follows(
+    next_ok: &impl Fn(Option<&str>, &str) -> bool,
+    prev: Option<&str>,
+    absent: bool,
+    u: &Event,
+) -> bool {
+    match (&u.value, prev.is_some() || absent) {
+        (Some(new), true) => next_ok(prev, new),
+        _ => true,
     }
 }
