@@ -358,3 +358,15 @@ fn history_files_with_a_bad_line_are_refused() {
     let e = read_events(&[&bad]).unwrap_err();
     assert!(e.to_string().contains("line 2"), "{e}");
 }
+
+/// Events that cannot be written (a full disk) are counted, so that their
+/// history is not checked as if it were whole.
+#[tokio::test]
+async fn records_that_cannot_be_written_are_counted() {
+    let full = std::path::Path::new("/dev/full");
+    let recording = RecordingStorage::to_file(Arc::new(MemoryStorage::new()), full).unwrap();
+    assert_eq!(recording.lost_records(), 0);
+    recording.simple_upload("a.json", "1".into()).await.unwrap();
+    recording.simple_download("a.json").await.unwrap();
+    assert_eq!(recording.lost_records(), 2);
+}

@@ -12,8 +12,11 @@ pub async fn replica(url: &str, args: ReplicaArgs) -> Result<ExitCode> {
     {
         storage = args.faults.wrap(storage, args.seed);
     }
+    let mut recorder = None;
     if let Some(file) = &args.history {
-        storage = Arc::new(RecordingStorage::to_file(storage, file)?);
+        let recording = Arc::new(RecordingStorage::to_file(storage, file)?);
+        recorder = Some(Arc::clone(&recording));
+        storage = recording;
     }
     let store = counter_store(
         storage,
@@ -66,6 +69,13 @@ pub async fn replica(url: &str, args: ReplicaArgs) -> Result<ExitCode> {
     let _ = reporter.await;
     print_stats(&store);
     metrics();
+    // A history with records missing would be checked as if whole.
+    if let Some(lost) = recorder.map(|r| r.lost_records()).filter(|n| *n > 0) {
+        return Err(Error::new(
+            ErrorKind::Other,
+            format!("{lost} history records could not be written"),
+        ));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -27,6 +27,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -87,6 +88,8 @@ enum Sink {
 pub struct RecordingStorage {
     pub(super) inner: Arc<dyn Storage>,
     sink: Sink,
+    /// Events that could not be written to the file.
+    lost: AtomicU64,
 }
 
 impl fmt::Debug for RecordingStorage {
@@ -103,6 +106,7 @@ impl RecordingStorage {
         RecordingStorage {
             inner,
             sink: Sink::Memory(Mutex::new(Vec::new())),
+            lost: AtomicU64::new(0),
         }
     }
 
@@ -127,6 +131,7 @@ impl RecordingStorage {
         Ok(RecordingStorage {
             inner,
             sink: Sink::File(Mutex::new(file)),
+            lost: AtomicU64::new(0),
         })
     }
 
@@ -138,15 +143,25 @@ impl RecordingStorage {
         }
     }
 
+    /// How many events could not be written to the file: a history with
+    /// records missing must not be checked as if it were whole.
+    pub fn lost_records(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
     pub(super) fn record(&self, e: Event) {
         match &self.sink {
             Sink::Memory(v) => v.lock().unwrap_or_else(|p| p.into_inner()).push(e),
             Sink::File(f) => {
-                if let Ok(mut line) = serde_json::to_vec(&e) {
+                let written = serde_json::to_vec(&e).map_err(drop).and_then(|mut line| {
                     line.push(b'\n');
                     // One write(2) per line on an O_APPEND file: lines from
                     // concurrent tasks never interleave.
-                    let _ = f.lock().unwrap_or_else(|p| p.into_inner()).write_all(&line);
+                    let mut file = f.lock().unwrap_or_else(|p| p.into_inner());
+                    file.write_all(&line).map_err(drop)
+                });
+                if written.is_err() {
+                    self.lost.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }

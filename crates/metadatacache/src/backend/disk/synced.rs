@@ -3,8 +3,8 @@
 //! is: a directory made by another process that died before it synced the
 //! parent, or by a tool that never does, could vanish with an acknowledged
 //! document in it at the next power loss. So the first write through each
-//! directory, per storage handle, syncs its parent, and the root's own
-//! ancestors are synced when opening creates them.
+//! directory, per storage handle, syncs its parent, and opening syncs the
+//! root's entry (and those of the root's ancestors that it creates).
 
 use std::collections::HashSet;
 use std::fs::{DirBuilder, Permissions};
