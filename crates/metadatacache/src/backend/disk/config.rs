@@ -186,11 +186,13 @@ impl DiskOptions {
             return bad("directory mode must be at most 0o7777 and include 0o700");
         }
         let root = fs::open_root(dir, &shown, self)?;
+        let shared_fs = super::watch::shared_fs(&root);
         let inner = Inner {
             root,
             dir: dir.to_path_buf(),
             opts: self.clone(),
             synced: Default::default(),
+            shared_fs,
         };
         inner.sweep_temp_files();
         Ok(DiskStorage {

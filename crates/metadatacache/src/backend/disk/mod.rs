@@ -89,8 +89,10 @@ const BACKEND: &str = "disk";
 ///   with inotify (one kernel watch per directory, counted against
 ///   `fs.inotify.max_user_watches`), so changes made by other processes on
 ///   this host are reported too, each with an unknown etag. Nothing is
-///   stored for it. Directories on network file systems report only this
-///   host's changes.
+///   stored for it. On a network or cluster file system (NFS, SMB, Ceph,
+///   9P, AFS, GFS2, OCFS2, Lustre) or FUSE, whose changes on other hosts
+///   inotify never sees, [`capabilities`](Storage::capabilities) declares
+///   no notifications and `watch` refuses ([`ErrorKind::InvalidInput`]).
 ///
 /// An upload creates missing parent directories (unless it has `if_match`).
 /// [`UploadRequest::mtime`] is recorded as the file's modification time;
@@ -113,6 +115,9 @@ struct Inner {
     opts: DiskOptions,
     /// Directories whose entry in their parent this handle synced.
     synced: synced::SyncedDirs,
+    /// The shared file system the root lies on, if any: then changes made
+    /// on other hosts cannot be followed.
+    shared_fs: Option<&'static str>,
 }
 
 impl fmt::Debug for DiskStorage {
@@ -272,7 +277,7 @@ impl Storage for DiskStorage {
             combined_calls: true,
             current_on_conflict: true,
             directories: true,
-            notifications: true,
+            notifications: self.inner.shared_fs.is_none(),
             ..Capabilities::default()
         }
     }
@@ -289,6 +294,13 @@ impl Storage for DiskStorage {
     /// instance past the inotify watch limit).
     async fn watch(&self, prefix: &str) -> Result<ChangeStream> {
         check_path(prefix, true)?;
+        if let Some(kind) = self.inner.shared_fs {
+            return Err(tag(Error::invalid_input(format!(
+                "{} is on a {kind} file system: changes made on other hosts cannot be \
+                 followed (a watching Store revalidates every read)",
+                self.inner.dir.display()
+            ))));
+        }
         let prefix = prefix.to_owned();
         self.blocking(move |inner| watch::subscribe(&inner.dir, &prefix))
             .await

@@ -413,3 +413,46 @@ mod tests {
         bridge.join().unwrap();
     }
 }
+
+/// The kind of shared file system `root` lies on (network or cluster file
+/// systems, and FUSE, which most of them use), whose changes made on other
+/// hosts inotify never reports; `None` for a local one, or when it cannot
+/// be told.
+pub(super) fn shared_fs(root: &std::os::fd::OwnedFd) -> Option<&'static str> {
+    let kind = rustix::fs::fstatfs(root).ok()?.f_type;
+    // `f_type`'s width differs between platforms.
+    #[allow(clippy::useless_conversion)]
+    shared_fs_kind(i64::from(kind))
+}
+
+/// The name of the shared file system with magic number `kind`.
+fn shared_fs_kind(kind: i64) -> Option<&'static str> {
+    Some(match kind {
+        0x6969 => "NFS",
+        0x517B | 0xFF53_4D42 | 0xFE53_4D42 => "SMB/CIFS",
+        0x00C3_6400 => "Ceph",
+        0x0102_1997 => "9P",
+        0x5346_414F => "AFS",
+        0x0116_1970 => "GFS2",
+        0x7461_636F => "OCFS2",
+        0x0BD0_0BD0 => "Lustre",
+        0x6573_5546 => "FUSE",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod shared_tests {
+    use super::*;
+
+    #[test]
+    fn shared_file_systems_are_named() {
+        assert_eq!(shared_fs_kind(0x6969), Some("NFS"));
+        assert_eq!(shared_fs_kind(0xFF53_4D42), Some("SMB/CIFS"));
+        assert_eq!(shared_fs_kind(0x6573_5546), Some("FUSE"));
+        // ext4, xfs, btrfs, tmpfs, overlayfs.
+        for local in [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994, 0x794C_7630] {
+            assert_eq!(shared_fs_kind(local), None, "{local:#x}");
+        }
+    }
+}
