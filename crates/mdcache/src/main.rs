@@ -19,7 +19,13 @@ struct Cli {
     /// Storage URL: memory:, disk:DIR (or a plain path), etcd://…, postgres://…,
     /// s3://…, az://…, gs://…, nats://… [default: disk:./mdcache-data; for
     /// torture, a new temporary directory]
-    #[arg(long, short, global = true, env = "MDCACHE_STORAGE")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "MDCACHE_STORAGE",
+        hide_env_values = true
+    )]
     storage: Option<String>,
 
     #[command(subcommand)]

@@ -112,6 +112,45 @@ fn bad_command_lines_fail_in_one_line() {
     );
 }
 
+/// A password never reaches the output: not for a misspelt scheme, not
+/// in help showing the environment variable, not in migrate's refusals, not
+/// where the password holds characters that end a URL's authority early.
+#[test]
+fn secrets_in_storage_urls_stay_hidden() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let secret = "hunter2";
+    let cases: [&[&str]; 4] = [
+        &["--storage", "postgress://app:hunter2@db/app", "ls"],
+        &["--storage", "etcd://u:hunt/er2x@h:1/x", "ls"],
+        &[
+            "migrate",
+            "--from",
+            "etcd://u:hunter2@127.0.0.1:1/app",
+            "--to",
+            "etcd://u:hunter2@127.0.0.1:1/app/v2",
+        ],
+        &["--storage", "s3://b/p?sig=hunter2&sv=1", "ls"],
+    ];
+    for args in cases {
+        let out = mdcache(d, args, None);
+        let all = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            !all.contains(secret) && !all.contains("er2x"),
+            "{args:?}: {all}"
+        );
+    }
+    let out = mdcache_env(
+        d,
+        &["--help"],
+        None,
+        &[("MDCACHE_STORAGE", "postgres://app:hunter2@db/app")],
+    );
+    assert!(out.status.success());
+    assert!(!stdout(&out).contains(secret), "{}", stdout(&out));
+}
+
 #[test]
 fn put_get_update_ls_stat_rm() {
     let dir = tempfile::tempdir().unwrap();

@@ -143,6 +143,7 @@ pub use backend::object_store::{
 pub use backend::open::open;
 #[cfg(feature = "postgres")]
 pub use backend::postgres::{PostgresConfig, PostgresStorage};
+pub use backend::util::redact_url;
 pub use error::{Error, ErrorKind, Result};
 pub use storage::{
     Capabilities, Change, ChangeSender, ChangeStream, DownloadRequest, DownloadResponse, EntryKind,

@@ -186,7 +186,8 @@ pub async fn migrate(args: MigrateArgs) -> Result<ExitCode> {
             format!(" under {prefix:?}")
         };
         // A misspelt prefix or URL finds nothing: not a migration done.
-        eprintln!("mdcache: migrate: no documents in {}{under}", args.from);
+        let from = metadatacache::redact_url(&args.from);
+        eprintln!("mdcache: migrate: no documents in {from}{under}");
         return Ok(ExitCode::FAILURE);
     }
     Ok(if copy.problems() + verify.problems() == 0 {
@@ -251,6 +252,11 @@ fn check_prefix(prefix: &str) -> Result<String> {
 /// would create an empty one), and `memory:`, which lives and dies with
 /// this process.
 fn check_urls(from: &str, to: &str) -> Result<()> {
+    let (from_raw, to_raw) = (from, to);
+    let (from, to) = (
+        &metadatacache::redact_url(from),
+        &metadatacache::redact_url(to),
+    );
     for (flag, url) in [("--from", from), ("--to", to)] {
         if url.trim().is_empty() {
             return Err(Error::invalid_input(format!("{flag} needs a storage URL")));
@@ -261,15 +267,15 @@ fn check_urls(from: &str, to: &str) -> Result<()> {
             )));
         }
     }
-    if from.trim() == to.trim() {
+    if from_raw.trim() == to_raw.trim() {
         return Err(Error::invalid_input(format!(
             "--from and --to name the same storage ({from}); nothing to migrate"
         )));
     }
-    if let Some(why) = overlap::overlap(from, to) {
+    if let Some(why) = overlap::overlap(from_raw, to_raw) {
         return Err(Error::invalid_input(why));
     }
-    let Some(source) = disk_dir(from) else {
+    let Some(source) = disk_dir(from_raw) else {
         return Ok(());
     };
     let source = std::fs::canonicalize(&source)
@@ -281,7 +287,7 @@ fn check_urls(from: &str, to: &str) -> Result<()> {
                 source.display()
             ))
         })?;
-    if let Some(target) = disk_dir(to).map(|t| resolve(&t)) {
+    if let Some(target) = disk_dir(to_raw).map(|t| resolve(&t)) {
         if target == source {
             return Err(Error::invalid_input(format!(
                 "--from {from} and --to {to} are the same directory; nothing to migrate"

@@ -63,6 +63,10 @@ pub(super) fn overlap(from: &str, to: &str) -> Option<String> {
     if !long.starts_with(short) {
         return None;
     }
+    let (from, to) = (
+        metadatacache::redact_url(from),
+        metadatacache::redact_url(to),
+    );
     Some(if short.len() == long.len() {
         format!("--from {from} and --to {to} name the same storage; nothing to migrate")
     } else {

@@ -318,8 +318,12 @@ pub(crate) async fn run(
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     if show {
         eprintln!(
-            "torture: {} replicas × {} tasks, {} updates each, on {} keys in {url} (seed {seed})",
-            args.replicas, args.tasks, args.updates, args.keys
+            "torture: {} replicas × {} tasks, {} updates each, on {} keys in {} (seed {seed})",
+            args.replicas,
+            args.tasks,
+            args.updates,
+            args.keys,
+            metadatacache::redact_url(&url)
         );
     }
 

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::backend::disk::DiskStorage;
 use crate::backend::memory::MemoryStorage;
+use crate::backend::util::redact_url;
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::Storage;
 
@@ -75,8 +76,9 @@ pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
             return Err(feature_missing(url, "nats"));
         }
         _ => Err(Error::invalid_input(format!(
-            "unsupported storage URL {url:?}; expected memory:, disk:PATH, a path, \
-             etcd://, postgres:// (postgresql://), s3://, az://, gs://, nats:// or tls://"
+            "unsupported storage URL {:?}; expected memory:, disk:PATH, a path, \
+             etcd://, postgres:// (postgresql://), s3://, az://, gs://, nats:// or tls://",
+            redact_url(url)
         ))),
     }
 }
@@ -85,8 +87,9 @@ pub async fn open(url: &str) -> Result<Arc<dyn Storage>> {
 #[allow(dead_code)]
 fn feature_missing(url: &str, feature: &str) -> Error {
     Error::invalid_input(format!(
-        "storage URL {url:?} needs the {feature} backend, which this build leaves out \
-         (cargo feature \"{feature}\")"
+        "storage URL {:?} needs the {feature} backend, which this build leaves out \
+         (cargo feature \"{feature}\")",
+        redact_url(url)
     ))
 }
 

@@ -18,22 +18,30 @@ use std::time::Duration;
 
 use crate::error::Error;
 
-/// `url` with the password of its user-info and the value of any
-/// `password` or `token` query parameter replaced by `***`, for messages
-/// and `Debug`. In a NATS URL (`nats://`, `tls://`) a user-info without a
-/// colon is a token and is hidden whole.
+/// `url` with its secrets replaced by `***`, for messages and `Debug`: the
+/// password of its user-info (before the last `@` of the authority, or,
+/// when the authority holds none, before the last `@` of the URL: a
+/// password with an unescaped `/`, `?` or `#` ends the authority early),
+/// the value of every query parameter whose name
+/// says it is secret (`password`, `token`, `secret`, `sig`, `signature`,
+/// `credential`, SAS and access or account keys), and the user-info of a
+/// URL given as a parameter's value (an `endpoint`). In a NATS URL
+/// (`nats://`, `tls://`) a user-info without a colon is a token and is
+/// hidden whole. A URL whose parts are ambiguous may be hidden more than
+/// needed, never less.
 ///
 /// ```text
 /// etcd://u:hunter2@h:2379/p?password=x  →  etcd://u:***@h:2379/p?password=***
 /// nats://s3cret@h:4222/bucket           →  nats://***@h:4222/bucket
+/// s3://AKIA:wJal/rXUt@bucket/p          →  s3://AKIA:***@bucket/p
 /// ```
-pub(crate) fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     let mut out = url.to_owned();
     if let Some(start) = out.find("://").map(|i| i + 3) {
         let rest = &out[start..];
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let token_scheme = matches!(&out[..start - 3], "nats" | "tls");
-        if let Some(at) = rest[..authority_end].rfind('@') {
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        if let Some(at) = authority.rfind('@').or_else(|| rest.rfind('@')) {
             match rest[..at].find(':') {
                 Some(colon) => out.replace_range(start + colon + 1..start + at, "***"),
                 None if token_scheme => out.replace_range(start..start + at, "***"),
@@ -46,10 +54,9 @@ pub(crate) fn redact_url(url: &str) -> String {
         let query: Vec<String> = query
             .split('&')
             .map(|p| match p.split_once('=') {
-                Some((k, _))
-                    if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("token") =>
-                {
-                    format!("{k}=***")
+                Some((k, _)) if is_secret_param(k) => format!("{k}=***"),
+                Some((k, v)) if v.contains("://") && v.contains('@') => {
+                    format!("{k}={}", redact_url(v))
                 }
                 _ => p.to_owned(),
             })
@@ -57,6 +64,26 @@ pub(crate) fn redact_url(url: &str) -> String {
         out = format!("{head}{}", query.join("&"));
     }
     out
+}
+
+/// Whether a query parameter named `name` carries a secret.
+fn is_secret_param(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name == "sig"
+        || [
+            "password",
+            "token",
+            "secret",
+            "signature",
+            "credential",
+            "sas",
+            "access_key",
+            "account_key",
+            "accesskey",
+            "accountkey",
+        ]
+        .iter()
+        .any(|word| name.contains(word))
 }
 
 /// Decodes the `%XX` escapes of a URL part (no `+` → space: that is for
@@ -146,7 +173,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn redacts_passwords_only() {
+    fn redacts_secrets_only() {
         for (url, shown) in [
             (
                 "etcd://u:hunter2@h:x/p?password=hunter3",
@@ -165,9 +192,25 @@ mod tests {
                 "nats://***@h:4222/b?token=***&y=1",
             ),
             ("tls://u:pw@h/b", "tls://u:***@h/b"),
+            // Passwords that end the authority early: never shown.
+            ("s3://AKIA:wJal/rXUt@bucket/p", "s3://AKIA:***@bucket/p"),
+            ("postgres://app:pa#ss@db/app", "postgres://app:***@db/app"),
+            ("etcd://u:ab/cd@h:2379/x", "etcd://u:***@h:2379/x"),
+            ("etcd://u:p?q@h/x", "etcd://u:***@h/x"),
+            // Secret parameters, and credentials in a parameter's URL.
+            (
+                "az://c/p?sv=2022-11-02&sig=S3CRET",
+                "az://c/p?sv=2022-11-02&sig=***",
+            ),
+            (
+                "s3://b/p?aws_secret_access_key=S&region=x",
+                "s3://b/p?aws_secret_access_key=***&region=x",
+            ),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }
+        let endpoint = redact_url("s3://b/p?endpoint=https://minio:S3CRET@h:9000");
+        assert!(!endpoint.contains("S3CRET"), "{endpoint}");
     }
 
     #[test]

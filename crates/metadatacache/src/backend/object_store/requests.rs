@@ -73,7 +73,9 @@ pub(super) async fn send(request: reqwest::RequestBuilder, what: &str) -> Result
         Error::unavailable(format!(
             "no answer to the {what}; it may or may not have been applied"
         ))
-        .with_source(e)
+        // The URL is signed: its signature, session token or SAS must not
+        // reach a message.
+        .with_source(e.without_url())
     })?;
     let status = resp.status();
     let body = if status.is_success() {
