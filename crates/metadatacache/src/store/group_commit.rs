@@ -296,6 +296,10 @@ where
                 .locks
                 .requeue(g.key(), std::mem::take(&mut batch.waiters));
         }
+        // Entries of callers that led themselves, or were cancelled, go now:
+        // only a leader that takes waiters would clear them otherwise, and
+        // on a key that is never idle they would pile up.
+        drop(self.inner.locks.take_queued(g.key(), |w| w.tx.is_closed()));
         res
     }
 
@@ -398,4 +402,52 @@ enum Turn {
     Decided(Result<()>),
     /// It takes part in a later batch.
     Requeued,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::{MemoryStorage, Options, Store};
+
+    /// Updates that write nothing, on a key that is never idle, leave no
+    /// entries behind in its queue (each queued before it came to lead).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leaders_that_write_nothing_leave_no_queue_behind() {
+        let store: Store<String, u64> = Store::new(
+            Options::new(Arc::new(MemoryStorage::new()), |k: &String| k.clone()).init(|| 0),
+        );
+        store
+            .update("k".into(), true, |n| Ok((n + 1, true)))
+            .await
+            .unwrap();
+        let held = store.lock("k".into()).await;
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(
+                    async move { store.update("k".into(), false, |n| Ok((n, false))).await },
+                )
+            })
+            .collect();
+        let key = "k".to_owned();
+        // A hang detector, not a speed bound.
+        let start = std::time::Instant::now();
+        while store.inner.locks.queued(&key) < 50 {
+            assert!(start.elapsed().as_secs() < 60, "the updates never queued");
+            tokio::task::yield_now().await;
+        }
+        // Keeps the key busy after the 50 are done.
+        let next = tokio::spawn({
+            let store = store.clone();
+            async move { store.lock("k".into()).await }
+        });
+        drop(held);
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let _busy = next.await.unwrap();
+        let left = store.inner.locks.queued(&key);
+        assert_eq!(left, 0, "entries left in the queue of a busy key");
+    }
 }

@@ -116,6 +116,12 @@ impl<K: Eq + Hash + Clone, Q> KeyLocks<K, Q> {
         taken
     }
 
+    /// How many items are queued for `key`.
+    #[cfg(test)]
+    pub(super) fn queued(&self, key: &K) -> usize {
+        self.table().get(key).map_or(0, |e| e.queue.len())
+    }
+
     /// The greatest `f(item)` over the items queued for `key`.
     pub(super) fn newest_queued<T: Ord>(&self, key: &K, f: impl Fn(&Q) -> T) -> Option<T> {
         self.table().get(key)?.queue.iter().map(f).max()
