@@ -149,6 +149,11 @@ impl Tree {
     /// `None` once the consumer is gone.
     fn report(&self, tx: &ChangeSender, watch: &mut Watch) -> Option<String> {
         loop {
+            // Checked on every event too: reads of the tree (opens, which
+            // send nothing) may never leave the watch idle.
+            if tx.is_closed() {
+                return None;
+            }
             if watch.overflowed.load(Ordering::SeqCst) {
                 return Some("file system events came faster than they were read".to_owned());
             }
