@@ -25,7 +25,11 @@ async fn a_dropped_stream_ends_its_watch_while_reads_go_on() {
     storage.simple_upload("a.json", "1".into()).await.unwrap();
     let before = inotify_fds();
     let stream = storage.watch("").await.unwrap();
-    assert_eq!(inotify_fds(), before + 1, "the watch holds no inotify instance");
+    assert_eq!(
+        inotify_fds(),
+        before + 1,
+        "the watch holds no inotify instance"
+    );
     drop(stream);
     // Reads all along; a hang detector, not a speed bound.
     let start = Instant::now();

@@ -341,3 +341,70 @@ fn a_watch_whose_runtime_ended_is_not_trusted() {
         until_seen(&a, "k", 3).await;
     });
 }
+
+/// A storage whose changes cannot be followed (every subscription is
+/// refused), counting the subscriptions asked for.
+#[derive(Debug, Default)]
+struct Refusing {
+    inner: MemoryStorage,
+    subscriptions: AtomicU64,
+}
+
+#[async_trait]
+impl Storage for Refusing {
+    fn backend(&self) -> &'static str {
+        "refusing"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn watch(&self, _prefix: &str) -> metadatacache::Result<ChangeStream> {
+        self.subscriptions.fetch_add(1, Ordering::SeqCst);
+        Err(metadatacache::Error::invalid_input(
+            "changes cannot be followed here",
+        ))
+    }
+    async fn init(&self, name: &str) -> metadatacache::Result<()> {
+        self.inner.init(name).await
+    }
+    async fn upload(&self, req: UploadRequest) -> metadatacache::Result<UploadResponse> {
+        self.inner.upload(req).await
+    }
+    async fn download(&self, req: DownloadRequest) -> metadatacache::Result<DownloadResponse> {
+        self.inner.download(req).await
+    }
+    async fn delete_if_match(&self, path: &str, m: Option<&str>) -> metadatacache::Result<()> {
+        self.inner.delete_if_match(path, m).await
+    }
+    async fn stat(&self, path: &str) -> metadatacache::Result<FileInfo> {
+        self.inner.stat(path).await
+    }
+    async fn list_dir(&self, path: &str) -> metadatacache::Result<Vec<FileInfo>> {
+        self.inner.list_dir(path).await
+    }
+    async fn make_dir_if_not_exist(&self, path: &str) -> metadatacache::Result<()> {
+        self.inner.make_dir_if_not_exist(path).await
+    }
+}
+
+/// A refusal that lasts (bad credentials, a bucket that cannot be watched)
+/// is asked again less and less often, not every 200 ms forever; reads
+/// stay correct meanwhile. Virtual time: two minutes pass at once.
+#[tokio::test(start_paused = true)]
+async fn a_lasting_refusal_to_subscribe_backs_off() {
+    let storage = Arc::new(Refusing::default());
+    let s = store(Arc::clone(&storage) as Arc<dyn Storage>, true);
+    s.update("k".into(), true, |n| Ok((n + 1, true)))
+        .await
+        .unwrap();
+    for _ in 0..120 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(s.get("k".into()).await.unwrap().as_deref(), Some(&1));
+    }
+    let asked = storage.subscriptions.load(Ordering::SeqCst);
+    // 200 ms doubling up to 30 s: 11 in two minutes (every 200 ms: 600).
+    assert!(
+        (2..=16).contains(&asked),
+        "{asked} subscriptions in two minutes"
+    );
+}

@@ -24,8 +24,14 @@ use crate::storage::{Change, Storage};
 /// is dropped and entries confirmed before are revalidated once.
 const MAX_CHANGED: usize = 4096;
 
-/// How long to wait before subscribing again after the stream failed.
+/// How long to wait before subscribing again after the stream failed;
+/// doubled after each failure in a row (a refusal that lasts: bad
+/// credentials, a bucket that cannot be watched), up to
+/// [`MAX_RESUBSCRIBE`], and back to this once a stream got in sync.
 const RESUBSCRIBE: Duration = Duration::from_millis(200);
+
+/// The longest wait between two subscriptions.
+const MAX_RESUBSCRIBE: Duration = Duration::from_secs(30);
 
 /// The watch state of one store.
 #[derive(Debug, Default)]
@@ -164,38 +170,39 @@ impl Watch {
 
     /// Follows the change stream, subscribing again whenever it ends.
     async fn follow_stream(&self, storage: Arc<dyn Storage>) {
+        let mut pause = RESUBSCRIBE;
         loop {
             let subscribed = tokio::select! {
                 () = self.stop.notified() => return,
                 s = storage.watch("") => s,
             };
-            let mut stream = match subscribed {
-                Ok(stream) => stream,
-                Err(e) => {
-                    self.broken(&format!("cannot subscribe: {e}"));
+            match subscribed {
+                Ok(mut stream) => loop {
                     tokio::select! {
                         () = self.stop.notified() => return,
-                        () = tokio::time::sleep(RESUBSCRIBE) => continue,
-                    }
-                }
-            };
-            loop {
-                tokio::select! {
-                    () = self.stop.notified() => return,
-                    change = stream.next() => match change {
-                        Some(change) => self.apply(change),
-                        None => {
-                            self.broken("the change stream ended");
-                            // Reads revalidate meanwhile; a stream that keeps
-                            // ending at once must not spin.
-                            tokio::select! {
-                                () = self.stop.notified() => return,
-                                () = tokio::time::sleep(RESUBSCRIBE) => break,
+                        change = stream.next() => match change {
+                            Some(change) => {
+                                if change == Change::InSync {
+                                    pause = RESUBSCRIBE;
+                                }
+                                self.apply(change);
                             }
-                        }
-                    },
-                }
+                            None => {
+                                self.broken("the change stream ended");
+                                break;
+                            }
+                        },
+                    }
+                },
+                Err(e) => self.broken(&format!("cannot subscribe: {e}")),
             }
+            // Reads revalidate meanwhile; a subscription that keeps failing,
+            // or a stream that keeps ending at once, must not spin.
+            tokio::select! {
+                () = self.stop.notified() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(MAX_RESUBSCRIBE);
         }
     }
 
