@@ -28,6 +28,11 @@ struct Counting {
     reading: AtomicU64,
     /// Declares no notifications, as a backend that cannot report changes.
     deaf: bool,
+    /// Refuses every subscription, as a backend whose changes cannot be
+    /// followed at the moment.
+    refusing: bool,
+    /// Subscriptions asked for.
+    subscriptions: AtomicU64,
 }
 
 impl Counting {
@@ -39,7 +44,14 @@ impl Counting {
             gate: Semaphore::new(0),
             reading: AtomicU64::new(0),
             deaf: false,
+            refusing: false,
+            subscriptions: AtomicU64::new(0),
         })
+    }
+    fn refusing(inner: Arc<dyn Storage>) -> Arc<Self> {
+        let mut counting = Arc::into_inner(Self::new(inner)).unwrap();
+        counting.refusing = true;
+        Arc::new(counting)
     }
     fn deaf(inner: Arc<dyn Storage>) -> Arc<Self> {
         let mut counting = Arc::into_inner(Self::new(inner)).unwrap();
@@ -62,6 +74,12 @@ impl Storage for Counting {
         caps
     }
     async fn watch(&self, prefix: &str) -> metadatacache::Result<ChangeStream> {
+        self.subscriptions.fetch_add(1, Ordering::SeqCst);
+        if self.refusing {
+            return Err(metadatacache::Error::invalid_input(
+                "changes cannot be followed here",
+            ));
+        }
         self.inner.watch(prefix).await
     }
     async fn init(&self, name: &str) -> metadatacache::Result<()> {
@@ -342,57 +360,12 @@ fn a_watch_whose_runtime_ended_is_not_trusted() {
     });
 }
 
-/// A storage whose changes cannot be followed (every subscription is
-/// refused), counting the subscriptions asked for.
-#[derive(Debug, Default)]
-struct Refusing {
-    inner: MemoryStorage,
-    subscriptions: AtomicU64,
-}
-
-#[async_trait]
-impl Storage for Refusing {
-    fn backend(&self) -> &'static str {
-        "refusing"
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn watch(&self, _prefix: &str) -> metadatacache::Result<ChangeStream> {
-        self.subscriptions.fetch_add(1, Ordering::SeqCst);
-        Err(metadatacache::Error::invalid_input(
-            "changes cannot be followed here",
-        ))
-    }
-    async fn init(&self, name: &str) -> metadatacache::Result<()> {
-        self.inner.init(name).await
-    }
-    async fn upload(&self, req: UploadRequest) -> metadatacache::Result<UploadResponse> {
-        self.inner.upload(req).await
-    }
-    async fn download(&self, req: DownloadRequest) -> metadatacache::Result<DownloadResponse> {
-        self.inner.download(req).await
-    }
-    async fn delete_if_match(&self, path: &str, m: Option<&str>) -> metadatacache::Result<()> {
-        self.inner.delete_if_match(path, m).await
-    }
-    async fn stat(&self, path: &str) -> metadatacache::Result<FileInfo> {
-        self.inner.stat(path).await
-    }
-    async fn list_dir(&self, path: &str) -> metadatacache::Result<Vec<FileInfo>> {
-        self.inner.list_dir(path).await
-    }
-    async fn make_dir_if_not_exist(&self, path: &str) -> metadatacache::Result<()> {
-        self.inner.make_dir_if_not_exist(path).await
-    }
-}
-
 /// A refusal that lasts (bad credentials, a bucket that cannot be watched)
 /// is asked again less and less often, not every 200 ms forever; reads
 /// stay correct meanwhile. Virtual time: two minutes pass at once.
 #[tokio::test(start_paused = true)]
 async fn a_lasting_refusal_to_subscribe_backs_off() {
-    let storage = Arc::new(Refusing::default());
+    let storage = Counting::refusing(Arc::new(MemoryStorage::new()));
     let s = store(Arc::clone(&storage) as Arc<dyn Storage>, true);
     s.update("k".into(), true, |n| Ok((n + 1, true)))
         .await
