@@ -127,6 +127,7 @@ fn parse_with_env(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Pos
     let mut timeout = DEFAULT_TIMEOUT;
     let mut pool_size = DEFAULT_POOL_SIZE;
     let mut mode = SslMode::Prefer;
+    let mut mode_given = false;
     let (mut root_cert, mut cert, mut cert_key) = (None, None, None);
     let mut driver_params = Vec::new();
     for part in query.split('&').filter(|p| !p.is_empty()) {
@@ -159,6 +160,7 @@ fn parse_with_env(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Pos
                 }
             },
             "sslmode" => {
+                mode_given = true;
                 mode = match value.as_ref() {
                     "disable" => SslMode::Disable,
                     "prefer" => SslMode::Prefer,
@@ -208,6 +210,19 @@ fn parse_with_env(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Pos
              the server's certificate"
                 .into(),
         ));
+    }
+    // A CA to check the server against means TLS is wanted: `prefer` would
+    // go on in plain text when the server (or anyone on the way) declines.
+    if mode == SslMode::Prefer && root_cert.is_some() {
+        if mode_given {
+            return Err(bad(
+                "sslmode=prefer with sslrootcert: prefer goes on in plain text when TLS is \
+                 declined, so the CA would check nothing; use require, verify-ca or \
+                 verify-full"
+                    .into(),
+            ));
+        }
+        mode = SslMode::Require;
     }
     if mode == SslMode::Disable && (root_cert.is_some() || identity.is_some()) {
         return Err(bad(
@@ -357,6 +372,17 @@ mod tests {
         );
         assert_eq!(s.table, "t");
         assert!(format!("{s:?}").contains("/ca.pem"));
+
+        // A CA without a mode: TLS required, never plain text; with
+        // `prefer` named: refused.
+        let s = parse("postgres://u@h/db?sslrootcert=ca.pem").unwrap();
+        assert_eq!(s.tls.mode, SslMode::Require);
+        assert_eq!(s.pg.get_ssl_mode(), DriverSslMode::Require);
+        let e = parse_err("postgres://u@h/db?sslmode=prefer&sslrootcert=ca.pem");
+        assert!(
+            e.to_string().contains("sslmode=prefer with sslrootcert"),
+            "{e}"
+        );
 
         for (mode, expected) in [
             ("require", SslMode::Require),
