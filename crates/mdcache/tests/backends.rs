@@ -199,6 +199,12 @@ fn torture_on_nats_survives_a_server_kill() {
         return;
     };
     let url = format!("nats://{}/torture?timeout_ms=1000", server.addr());
+    // The bucket is made first, with the default timeout: making its
+    // stream on a busy machine may take longer than the run's 1 s.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let setup = format!("nats://{}/torture", server.addr());
+    rt.block_on(async { metadatacache::open(&setup).await?.init("").await })
+        .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mdcache"))
         .args(["--storage", &url, "torture", "--check"])
         .args(["--replicas", "3", "--tasks", "3", "--keys", "2"])
@@ -207,7 +213,6 @@ fn torture_on_nats_survives_a_server_kill() {
         .spawn()
         .unwrap();
     // Wait until the run is well under way.
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let storage = rt.block_on(metadatacache::open(&url)).unwrap();
     let count = || {
         rt.block_on(storage.simple_download("torture/key-0.json"))
@@ -219,6 +224,9 @@ fn torture_on_nats_survives_a_server_kill() {
     let deadline = Instant::now() + Duration::from_secs(120);
     while count() < 200 {
         assert!(Instant::now() < deadline, "the torture never got going");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the torture ended before the kill ({status}); its error is above");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
