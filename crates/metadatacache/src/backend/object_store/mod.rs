@@ -346,8 +346,9 @@ impl Storage for ObjectStoreStorage {
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] for a bad name, or naming the bucket
-    /// when it does not exist and could not be created (with the reason); [`ErrorKind::PermissionDenied`] or
-    /// [`ErrorKind::Unavailable`] naming it when it cannot be used.
+    /// when it does not exist and could not be created (with the reason);
+    /// [`ErrorKind::PermissionDenied`] or [`ErrorKind::Unavailable`] naming
+    /// it when it cannot be used.
     async fn init(&self, name: &str) -> Result<()> {
         validate_path(name, true).map_err(|e| self.tag(e))?;
         let named = self.bucket_name();
@@ -429,10 +430,7 @@ impl Storage for ObjectStoreStorage {
         self.timed(path, true, async {
             // An unconditional delete. S3 deletes a missing key silently:
             // look first, to answer NotFound.
-            let current = self.head(path, &key).await?;
-            if current.is_none() {
-                self.check_bucket(path, &key).await?;
-            }
+            let current = self.head_in_bucket(path, &key).await?;
             let etag = current
                 .map(|m| self.etag_of(path, self.etag_in(&m)))
                 .transpose()?;

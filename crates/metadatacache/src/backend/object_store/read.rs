@@ -55,6 +55,21 @@ impl ObjectStoreStorage {
         .await
     }
 
+    /// The object at `key` (storage path `path`), `None` when there is
+    /// none; fails naming the bucket when it is the bucket that is missing
+    /// (see [`check_bucket`](Self::check_bucket)).
+    pub(super) async fn head_in_bucket(
+        &self,
+        path: &str,
+        key: &ObjectPath,
+    ) -> Result<Option<ObjectMeta>> {
+        let meta = self.head(path, key).await?;
+        if meta.is_none() {
+            self.check_bucket(path, key).await?;
+        }
+        Ok(meta)
+    }
+
     /// The common prefixes and objects directly below object key `key`
     /// (storage path `path`): page by page, each within the timeout, with
     /// [`with_pages`](ObjectStoreStorage::with_pages); else in one call.
@@ -124,9 +139,7 @@ impl ObjectStoreStorage {
             || self.tag(Error::new(ErrorKind::NotModified, "etag unchanged").with_path(path));
         let mut opts = GetOptions::default();
         if self.etags == EtagStyle::Generation && !req.if_none_match.is_empty() {
-            let Some(meta) = self.head(path, key).await? else {
-                // A HEAD's 404 may be the bucket's.
-                self.check_bucket(path, key).await?;
+            let Some(meta) = self.head_in_bucket(path, key).await? else {
                 return Err(self.tag(Error::not_found("no such document").with_path(path)));
             };
             let etag = self.etag_of(path, self.etag_in(&meta))?;
