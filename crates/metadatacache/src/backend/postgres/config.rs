@@ -126,8 +126,8 @@ fn parse_with_env(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Pos
     let mut table = DEFAULT_TABLE.to_owned();
     let mut timeout = DEFAULT_TIMEOUT;
     let mut pool_size = DEFAULT_POOL_SIZE;
-    let mut mode = SslMode::Prefer;
-    let mut mode_given = false;
+    // `None`: not given.
+    let mut mode = None;
     let (mut root_cert, mut cert, mut cert_key) = (None, None, None);
     let mut driver_params = Vec::new();
     for part in query.split('&').filter(|p| !p.is_empty()) {
@@ -160,8 +160,7 @@ fn parse_with_env(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Pos
                 }
             },
             "sslmode" => {
-                mode_given = true;
-                mode = match value.as_ref() {
+                mode = Some(match value.as_ref() {
                     "disable" => SslMode::Disable,
                     "prefer" => SslMode::Prefer,
                     "require" => SslMode::Require,
@@ -173,7 +172,7 @@ fn parse_with_env(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Pos
                              verify-ca, verify-full"
                         )));
                     }
-                }
+                });
             }
             "sslrootcert" | "sslcert" | "sslkey" if value.is_empty() => {
                 return Err(bad(format!("{key} needs a file name")));
@@ -204,17 +203,10 @@ fn parse_with_env(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Pos
             ));
         }
     };
-    if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && root_cert.is_none() {
-        return Err(bad(
-            "sslmode=verify-ca and verify-full need sslrootcert=PATH, the CA that signed \
-             the server's certificate"
-                .into(),
-        ));
-    }
     // A CA to check the server against means TLS is wanted: `prefer` would
     // go on in plain text when the server (or anyone on the way) declines.
-    if mode == SslMode::Prefer && root_cert.is_some() {
-        if mode_given {
+    let mode = match mode {
+        Some(SslMode::Prefer) if root_cert.is_some() => {
             return Err(bad(
                 "sslmode=prefer with sslrootcert: prefer goes on in plain text when TLS is \
                  declined, so the CA would check nothing; use require, verify-ca or \
@@ -222,7 +214,16 @@ fn parse_with_env(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Pos
                     .into(),
             ));
         }
-        mode = SslMode::Require;
+        Some(mode) => mode,
+        None if root_cert.is_some() => SslMode::Require,
+        None => SslMode::Prefer,
+    };
+    if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && root_cert.is_none() {
+        return Err(bad(
+            "sslmode=verify-ca and verify-full need sslrootcert=PATH, the CA that signed \
+             the server's certificate"
+                .into(),
+        ));
     }
     if mode == SslMode::Disable && (root_cert.is_some() || identity.is_some()) {
         return Err(bad(
