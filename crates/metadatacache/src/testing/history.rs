@@ -248,7 +248,6 @@ fn check_path(
     let v = &mut report.violations;
     // Successful writes by the version they replaced ("" = absent).
     let mut from: HashMap<&str, Vec<&Event>> = HashMap::new();
-    let mut unknown = 0;
     // Writes whose outcome is unknown, each able to explain one version
     // nobody was told of (`true` once it did).
     let mut unknowns: Vec<(&Event, bool)> = Vec::new();
@@ -263,14 +262,11 @@ fn check_path(
                 from.entry(pre).or_default().push(e);
                 report.writes += 1;
             }
-            "unavailable" => {
-                unknown += 1;
-                unknowns.push((e, false));
-            }
+            "unavailable" => unknowns.push((e, false)),
             _ => {}
         }
     }
-    report.unknown_writes += unknown;
+    report.unknown_writes += unknowns.len();
     for (pre, ws) in &from {
         if ws.len() > 1 {
             v.push(format!(
@@ -423,22 +419,14 @@ fn check_path(
     }
     // Fresh reads: none older than a write that completed, or a version
     // another read returned, before it began.
-    let mut by_end: Vec<(u128, usize)> = placed.iter().map(|(r, p)| (r.t1, *p)).collect();
-    by_end.sort_unstable();
-    let mut newest_by_end = Vec::with_capacity(by_end.len());
-    for &(_, p) in &by_end {
-        let newest = newest_by_end.last().map_or(p, |&n: &usize| n.max(p));
-        newest_by_end.push(newest);
-    }
+    let links = chain
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| w.map(|w| (w.t1, i)));
+    let done = Newest::of(links);
+    let seen = Newest::of(placed.iter().map(|(r, p)| (r.t1, *p)));
     for &(r, p) in &placed {
-        let newest_done = chain
-            .iter()
-            .enumerate()
-            .filter_map(|(i, w)| w.filter(|w| w.t1 < r.t0).map(|_| i))
-            .max()
-            .unwrap_or(0);
-        let before = by_end.partition_point(|&(t1, _)| t1 < r.t0);
-        let newest_seen = before.checked_sub(1).map_or(0, |i| newest_by_end[i]);
+        let (newest_done, newest_seen) = (done.before(r.t0), seen.before(r.t0));
         if p < newest_done {
             v.push(format!(
                 "{path}: stale read: version #{p} returned, #{newest_done} completed before the read began"
@@ -455,6 +443,33 @@ fn check_path(
                 "{path}: read returned a version written after it finished"
             ));
         }
+    }
+}
+
+/// The newest chain position among events that ended before a time.
+struct Newest {
+    /// `(end, newest position among the events ending up to it)`, by end.
+    by_end: Vec<(u128, usize)>,
+}
+
+impl Newest {
+    /// From `(end time, chain position)` pairs.
+    fn of(events: impl Iterator<Item = (u128, usize)>) -> Newest {
+        let mut by_end: Vec<(u128, usize)> = events.collect();
+        by_end.sort_unstable();
+        let mut newest = 0;
+        for (_, p) in &mut by_end {
+            newest = newest.max(*p);
+            *p = newest;
+        }
+        Newest { by_end }
+    }
+
+    /// The newest position among the events that ended before `t` (0, the
+    /// initial version, when none did).
+    fn before(&self, t: u128) -> usize {
+        let ended = self.by_end.partition_point(|&(end, _)| end < t);
+        ended.checked_sub(1).map_or(0, |i| self.by_end[i].1)
     }
 }
 
